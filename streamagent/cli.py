@@ -1,0 +1,164 @@
+"""The `streamagent` command. Subcommands: kafka, topics, worker, produce, tail, config, bench, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from streamagent.errors import StreamagentError
+
+
+def _settings():
+    from streamagent.config import Settings
+
+    return Settings()
+
+
+def _broker_cfg(args, s):
+    from streamagent.ops.broker import BrokerConfig
+
+    return BrokerConfig(data_dir=Path(args.data_dir) if args.data_dir else s.broker_dir,
+                        port=args.port or s.kafka_port)
+
+
+def cmd_kafka(args) -> int:
+    from streamagent.ops import broker
+
+    s = _settings()
+    cfg = _broker_cfg(args, s)
+    if args.action == "start":
+        broker.start(cfg)
+        print(f"export STREAMAGENT_KAFKA_BOOTSTRAP={cfg.bootstrap}")
+    elif args.action == "stop":
+        if not broker.stop(cfg):
+            print("kafka is not running")
+    elif args.action == "fetch":
+        print(broker.ensure_jars(cfg))
+    else:
+        st = broker.status(cfg)
+        for k, v in st.items():
+            print(f"{k:10} {v}")
+        return 0 if st["ready"] else 3
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from streamagent.ops.topics import create_topics
+
+    create_topics(_settings())
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from streamagent.stream.worker import run_worker
+
+    return run_worker(_settings())
+
+
+def cmd_produce(args) -> int:
+    from streamagent.ops.produce import read_jsonl, send_events, synthetic_events
+
+    s = _settings()
+    events = (read_jsonl(Path(args.file)) if args.file else
+              synthetic_events(args.n, users=args.users, seed=args.seed))
+    n = send_events(s.kafka_bootstrap, args.topic or s.topic_user_events, events, log=print)
+    print(f"sent {n} events to {args.topic or s.topic_user_events}")
+    return 0
+
+
+def cmd_tail(args) -> int:
+    from streamagent.ops.tail import tail
+
+    s = _settings()
+    tail(s.kafka_bootstrap, args.topic or s.topic_decision_log, limit=args.n,
+         timeout=args.timeout)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from streamagent.config import settings_markdown
+
+    if args.markdown:
+        print(settings_markdown(), end="")
+    else:
+        for k, v in _settings().model_dump().items():
+            print(f"STREAMAGENT_{k.upper()}={v}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from streamagent.bench.pipeline import main as bench_pipeline
+
+    return bench_pipeline(args)
+
+
+def cmd_demo(args) -> int:
+    from streamagent.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamagent", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    k = sub.add_parser("kafka", help="provision and run a local single-node Kafka (KRaft)")
+    k.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    k.add_argument("--port", type=int, default=None, help="broker port (default STREAMAGENT_KAFKA_PORT)")
+    k.add_argument("--data-dir", default=None, help="broker data dir (default $STREAMAGENT_DATA_DIR/kafka)")
+    k.set_defaults(fn=cmd_kafka)
+
+    t = sub.add_parser("topics", help="create the topics (partitions, retention, compaction)")
+    t.add_argument("action", choices=["create"])
+    t.set_defaults(fn=cmd_topics)
+
+    w = sub.add_parser("worker", help="run the decide agent (a Faust worker)")
+    w.set_defaults(fn=cmd_worker)
+
+    pr = sub.add_parser("produce", help="send synthetic or file-based user events")
+    pr.add_argument("--file", help="JSON-lines file of events (default: synthetic)")
+    pr.add_argument("-n", type=int, default=1000, help="synthetic events to send")
+    pr.add_argument("--users", type=int, default=200)
+    pr.add_argument("--seed", type=int, default=1)
+    pr.add_argument("--topic", default=None)
+    pr.set_defaults(fn=cmd_produce)
+
+    tl = sub.add_parser("tail", help="print messages of a topic (default decision-log)")
+    tl.add_argument("--topic", default=None)
+    tl.add_argument("-n", type=int, default=20)
+    tl.add_argument("--timeout", type=float, default=10.0)
+    tl.set_defaults(fn=cmd_tail)
+
+    c = sub.add_parser("config", help="print the settings in force, or the reference table")
+    c.add_argument("--markdown", action="store_true")
+    c.set_defaults(fn=cmd_config)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bp = bsub.add_parser("pipeline", help="events/s and latency of one worker vs baselines")
+    from streamagent.bench.pipeline import add_arguments
+
+    add_arguments(bp)
+    bp.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="the whole loop on a local broker, with live output")
+    d.add_argument("--events", type=int, default=20000)
+    d.add_argument("--users", type=int, default=500)
+    d.add_argument("--keep-running", action="store_true", help="leave broker running at the end")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except StreamagentError as exc:
+        print(f"streamagent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

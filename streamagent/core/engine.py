@@ -1,0 +1,178 @@
+"""The decision step, free of Kafka and Faust: one event in, new state and outputs out.
+
+The Faust agent is wiring around :meth:`DecisionEngine.step`: it reads the user's state and
+the partition's budget from tables, calls step, writes both back and sends the outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamagent.core import features as F
+from streamagent.core.catalog import Catalog
+from streamagent.core.constraints import (BudgetState, CapParams, action_mask, budget_remaining,
+                                          budget_spend, period_of)
+from streamagent.core.contracts import UserEvent, decode_user_event
+from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
+from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
+from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
+                                    record_decision)
+from streamagent.errors import ConfigError, InvalidMessage
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    app_id: str = "streamagent"
+    trigger_types: tuple[str, ...] = ("session_start", "add_to_cart")
+    exploration: str = "epsilon"
+    epsilon_start: float = 0.2
+    epsilon_end: float = 0.05
+    epsilon_decay_steps: int = 50_000
+    temperature: float = 0.5
+    seed: int = 7
+    caps: CapParams = CapParams()
+    state: StateParams = StateParams()
+    budget_per_period: float = 5000.0
+    budget_period_ms: int = DAY_MS
+    n_partitions: int = 1
+    max_future_skew_ms: int = 30 * DAY_MS
+
+    @classmethod
+    def from_settings(cls, s, n_partitions: int) -> "EngineParams":
+        return cls(app_id=s.app_id, trigger_types=tuple(s.trigger_types),
+                   exploration=s.exploration, epsilon_start=s.epsilon_start,
+                   epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
+                   temperature=s.softmax_temperature, seed=s.seed,
+                   caps=CapParams(s.cap_max_coupons, s.cap_window_ms, s.cap_min_gap_ms),
+                   state=StateParams(int(s.interest_half_life_days * DAY_MS), s.cap_window_ms),
+                   budget_per_period=s.budget_per_period, budget_period_ms=s.budget_period_ms,
+                   n_partitions=n_partitions, max_future_skew_ms=s.max_future_skew_ms)
+
+    @property
+    def budget_share(self) -> float:
+        # The budget is split evenly over the input partitions: each partition's share is
+        # state of that partition, so it moves with it on rebalance and needs no locking
+        # between workers. The price: a busy partition cannot borrow an idle one's share.
+        return self.budget_per_period / self.n_partitions
+
+
+@dataclass
+class StepResult:
+    state: UserState
+    budget: BudgetState
+    event: UserEvent
+    decision: dict | None = None
+    coupon_action: dict | None = None
+    replayed: bool = False  # the event had been applied before (crash replay)
+    outputs_are_reemission: bool = False
+
+
+@dataclass
+class Model:
+    snapshot: ModelSnapshot
+    q: NumpyQ = field(init=False)
+
+    def __post_init__(self):
+        self.q = NumpyQ(self.snapshot)
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+
+def initial_model(catalog: Catalog, hidden: tuple[int, ...], seed: int) -> Model:
+    net = init_network(F.N_FEATURES, catalog.n_actions, hidden, seed)
+    return Model(ModelSnapshot.from_network(net, 0, 0, catalog.actions, F.FEATURE_NAMES))
+
+
+def check_compatible(snapshot: ModelSnapshot, catalog: Catalog) -> None:
+    if tuple(snapshot.actions) != catalog.actions:
+        raise ConfigError(f"model v{snapshot.version} was trained for actions {snapshot.actions} "
+                          f"but the catalog has {catalog.actions}; use a matching "
+                          f"STREAMAGENT_CATALOG_PATH or start from a fresh model")
+    if tuple(snapshot.feature_names) != F.FEATURE_NAMES:
+        raise ConfigError(f"model v{snapshot.version} expects other features than this build; "
+                          f"start from a fresh model")
+
+
+class DecisionEngine:
+    def __init__(self, catalog: Catalog, params: EngineParams, model: Model):
+        check_compatible(model.snapshot, catalog)
+        self.catalog, self.p, self.model = catalog, params, model
+        self._costs = catalog.costs()
+        self._triggers = frozenset(params.trigger_types)
+
+    def swap_model(self, model: Model) -> None:
+        """Use new weights from the next decision on (one reference assignment: atomic)."""
+        check_compatible(model.snapshot, self.catalog)
+        self.model = model
+
+    def step(self, raw: bytes | None, key: bytes | None, state: UserState | None,
+             budget: BudgetState, partition: int = -1, offset: int = -1) -> StepResult:
+        """Validate, fold into state, and decide if the event is a trigger.
+
+        Raises InvalidMessage for input that belongs on the dead-letter topic.
+        """
+        ev = decode_user_event(raw, key)
+        if state is None:
+            state = UserState(user_id=ev.user_id)
+        elif state.n_events and ev.ts > state.last_ts + self.p.max_future_skew_ms:
+            raise InvalidMessage("ts_too_far_ahead",
+                                 f"ts {ev.ts} is more than {self.p.max_future_skew_ms} ms ahead "
+                                 f"of the user's latest event {state.last_ts}")
+        if partition >= 0 and is_replay(state, partition, offset):
+            # Already applied before a crash; re-send its decision (same id) in case the
+            # outputs were lost with the uncommitted batch. Consumers dedupe by decision_id.
+            prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
+            return StepResult(state, budget, ev, prior, self._action_for(prior), replayed=True,
+                              outputs_are_reemission=prior is not None)
+        state = apply(state, ev, self.p.state, partition, offset)
+        if ev.type not in self._triggers:
+            return StepResult(state, budget, ev)
+        return self._decide(state, ev, budget)
+
+    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetState) -> StepResult:
+        p, ts = self.p, ev.ts
+        model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
+        x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
+        q = model.q(x)
+        period = period_of(ts, p.budget_period_ms)
+        remaining = budget_remaining(budget, period, p.budget_share)
+        allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
+        eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
+                         p.epsilon_decay_steps)
+        probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature)
+        did = decision_id(p.app_id, ev.event_id)
+        a = sample(probs, uniform_from(p.seed, did))
+        cost = self._costs[a]
+        decision = {
+            "schema_version": 1, "decision_id": did, "user_id": ev.user_id, "ts": ts,
+            "action": self.catalog.actions[a], "action_index": a,
+            "propensity": float(probs[a]), "explored": a != greedy,
+            "exploration": p.exploration, "epsilon": eps if p.exploration == "epsilon" else None,
+            "policy_version": model.version, "trigger_event_id": ev.event_id,
+            "trigger_type": ev.type, "q_values": [round(float(v), 6) for v in q],
+            "allowed": allowed.tolist(), "blocked_by": blocked,
+            "features": [round(float(v), 6) for v in x], "cost": cost,
+        }
+        if a:
+            budget = budget_spend(budget, period, cost)
+        state = record_decision(state, decision, a != 0, p.state)
+        return StepResult(state, budget, ev, decision, self._action_for(decision))
+
+    def _action_for(self, decision: dict | None) -> dict | None:
+        if not decision or decision["action_index"] == 0:
+            return None
+        c = self.catalog.coupon(decision["action_index"])
+        did, ts = decision["decision_id"], decision["ts"]
+        return {
+            "schema_version": 1, "decision_id": did, "user_id": decision["user_id"], "ts": ts,
+            "coupon": {"id": c.id, "kind": c.kind, "value": c.value, "min_spend": c.min_spend,
+                       "expires_ts": ts + int(c.valid_days * DAY_MS), "code": f"C-{did}"},
+            "policy_version": decision["policy_version"],
+            "trigger_event_id": decision["trigger_event_id"],
+        }
+

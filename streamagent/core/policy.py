@@ -1,0 +1,57 @@
+"""Behaviour policy: masked greedy / epsilon-greedy / softmax with logged propensities.
+
+Random draws come from the decision id, not from a process-wide generator: the same
+trigger event gets the same draw on any worker, in any replay, so a one-worker and a
+two-worker run make the same decisions.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def decision_id(app_id: str, event_id: str) -> str:
+    return hashlib.blake2b(f"{app_id}|{event_id}".encode(), digest_size=16).hexdigest()
+
+
+def uniform_from(seed: int, decision_id_: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, decision id)."""
+    h = hashlib.blake2b(f"{seed}|{decision_id_}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0 ** 64
+
+
+def epsilon_at(train_steps: int, start: float, end: float, decay_steps: int) -> float:
+    frac = min(1.0, train_steps / decay_steps)
+    return start + (end - start) * frac
+
+
+def action_probs(q: np.ndarray, allowed: np.ndarray, strategy: str, epsilon: float,
+                 temperature: float) -> tuple[np.ndarray, int]:
+    """Probabilities over all actions (0 where not allowed) and the greedy action."""
+    masked = np.where(allowed, q, -np.inf)
+    greedy = int(np.argmax(masked))  # ties go to the lowest index: 'none' first
+    n = int(allowed.sum())
+    if strategy == "greedy" or n == 1:
+        p = np.zeros(len(q))
+        p[greedy] = 1.0
+    elif strategy == "epsilon":
+        p = np.where(allowed, epsilon / n, 0.0)
+        p[greedy] += 1.0 - epsilon
+    elif strategy == "softmax":
+        z = np.where(allowed, (q - masked[greedy]) / temperature, -np.inf)
+        e = np.exp(z)
+        p = e / e.sum()
+    else:
+        raise ValueError(f"unknown exploration strategy {strategy!r}")
+    return p, greedy
+
+
+def sample(p: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw with a given uniform number; never picks a zero-probability action."""
+    c = np.cumsum(p)
+    idx = int(np.searchsorted(c, u * c[-1], side="right"))
+    idx = min(idx, len(p) - 1)
+    while p[idx] == 0.0:  # float edge: step back onto an action with mass
+        idx -= 1
+    return idx

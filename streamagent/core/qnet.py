@@ -1,0 +1,115 @@
+"""The Q-network (torch) and its tensors-only snapshot format.
+
+Deciders score one user at a time; a torch forward pass of a 64x64 MLP costs tens of
+microseconds of dispatch overhead, so deciders run the same weights through numpy
+(:class:`NumpyQ`), which a test holds equal to the torch forward pass.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class QNetwork(nn.Module):
+    """MLP: features -> one Q value per action. Default two hidden layers of 64 ReLU units."""
+
+    def __init__(self, n_features: int, n_actions: int, hidden: tuple[int, ...] = (64, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, n_actions))
+        self.net = nn.Sequential(*layers)
+        self.n_features, self.n_actions, self.hidden = n_features, n_actions, tuple(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int) -> QNetwork:
+    # Its own generator, so every worker that starts without a model file builds the very
+    # same network from the same seed (and nothing else's random state is touched).
+    gen = torch.Generator().manual_seed(seed)
+    net = QNetwork(n_features, n_actions, hidden)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / np.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=gen)
+                m.bias.zero_()
+    return net
+
+
+@dataclass
+class ModelSnapshot:
+    """A versioned set of Q-network weights plus what is needed to use them safely."""
+
+    version: int
+    train_steps: int
+    hidden: tuple[int, ...]
+    actions: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    state_dict: dict[str, torch.Tensor]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"version": self.version, "train_steps": self.train_steps,
+                    "hidden": list(self.hidden), "actions": list(self.actions),
+                    "feature_names": list(self.feature_names),
+                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()}}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "ModelSnapshot":
+        # weights_only: a snapshot from a file or a topic can never run code when loaded
+        doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return cls(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
+                   tuple(doc["actions"]), tuple(doc["feature_names"]), dict(doc["state_dict"]))
+
+    def save(self, path: Path | str) -> None:
+        p = Path(path)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(p)  # atomic: a reader never sees half a file
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ModelSnapshot":
+        return cls.from_bytes(Path(path).read_bytes())
+
+    @classmethod
+    def from_network(cls, net: QNetwork, version: int, train_steps: int,
+                     actions: tuple[str, ...], feature_names: tuple[str, ...]) -> "ModelSnapshot":
+        return cls(version, train_steps, net.hidden, actions, feature_names,
+                   {k: v.detach().clone() for k, v in net.state_dict().items()})
+
+    def network(self) -> QNetwork:
+        net = QNetwork(len(self.feature_names), len(self.actions), self.hidden)
+        net.load_state_dict(self.state_dict)
+        return net
+
+
+class NumpyQ:
+    """Forward pass of a QNetwork's weights in numpy, for one feature vector at a time."""
+
+    def __init__(self, snapshot: ModelSnapshot):
+        sd = snapshot.state_dict
+        n_layers = len(snapshot.hidden) + 1
+        self.layers = [(sd[f"net.{2 * i}.weight"].numpy().astype(np.float32).T.copy(),
+                        sd[f"net.{2 * i}.bias"].numpy().astype(np.float32).copy())
+                       for i in range(n_layers)]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        h = x
+        last = len(self.layers) - 1
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < last:
+                np.maximum(h, 0.0, out=h)
+        return h

@@ -1,0 +1,33 @@
+"""One root exception for streamagent; each subclass says what an operator should do."""
+
+
+class StreamagentError(Exception):
+    """Root of every error streamagent raises on purpose."""
+
+
+class ConfigError(StreamagentError):
+    """A setting is missing or wrong. The message names the STREAMAGENT_* variable to fix."""
+
+
+class BrokerError(StreamagentError):
+    """The local Kafka broker could not be provisioned, started or stopped.
+
+    Check that Java 17+ and Maven are installed and that the port is free, or use an
+    external broker by setting STREAMAGENT_KAFKA_BOOTSTRAP.
+    """
+
+
+class InvalidMessage(StreamagentError):
+    """A consumed message broke its topic's contract; it belongs on the dead-letter topic.
+
+    ``reason`` is a short, bounded class (used as a metric label); ``detail`` is free text.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class CatalogError(ConfigError):
+    """The coupon catalog file is malformed. Fix the file named in the message."""

@@ -1,0 +1,76 @@
+"""Every Prometheus metric streamagent exports, declared here against an injected registry.
+
+Names: streamagent_<subsystem>_<what>_<unit>; counters end in _total; label values are
+bounded (event type, action, reason, topic) and pre-initialised so dashboards show zeros
+rather than gaps. Never label by user id.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from streamagent.core.contracts import EVENT_TYPES
+
+DLQ_REASONS = ("bad_json", "not_an_object", "schema", "key_mismatch", "ts_too_far_ahead",
+               "processing_error")
+BLOCK_REASONS = ("frequency_cap", "min_gap", "budget")
+# Buckets around the 50 ms p99 target: fine below it, coarse above.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+PROCESSING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, topics: tuple[str, ...] = (),
+                 actions: tuple[str, ...] = ()):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter("streamagent_ingest_events_total",
+                              "User events accepted, by event type.", ["type"], registry=r)
+        self.dlq = Counter("streamagent_ingest_dead_letters_total",
+                           "Messages sent to a dead-letter topic, by source topic and reason.",
+                           ["topic", "reason"], registry=r)
+        self.replayed = Counter("streamagent_ingest_replayed_events_total",
+                                "Events seen again after a crash (already applied; not re-applied).",
+                                registry=r)
+        self.decisions = Counter("streamagent_decision_decisions_total",
+                                 "Decisions made, by action and whether it explored.",
+                                 ["action", "explored"], registry=r)
+        self.blocks = Counter("streamagent_decision_blocked_total",
+                              "Decisions in which caps or budget masked coupons, by reason.",
+                              ["reason"], registry=r)
+        self.processing = Histogram("streamagent_decision_processing_seconds",
+                                    "Time to process one user event in the decide agent.",
+                                    buckets=PROCESSING_BUCKETS, registry=r)
+        self.e2e = Histogram("streamagent_decision_event_to_decision_seconds",
+                             "From the trigger event's Kafka timestamp to its decision being sent.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.budget_spent = Gauge("streamagent_decision_budget_spent",
+                                  "Coupon budget spent in the current period by this worker's "
+                                  "partitions (currency units).", registry=r)
+        self.model_version = Gauge("streamagent_decision_model_version",
+                                   "Model version this decider uses.", registry=r)
+        self.errors = Counter("streamagent_stream_processing_errors_total",
+                              "Unexpected errors while processing, by stage.", ["stage"],
+                              registry=r)
+        for t in EVENT_TYPES:
+            self.events.labels(t)
+        for topic in topics:
+            for reason in DLQ_REASONS:
+                self.dlq.labels(topic, reason)
+        for a in actions:
+            for e in ("true", "false"):
+                self.decisions.labels(a, e)
+        for b in BLOCK_REASONS:
+            self.blocks.labels(b)
+        for s in ("decide", "dlq", "send"):
+            self.errors.labels(s)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        if port:
+            try:
+                start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:
+                from streamagent.errors import ConfigError
+
+                raise ConfigError(f"cannot serve /metrics on {host}:{port} ({exc}); set "
+                                  f"STREAMAGENT_METRICS_PORT to a free port, or 0 to disable") from None

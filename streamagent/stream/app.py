@@ -1,0 +1,158 @@
+"""Faust wiring: topics, tables and the decide agent. The logic lives in streamagent.core.
+
+Keying contract: producers key user-events by user_id (UTF-8). Faust then finds each user's
+events, state-table entry and decisions on the same partition with no repartition hop. A
+message with no key or a key other than its user_id is dead-lettered (reason key_mismatch).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import faust
+
+from streamagent.config import Settings
+from streamagent.core.catalog import load_catalog
+from streamagent.core.constraints import BudgetState
+from streamagent.core.contracts import dlq_envelope, encode
+from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
+from streamagent.core.qnet import ModelSnapshot
+from streamagent.core.state import UserState
+from streamagent.errors import InvalidMessage
+from streamagent.metrics import Metrics
+
+log = logging.getLogger("streamagent.decide")
+
+
+def faust_broker_url(bootstrap: str) -> str:
+    return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
+
+
+def _budget_key(partition: int) -> bytes:
+    return f"p{partition}".encode()
+
+
+def _budget_from(raw: bytes | None) -> BudgetState:
+    if not raw:
+        return BudgetState()
+    period, spent = raw.decode().split(":")
+    return BudgetState(int(period), float(spent))
+
+
+def _budget_to(b: BudgetState) -> bytes:
+    return f"{b.period}:{b.spent!r}".encode()
+
+
+@dataclass
+class Wiring:
+    app: faust.App
+    engine: DecisionEngine
+    metrics: Metrics
+    settings: Settings
+
+
+def load_model(settings: Settings, catalog) -> Model:
+    if settings.model_path:
+        return Model(ModelSnapshot.load(settings.model_path))
+    return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed)
+
+
+def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
+               n_partitions: int | None = None) -> Wiring:
+    s = settings or Settings()
+    catalog = load_catalog(s.catalog_path)
+    n_parts = n_partitions or s.partitions
+    engine = DecisionEngine(catalog, EngineParams.from_settings(s, n_parts), load_model(s, catalog))
+    m = metrics or Metrics(topics=(s.topic_user_events,), actions=catalog.actions)
+    m.model_version.set(engine.model.version)
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    app = faust.App(
+        s.app_id,
+        broker=faust_broker_url(s.kafka_bootstrap),
+        store=s.table_store,
+        datadir=str(s.tables_dir),
+        topic_partitions=n_parts,
+        topic_replication_factor=1,
+        web_enabled=s.worker_web_enabled,
+        web_port=s.worker_web_port,
+        consumer_auto_offset_reset="earliest",
+        # outputs go out as soon as they are sent, not batched until the next commit
+        stream_publish_on_commit=False,
+        producer_linger_ms=1,
+        broker_commit_every=5000,
+        broker_commit_interval=1.0,
+        table_cleanup_interval=3600.0,
+    )
+
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    user_events = app.topic(s.topic_user_events, partitions=n_parts, **raw)
+    coupon_actions = app.topic(s.topic_coupon_actions, partitions=n_parts, **raw)
+    decision_log = app.topic(s.topic_decision_log, partitions=n_parts, **raw)
+    dlq = app.topic(s.dlq(s.topic_user_events), partitions=n_parts, **raw)
+    # key_type/value_type bytes make Faust use the raw codec for the store and changelog
+    users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
+                      value_type=bytes)
+    budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
+                        value_type=bytes)
+
+    async def dead_letter(msg, reason: str, detail: str) -> None:
+        m.dlq.labels(msg.topic, reason).inc()
+        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                           key=msg.key, value=msg.value, reason=reason, detail=detail,
+                           failed_at_ms=int(time.time() * 1000), worker=worker_name)
+        try:
+            await dlq.send(key=msg.key, value=encode(env))
+        except Exception:  # the DLQ itself failing must not stop the stream either
+            m.errors.labels("dlq").inc()
+            log.exception("could not dead-letter %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+
+    # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
+    # still in flight, and a crash loses them.
+    @app.agent(user_events, concurrency=1)
+    async def decide(stream):
+        async for event in stream.events():
+            msg = event.message
+            t0 = time.perf_counter()
+            key = msg.key
+            try:
+                prev = users.get(key) if key else None
+                bkey = _budget_key(msg.partition)
+                budget = _budget_from(budgets.get(bkey))
+                r = engine.step(msg.value, key, UserState.from_bytes(prev) if prev else None,
+                                budget, msg.partition, msg.offset)
+            except InvalidMessage as exc:
+                await dead_letter(msg, exc.reason, exc.detail)
+                continue
+            except Exception as exc:  # a bug must cost one message, not the worker
+                m.errors.labels("decide").inc()
+                log.exception("processing %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
+                await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
+                continue
+            if r.replayed:
+                m.replayed.inc()
+            else:
+                m.events.labels(r.event.type).inc()
+                users[key] = r.state.to_bytes()
+                if r.budget != budget:
+                    budgets[bkey] = _budget_to(r.budget)
+                    m.budget_spent.set(r.budget.spent)
+            d = r.decision
+            if d is not None:
+                if r.coupon_action is not None:
+                    await coupon_actions.send(key=key, value=encode(r.coupon_action))
+                await decision_log.send(key=key, value=encode(d))
+                if not r.replayed:
+                    m.decisions.labels(d["action"], "true" if d["explored"] else "false").inc()
+                    for b in d["blocked_by"]:
+                        m.blocks.labels(b).inc()
+                    if msg.timestamp:
+                        m.e2e.observe(max(0.0, time.time() - msg.timestamp))
+            m.processing.observe(time.perf_counter() - t0)
+
+    app.streamagent_decide = decide  # handles for tests
+    app.streamagent_users = users
+    return Wiring(app, engine, m, s)
