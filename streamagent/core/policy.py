@@ -22,8 +22,9 @@ def uniform_from(seed: int, decision_id_: str) -> float:
 
 
 def epsilon_at(train_steps: int, start: float, end: float, decay_steps: int) -> float:
-    frac = min(1.0, train_steps / decay_steps)
-    return start + (end - start) * frac
+    if train_steps >= decay_steps:
+        return end
+    return start + (end - start) * train_steps / decay_steps
 
 
 def action_probs(q: np.ndarray, allowed: np.ndarray, strategy: str, epsilon: float,

@@ -1,0 +1,44 @@
+# The two commands of the quick start: `make demo` and `make test`. Both set up everything.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench kafka-start kafka-stop docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "streamagent needs Python 3.11+; set PYTHON=python3.11")'
+	@command -v java >/dev/null || { echo "streamagent needs Java 17+ for the local Kafka broker (Debian: apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "streamagent needs Maven to fetch Kafka's jars (Debian: apt-get install maven)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/streamagent kafka fetch
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/streamagent demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/streamagent bench pipeline
+
+docs: setup
+	$(BIN)/streamagent config --markdown > docs/CONFIGURATION.md
+
+kafka-start: setup
+	$(BIN)/streamagent kafka start
+
+kafka-stop:
+	$(BIN)/streamagent kafka stop
+
+clean:
+	rm -rf var .pytest_cache bench-results

@@ -1,0 +1,52 @@
+"""Shared fixtures. The `kafka` fixture runs a real local broker for the whole session.
+
+Set STREAMAGENT_TEST_BOOTSTRAP to use a broker you already run instead.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+TEST_PORT = int(os.environ.get("STREAMAGENT_TEST_KAFKA_PORT", "29092"))
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory) -> str:
+    external = os.environ.get("STREAMAGENT_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    from streamagent.ops.broker import BrokerConfig, start, stop
+
+    cfg = BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka"), port=TEST_PORT, heap="768m")
+    start(cfg, wait=120)
+    try:
+        yield cfg.bootstrap
+    finally:
+        stop(cfg)
+
+
+@pytest.fixture
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def topic_env(prefix: str, bootstrap: str, data_dir: Path, **extra) -> dict:
+    """Environment for a worker whose topics, group and stores belong to one test only."""
+    env = {
+        "STREAMAGENT_KAFKA_BOOTSTRAP": bootstrap,
+        "STREAMAGENT_APP_ID": f"sa-{prefix}",
+        "STREAMAGENT_DATA_DIR": str(data_dir),
+        "STREAMAGENT_TOPIC_USER_EVENTS": f"{prefix}-user-events",
+        "STREAMAGENT_TOPIC_CONVERSIONS": f"{prefix}-conversions",
+        "STREAMAGENT_TOPIC_COUPON_ACTIONS": f"{prefix}-coupon-actions",
+        "STREAMAGENT_TOPIC_DECISION_LOG": f"{prefix}-decision-log",
+        "STREAMAGENT_PARTITIONS": "2",
+        "STREAMAGENT_METRICS_PORT": "0",
+        "STREAMAGENT_LOG_LEVEL": "info",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

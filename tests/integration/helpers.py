@@ -1,0 +1,83 @@
+"""Run real worker processes and talk to the real broker from tests."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Producer
+
+from streamagent.ops.tail import read_all
+
+
+class WorkerProcess:
+    """`streamagent worker` in a subprocess with its own environment and log file."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_timeout: float = 90.0) -> "WorkerProcess":
+        self._log = open(self.log_path, "ab")
+        start_at = self.log_path.stat().st_size
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", "worker"],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
+            with open(self.log_path, "rb") as f:
+                f.seek(start_at)
+                if b"Worker]: Ready" in f.read():
+                    return self
+            time.sleep(0.25)
+        self.kill()
+        raise RuntimeError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for key, value in items:
+        p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def event(eid: str, user: str, typ: str, ts: int, **kw) -> tuple[bytes, bytes]:
+    return user.encode(), orjson.dumps({"event_id": eid, "user_id": user, "type": typ, "ts": ts, **kw})
+
+
+def read_json(bootstrap: str, topic: str, expect: int, max_wait: float = 60.0) -> list[dict]:
+    """Read ``topic`` until at least ``expect`` messages came (then 2 s more for extras)."""
+    out: list = []
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        out = read_all(bootstrap, topic, idle=2.0, max_wait=max_wait)
+        if len(out) >= expect:
+            break
+        time.sleep(1.0)
+    return [orjson.loads(m.value()) | {"_key": m.key()} for m in out]

@@ -1,0 +1,88 @@
+import dataclasses
+import subprocess
+import sys
+
+import jsonschema
+import orjson
+import pytest
+
+from streamagent.core import contracts as C
+from streamagent.errors import InvalidMessage
+
+
+@pytest.mark.parametrize("name", sorted(C.SCHEMA_FILES))
+def test_schema_is_valid_and_example_validates(name):
+    schema = C.load_schema(name)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    example = orjson.loads((C.schemas_dir() / "examples" / C.SCHEMA_FILES[name]).read_bytes())
+    jsonschema.validate(example, schema)
+    C.validator(name)(example)  # the fast validator the workers use agrees
+
+
+@pytest.mark.parametrize("name,model", [("user-event", C.UserEvent), ("conversion", C.Conversion)])
+def test_models_agree_with_schemas(name, model):
+    schema = C.load_schema(name)
+    fields = {f.name for f in dataclasses.fields(model)}
+    assert fields == set(schema["properties"])
+    required = {f.name for f in dataclasses.fields(model)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    assert required == set(schema["required"])
+
+
+def test_event_types_match_schema():
+    assert tuple(C.load_schema("user-event")["properties"]["type"]["enum"]) == C.EVENT_TYPES
+
+
+def test_dlq_reasons_match_schema():
+    from streamagent.metrics import DLQ_REASONS
+
+    assert tuple(C.load_schema("dlq-envelope")["properties"]["reason"]["enum"]) == DLQ_REASONS
+
+
+GOOD = {"event_id": "e1", "user_id": "u1", "type": "page_view", "ts": 1_767_225_600_000}
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b"{", "bad_json"), (None, "bad_json"), (b"42", "not_an_object"),
+    (orjson.dumps({**GOOD, "price": -1}), "schema"),
+    (orjson.dumps({**GOOD, "type": "nope"}), "schema"),
+    (orjson.dumps({**GOOD, "ts": "yesterday"}), "schema"),
+    (orjson.dumps({**GOOD, "ts": 10}), "schema"),
+    (orjson.dumps({k: v for k, v in GOOD.items() if k != "user_id"}), "schema"),
+    (orjson.dumps({**GOOD, "event_id": ""}), "schema"),
+])
+def test_bad_user_events_are_rejected_with_a_reason(raw, reason):
+    with pytest.raises(InvalidMessage) as ei:
+        C.decode_user_event(raw, b"u1")
+    assert ei.value.reason == reason
+
+
+def test_keys_must_match_user_id():
+    raw = orjson.dumps(GOOD)
+    assert C.decode_user_event(raw, b"u1").user_id == "u1"
+    for key in (b"u2", None):
+        with pytest.raises(InvalidMessage) as ei:
+            C.decode_user_event(raw, key)
+        assert ei.value.reason == "key_mismatch"
+
+
+def test_unknown_extra_fields_are_tolerated():
+    ev = C.decode_user_event(orjson.dumps({**GOOD, "shiny_new_field": {"a": 1}}), b"u1")
+    assert ev.event_id == "e1"
+
+
+def test_dlq_envelope_validates():
+    env = C.dlq_envelope(source_topic="t", partition=1, offset=5, key=None, value=b"\x00\xff",
+                         reason="bad_json", detail="x" * 5000, failed_at_ms=1)
+    C.validator("dlq-envelope")(env)
+    assert len(env["detail"]) <= 1000
+
+
+def test_learning_core_imports_no_kafka_or_faust():
+    code = ("import sys, streamagent.core.engine, streamagent.core.features, "
+            "streamagent.core.policy, streamagent.core.state, streamagent.core.qnet, "
+            "streamagent.core.catalog, streamagent.core.constraints, streamagent.core.contracts\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('faust', 'aiokafka', 'confluent_kafka', 'mode')]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,150 @@
+import dataclasses
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from streamagent.core import features as F
+from streamagent.core.catalog import load_catalog
+from streamagent.core.constraints import BudgetState
+from streamagent.core.contracts import validator
+from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
+from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
+from streamagent.errors import ConfigError, InvalidMessage
+
+T0 = 1_767_225_600_000
+CAT = load_catalog()
+
+
+def engine(**kw):
+    return DecisionEngine(CAT, EngineParams(**kw), initial_model(CAT, (64, 64), 7))
+
+
+def raw(eid, user, typ, ts, **kw):
+    return orjson.dumps({"event_id": eid, "user_id": user, "type": typ, "ts": ts, **kw})
+
+
+def run(eng, events, partition=0):
+    states, budget, out = {}, BudgetState(), []
+    for off, (eid, user, typ, ts) in enumerate(events):
+        r = eng.step(raw(eid, user, typ, ts), user.encode(), states.get(user), budget, partition, off)
+        states[user], budget = r.state, r.budget
+        out.append(r)
+    return states, budget, out
+
+
+def stream(n=300, users=15):
+    rng = np.random.default_rng(3)
+    types = ["session_start", "page_view", "add_to_cart", "search", "purchase"]
+    return [(f"e{i}", f"u{rng.integers(users)}", types[rng.integers(5)], T0 + i * 600_000)
+            for i in range(n)]
+
+
+def test_decisions_only_on_triggers_and_outputs_validate():
+    _, _, out = run(engine(), stream())
+    check_d, check_a = validator("decision-log"), validator("coupon-action")
+    for r in out:
+        assert (r.decision is not None) == (r.event.type in ("session_start", "add_to_cart"))
+        if r.decision:
+            check_d(r.decision)
+            assert len(r.decision["features"]) == F.N_FEATURES
+            assert (r.coupon_action is not None) == (r.decision["action"] != "none")
+            if r.coupon_action:
+                check_a(r.coupon_action)
+                assert r.coupon_action["coupon"]["id"] == r.decision["action"]
+
+
+def test_same_input_same_decisions_whatever_the_partitioning():
+    """Users split over two 'workers' decide exactly as on one (budget not binding)."""
+    evs = stream()
+    _, _, one = run(engine(), evs)
+    a = [e for e in evs if int(e[1][1:]) % 2 == 0]
+    b = [e for e in evs if int(e[1][1:]) % 2 == 1]
+    _, _, two_a = run(engine(n_partitions=2), a, partition=0)
+    _, _, two_b = run(engine(n_partitions=2), b, partition=1)
+    key = lambda rs: {r.decision["decision_id"]: (r.decision["action"], r.decision["propensity"])
+                      for r in rs if r.decision}
+    assert key(one) == key(two_a) | key(two_b)
+
+
+def test_budget_is_never_overspent():
+    share = 40.0
+    eng = engine(budget_per_period=share, caps=dataclasses.replace(EngineParams().caps, min_gap_ms=0, max_coupons=100),
+                 exploration="epsilon", epsilon_start=1.0, epsilon_end=1.0)
+    _, _, out = run(eng, [(f"e{i}", f"u{i}", "session_start", T0 + i) for i in range(200)])
+    spent = sum(r.decision["cost"] for r in out if r.decision)
+    assert 0 < spent <= share
+    assert any("budget" in r.decision["blocked_by"] for r in out)
+
+
+def test_a_replayed_trigger_re_emits_the_same_decision_and_changes_nothing():
+    eng = engine()
+    r1 = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetState(), 0, 5)
+    r2 = eng.step(raw("e1", "u", "session_start", T0), b"u", r1.state, r1.budget, 0, 5)
+    assert r2.replayed and r2.decision == r1.decision and r2.state == r1.state
+    assert r2.coupon_action == r1.coupon_action
+
+
+def test_an_event_far_ahead_of_the_users_history_is_rejected():
+    eng = engine()
+    r = eng.step(raw("e1", "u", "page_view", T0), b"u", None, BudgetState())
+    with pytest.raises(InvalidMessage) as ei:
+        eng.step(raw("e2", "u", "page_view", T0 + 400 * 86_400_000), b"u", r.state, r.budget)
+    assert ei.value.reason == "ts_too_far_ahead"
+
+
+def test_numpy_forward_equals_torch_forward():
+    net = init_network(F.N_FEATURES, CAT.n_actions, (64, 64), 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    snap = ModelSnapshot.from_network(net, 3, 10, CAT.actions, F.FEATURE_NAMES)
+    x = np.random.default_rng(0).normal(size=(F.N_FEATURES,)).astype(np.float32)
+    with torch.no_grad():
+        expect = net(torch.from_numpy(x)).numpy()
+    assert np.allclose(NumpyQ(snap)(x), expect, atol=1e-5)
+
+
+def test_snapshot_round_trip_is_weights_only(tmp_path):
+    net = init_network(F.N_FEATURES, CAT.n_actions, (32,), 2)
+    snap = ModelSnapshot.from_network(net, 4, 99, CAT.actions, F.FEATURE_NAMES)
+    snap.save(tmp_path / "m.pt")
+    back = ModelSnapshot.load(tmp_path / "m.pt")
+    assert (back.version, back.train_steps, back.hidden) == (4, 99, (32,))
+    for k, v in snap.state_dict.items():
+        assert torch.equal(v, back.state_dict[k])
+    # a pickle that would run code is refused by weights_only loading
+    import io, pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    buf = io.BytesIO()
+    torch.save({"x": Evil()}, buf)
+    with pytest.raises(Exception):
+        ModelSnapshot.from_bytes(buf.getvalue())
+
+
+def test_same_seed_same_initial_network():
+    a, b = initial_model(CAT, (64, 64), 7), initial_model(CAT, (64, 64), 7)
+    for k in a.snapshot.state_dict:
+        assert torch.equal(a.snapshot.state_dict[k], b.snapshot.state_dict[k])
+
+
+def test_a_model_for_another_catalog_is_refused():
+    net = init_network(F.N_FEATURES, 3, (8,), 1)
+    snap = ModelSnapshot.from_network(net, 1, 0, ("none", "a", "b"), F.FEATURE_NAMES)
+    with pytest.raises(ConfigError, match="catalog"):
+        DecisionEngine(CAT, EngineParams(), Model(snap))
+
+
+def test_swap_model_takes_effect_on_the_next_decision():
+    eng = engine(exploration="greedy")
+    net = init_network(F.N_FEATURES, CAT.n_actions, (64, 64), 1)
+    with torch.no_grad():
+        net.net[-1].bias.copy_(torch.tensor([0, 0, 0, 9.0, 0, 0]))
+    eng.swap_model(Model(ModelSnapshot.from_network(net, 5, 0, CAT.actions, F.FEATURE_NAMES)))
+    r = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetState())
+    assert r.decision["policy_version"] == 5 and r.decision["action_index"] == 3

@@ -1,0 +1,127 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from streamagent.core.constraints import (BudgetState, CapParams, action_mask, budget_remaining,
+                                          budget_spend)
+from streamagent.core.contracts import UserEvent
+from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
+from streamagent.core.state import StateParams, UserState, apply, is_replay, record_decision
+
+P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000)
+T0 = 1_767_225_600_000
+
+
+def ev(i, typ="page_view", ts=T0, **kw):
+    return UserEvent(event_id=f"e{i}", user_id="u", type=typ, ts=ts, **kw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["page_view", "search", "session_start", "purchase"]),
+                          st.integers(0, 10 * 86_400_000)), min_size=1, max_size=8),
+       st.randoms(use_true_random=False))
+def test_decayed_aggregates_do_not_depend_on_arrival_order(evs, rnd):
+    events = [ev(i, t, T0 + dt, amount=10.0 if t == "purchase" else None, category="c")
+              for i, (t, dt) in enumerate(evs)]
+    shuffled = events[:]
+    rnd.shuffle(shuffled)
+    a = b = UserState("u")
+    for e in events:
+        a = apply(a, e, P)
+    for e in shuffled:
+        b = apply(b, e, P)
+    for f in ("d_events", "d_sessions", "d_searches", "d_views", "d_spend", "d_purchases"):
+        assert math.isclose(getattr(a, f), getattr(b, f), rel_tol=1e-9, abs_tol=1e-12), f
+    assert a.last_ts == b.last_ts and a.n_events == b.n_events
+    assert np.allclose(a.interest, b.interest)
+
+
+def test_decay_halves_after_one_half_life():
+    s = apply(UserState("u"), ev(1), P)
+    s = apply(s, ev(2, ts=T0 + 86_400_000), P)
+    assert math.isclose(s.d_events, 1.5)
+
+
+def test_cart_then_purchase_resets_cart_and_counts_spend():
+    s = UserState("u")
+    s = apply(s, ev(1, "add_to_cart", price=20.0, quantity=2), P)
+    assert (s.cart_items, s.cart_value) == (2, 40.0)
+    s = apply(s, ev(2, "purchase", ts=T0 + 5, coupon_code="C-x"), P)
+    assert (s.cart_items, s.cart_value, s.total_spend, s.n_purchases, s.n_redeemed) == (0, 0.0, 40.0, 1, 1)
+
+
+def test_replayed_offsets_are_recognised():
+    s = apply(UserState("u"), ev(1), P, partition=3, offset=10)
+    assert is_replay(s, 3, 10) and is_replay(s, 3, 9)
+    assert not is_replay(s, 3, 11) and not is_replay(s, 2, 5)
+
+
+def test_state_round_trips_through_bytes():
+    s = apply(UserState("u"), ev(1, category="shoes", device="mobile"), P, 0, 1)
+    s = record_decision(s, {"ts": T0, "trigger_event_id": "e1", "action_index": 1}, True, P)
+    assert UserState.from_bytes(s.to_bytes()) == s
+
+
+def test_frequency_cap_min_gap_and_budget_masks():
+    caps = CapParams(max_coupons=2, window_ms=7 * 86_400_000, min_gap_ms=86_400_000)
+    costs = [0.0, 5.0, 50.0]
+    s = UserState("u")
+    allowed, blocked = action_mask(s, T0, costs, caps, remaining=10.0)
+    assert allowed.tolist() == [True, True, False] and blocked == ["budget"]
+    s = record_decision(s, {"ts": T0, "trigger_event_id": "a"}, True, P)
+    allowed, blocked = action_mask(s, T0 + 3_600_000, costs, caps, 100.0)
+    assert allowed.tolist() == [True, False, False] and blocked == ["min_gap"]
+    s = record_decision(s, {"ts": T0 + 2 * 86_400_000, "trigger_event_id": "b"}, True, P)
+    allowed, blocked = action_mask(s, T0 + 4 * 86_400_000, costs, caps, 100.0)
+    assert blocked == ["frequency_cap"] and allowed.tolist() == [True, False, False]
+    # the window rolls: after 7 days the first coupon no longer counts
+    allowed, blocked = action_mask(s, T0 + 7 * 86_400_000 + 1, costs, caps, 100.0)
+    assert blocked == [] and allowed.all()
+
+
+def test_budget_rolls_over_with_the_event_time_period():
+    b = budget_spend(BudgetState(), 10, 30.0)
+    assert budget_remaining(b, 10, 100.0) == 70.0
+    assert budget_remaining(b, 11, 100.0) == 100.0
+    assert budget_remaining(b, 9, 100.0) == 70.0  # a late event cannot reopen an old period
+    assert budget_spend(b, 11, 5.0) == BudgetState(11, 5.0)
+
+
+@pytest.mark.parametrize("strategy", ["epsilon", "softmax", "greedy"])
+def test_probabilities_are_a_distribution_over_allowed_actions(strategy):
+    q = np.array([0.1, 0.5, 0.3, 0.9])
+    allowed = np.array([True, True, True, False])
+    p, greedy = action_probs(q, allowed, strategy, 0.2, 0.5)
+    assert math.isclose(p.sum(), 1.0) and p[3] == 0.0 and greedy == 1
+    assert p[greedy] == p.max()
+    if strategy == "epsilon":
+        assert math.isclose(p[1], 0.8 + 0.2 / 3) and math.isclose(p[0], 0.2 / 3)
+
+
+def test_sampling_matches_the_logged_propensities():
+    q = np.array([0.0, 1.0, 0.5])
+    p, _ = action_probs(q, np.ones(3, bool), "softmax", 0.0, 0.5)
+    draws = [sample(p, uniform_from(7, decision_id("app", f"e{i}"))) for i in range(20000)]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    assert np.allclose(freq, p, atol=0.015)
+
+
+def test_never_samples_a_masked_action():
+    p = np.array([0.5, 0.0, 0.5, 0.0])
+    for u in np.linspace(0, 1, 1001)[:-1]:
+        assert p[sample(p, float(u))] > 0
+
+
+def test_decision_ids_and_draws_are_deterministic():
+    assert decision_id("a", "e1") == decision_id("a", "e1") != decision_id("a", "e2")
+    assert len(decision_id("a", "e1")) == 32
+    assert uniform_from(1, "x") == uniform_from(1, "x") != uniform_from(2, "x")
+
+
+def test_epsilon_schedule():
+    assert epsilon_at(0, 0.2, 0.05, 100) == 0.2
+    assert math.isclose(epsilon_at(50, 0.2, 0.05, 100), 0.125)
+    assert epsilon_at(10**6, 0.2, 0.05, 100) == 0.05
