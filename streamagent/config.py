@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     max_future_skew_days: float = Field(30.0, gt=0, description="An event this far ahead of the user's latest event time is rejected to the DLQ as absurd.")
 
     # --- Runtime -----------------------------------------------------------------------
+    consumer_fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="Longest the broker holds a fetch open when no data is there. Lower = lower latency at low load, more idle fetch requests (Faust's hard-coded 1500 ms made p50 latency over 1 s).")
     table_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// (durable, default) or memory:// (tests).")
     metrics_port: int = Field(9400, ge=0, description="Port of the worker's Prometheus /metrics endpoint; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address the /metrics endpoint binds.")

@@ -1,2 +1,282 @@
-def add_arguments(p):
-    pass
+"""`streamagent bench pipeline`: one decide worker against two baselines, on one broker, in one run.
+
+For each system (a plain confluent-kafka consume->produce loop, a Faust agent that only
+forwards, and the streamagent decide worker) the benchmark:
+
+1. pre-loads the same seeded stream of N user events into a fresh input topic, starts the
+   system as its own process and measures sustained throughput while it drains the backlog
+   (from its first output to its last; start-up is excluded);
+2. then, with the system caught up, sends events at a paced rate (half the decide worker's
+   measured peak by default) and measures latency from each event's append to the broker to
+   its output's append (the topics use LogAppendTime, so both stamps are the broker's).
+
+The decide worker only writes on trigger events, so its events/s is its decision rate times
+the events per decision in the stream.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+RESULTS = Path("bench-results")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--events", type=int, default=60_000, help="events in the backlog phase")
+    p.add_argument("--users", type=int, default=5_000)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--latency-seconds", type=float, default=10.0, help="length of the paced phase")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="paced-phase events/s (default: half the decide worker's peak)")
+    p.add_argument("--systems", default="plain,faust,decide",
+                   help="comma list of plain, faust, decide")
+    p.add_argument("--bootstrap", default=None,
+                   help="use this broker (default: start a local one for the run)")
+    p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _create(bootstrap: str, names: list[str], partitions: int) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    from streamagent.ops.topics import admin
+
+    cfg = {"message.timestamp.type": "LogAppendTime"}
+    a = admin(bootstrap)  # keep a reference: the futures die with the client
+    futs = a.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=1, config=cfg) for n in names])
+    for f in futs.values():
+        f.result()
+
+
+def _end_offsets(bootstrap: str, topic: str) -> int:
+    from confluent_kafka import TopicPartition
+
+    from streamagent.ops.tail import consumer
+
+    c = consumer(bootstrap)
+    try:
+        md = c.list_topics(topic, timeout=10)
+        total = 0
+        for p in md.topics[topic].partitions:
+            _, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += hi
+        return total
+    finally:
+        c.close()
+
+
+def _read(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
+    from streamagent.ops.tail import read_all
+
+    return [(m.timestamp()[1], m.value()) for m in read_all(bootstrap, topic, idle=2.0,
+                                                              max_wait=300)]
+
+
+def _wait_for(bootstrap: str, topic: str, count: int, timeout: float, proc) -> int:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        n = _end_offsets(bootstrap, topic)
+        if n >= count:
+            return n
+        if proc.poll() is not None:
+            raise RuntimeError(f"system under test exited with {proc.returncode}")
+        time.sleep(0.5)
+    return n
+
+
+def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitions: int):
+    app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "BENCH_BOOTSTRAP": bootstrap, "BENCH_IN": tin, "BENCH_OUT": tout,
+           "BENCH_APP_ID": app_id, "BENCH_DATA_DIR": str(tmp / app_id)}
+    if system == "plain":
+        cmd = [sys.executable, "-m", "streamagent.bench.plain_loop"]
+    elif system == "faust":
+        cmd = [sys.executable, "-m", "streamagent.bench.forward_app"]
+    else:
+        cmd = [sys.executable, "-m", "streamagent.cli", "worker"]
+        env.update({"STREAMAGENT_KAFKA_BOOTSTRAP": bootstrap, "STREAMAGENT_APP_ID": app_id,
+                    "STREAMAGENT_DATA_DIR": str(tmp / app_id),
+                    "STREAMAGENT_TOPIC_USER_EVENTS": tin, "STREAMAGENT_TOPIC_DECISION_LOG": tout,
+                    "STREAMAGENT_TOPIC_COUPON_ACTIONS": tout + "-coupons",
+                    "STREAMAGENT_TOPIC_CONVERSIONS": tin + "-conversions",
+                    "STREAMAGENT_PARTITIONS": str(partitions),
+                    "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"})
+    log = open(tmp / f"{system}.log", "wb")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
+    from streamagent.ops.produce import synthetic_events
+
+    out = []
+    for ev in synthetic_events(n, users=users, seed=seed):
+        ev["event_id"] = f"{prefix}-{ev['event_id']}"
+        out.append(ev)
+    return out
+
+
+def _produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0.0) -> None:
+    from streamagent.ops.produce import make_producer
+
+    p = make_producer(bootstrap, **({"linger.ms": 0} if rate else {}))
+    t0 = time.perf_counter()
+    for i, ev in enumerate(events):
+        if rate:
+            due = t0 + i / rate
+            while (now := time.perf_counter()) < due:
+                p.poll(0)
+                if due - now > 0.002:
+                    time.sleep(0.001)
+        while True:
+            try:
+                p.produce(topic, key=ev["user_id"].encode(), value=orjson.dumps(ev))
+                break
+            except BufferError:
+                p.poll(0.01)
+    p.flush(60)
+
+
+def _out_event_id(system: str, value: bytes) -> str:
+    doc = orjson.loads(value)
+    return doc["trigger_event_id"] if system == "decide" else doc["event_id"]
+
+
+def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[str],
+               partitions: int, tmp: Path, rate: float, latency_s: float, users: int,
+               log=print) -> dict:
+    rid = uuid.uuid4().hex[:6]
+    tin, tout = f"bench-{rid}-in", f"bench-{rid}-out"
+    _create(bootstrap, [tin, tout, tout + "-coupons", tin + ".dlq"], partitions)
+    _produce(bootstrap, tin, backlog)
+    expect = len(backlog) if system != "decide" else sum(
+        1 for e in backlog if e["event_id"] in triggers)
+    proc = _start(system, bootstrap, tin, tout, tmp, partitions)
+    try:
+        t0 = time.monotonic()
+        got = _wait_for(bootstrap, tout, expect, 600, proc)
+        wall = time.monotonic() - t0
+        outs = _read(bootstrap, tout)
+        ts = sorted(t for t, _ in outs)
+        span = (ts[-1] - ts[0]) / 1000.0 if len(ts) > 1 else float("nan")
+        per_output = len(backlog) / max(1, len(outs))
+        events_per_s = (len(outs) - 1) / span * per_output if span > 0 else float("nan")
+        log(f"  {system:7} backlog: {len(outs)} outputs in {span:.2f}s -> {events_per_s:,.0f} events/s")
+        result = {"outputs": len(outs), "expected_outputs": expect, "span_s": span,
+                  "events_per_s": events_per_s, "wall_incl_startup_s": wall, "complete": got >= expect}
+        if latency_s > 0 and rate > 0:
+            paced = _events(int(rate * latency_s), users, seed=99, prefix=f"lat{rid}")
+            before = len(outs)
+            _produce(bootstrap, tin, paced, rate=rate)
+            paced_triggers = {e["event_id"] for e in paced if e["type"] in
+                              ("session_start", "add_to_cart")}
+            want = len(paced) if system != "decide" else len(paced_triggers)
+            _wait_for(bootstrap, tout, before + want, 120, proc)
+            ins = {orjson.loads(v)["event_id"]: t for t, v in _read(bootstrap, tin)}
+            lat = []
+            for t, v in _read(bootstrap, tout):
+                eid = _out_event_id(system, v)
+                if eid.startswith(f"lat{rid}") and eid in ins:
+                    lat.append(t - ins[eid])
+            a = np.array(lat, dtype=float)
+            result["latency_ms"] = ({"rate_events_per_s": rate, "n": int(a.size),
+                                     "p50": float(np.percentile(a, 50)),
+                                     "p95": float(np.percentile(a, 95)),
+                                     "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+                                    if a.size else None)
+            if a.size:
+                log(f"  {system:7} paced {rate:,.0f}/s: p50 {result['latency_ms']['p50']:.0f} ms, "
+                    f"p95 {result['latency_ms']['p95']:.0f} ms, p99 {result['latency_ms']['p99']:.0f} ms")
+        return result
+    finally:
+        _stop(proc)
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamagent.ops.broker import BrokerConfig, start, stop
+
+    con = Console()
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="sa-bench-"))
+    broker_cfg = None
+    bootstrap = args.bootstrap
+    if not bootstrap:
+        broker_cfg = BrokerConfig(data_dir=tmp / "kafka", port=_free_port(), heap="1g")
+        start(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
+        bootstrap = broker_cfg.bootstrap
+    try:
+        backlog = _events(args.events, args.users, seed=1, prefix="b")
+        triggers = {e["event_id"] for e in backlog if e["type"] in ("session_start", "add_to_cart")}
+        con.print(f"backlog: {len(backlog)} events, {len(triggers)} triggers, {args.users} users, "
+                  f"{args.partitions} partitions, broker {bootstrap}")
+        results: dict = {}
+        order = ["decide"] + [s for s in systems if s != "decide"] if "decide" in systems else systems
+        rate = args.rate
+        for system in order:
+            if system == "decide" and not rate:
+                # peak first, then pace the latency phase at half of it
+                r = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, 0, 0,
+                               args.users, log=con.print)
+                rate = max(50.0, round(r["events_per_s"] / 2, -1))
+                lat = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, rate,
+                                 args.latency_seconds, args.users, log=con.print)
+                r["latency_ms"] = lat.get("latency_ms")
+            else:
+                r = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, rate,
+                               args.latency_seconds, args.users, log=con.print)
+            results[system] = r
+    finally:
+        if broker_cfg:
+            stop(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
+    table = Table(title="pipeline benchmark (one process each, same broker, same run)")
+    for col in ("system", "events/s", "vs faust forward", "p50 ms", "p95 ms", "p99 ms", "paced at /s"):
+        table.add_column(col, justify="right")
+    base = results.get("faust", {}).get("events_per_s")
+    for name, r in results.items():
+        lat = r.get("latency_ms") or {}
+        table.add_row(name, f"{r['events_per_s']:,.0f}",
+                      f"{r['events_per_s'] / base:.0%}" if base else "-",
+                      *(f"{lat[k]:.0f}" if lat else "-" for k in ("p50", "p95", "p99")),
+                      f"{lat.get('rate_events_per_s', 0):,.0f}" if lat else "-")
+    con.print(table)
+    doc = {"events": args.events, "users": args.users, "partitions": args.partitions,
+           "cpus": os.cpu_count(), "results": results,
+           "decide_vs_faust_forward": (results["decide"]["events_per_s"] / base)
+           if base and "decide" in results else None,
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    con.print(f"wrote {out}")
+    return 0

@@ -23,6 +23,7 @@ from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.state import UserState
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
+from streamagent.stream.tuning import set_fetch_max_wait
 
 log = logging.getLogger("streamagent.decide")
 
@@ -69,7 +70,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     m = metrics or Metrics(topics=(s.topic_user_events,), actions=catalog.actions)
     m.model_version.set(engine.model.version)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
+    set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
     app = faust.App(
         s.app_id,
         broker=faust_broker_url(s.kafka_bootstrap),

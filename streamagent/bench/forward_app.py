@@ -1,0 +1,36 @@
+"""Baseline: a Faust agent that only forwards each event (same driver and settings as decide).
+
+Run as ``python -m streamagent.bench.forward_app`` with BENCH_BOOTSTRAP, BENCH_IN, BENCH_OUT,
+BENCH_APP_ID set. Not part of the product; it exists to give the pipeline benchmark a ceiling.
+"""
+from __future__ import annotations
+
+import os
+
+import faust
+
+from streamagent.stream.app import faust_broker_url
+from streamagent.stream.tuning import set_fetch_max_wait
+
+
+def make_app() -> faust.App:
+    # the same consumer tuning the decide worker gets, so the baseline is like for like
+    set_fetch_max_wait(int(os.environ.get("STREAMAGENT_CONSUMER_FETCH_MAX_WAIT_MS", "20")))
+    app = faust.App(os.environ["BENCH_APP_ID"], broker=faust_broker_url(os.environ["BENCH_BOOTSTRAP"]),
+                    store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
+                    topic_replication_factor=1, producer_linger_ms=1, broker_commit_every=5000,
+                    broker_commit_interval=1.0, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    src = app.topic(os.environ["BENCH_IN"], **raw)
+    dst = app.topic(os.environ["BENCH_OUT"], **raw)
+
+    @app.agent(src, concurrency=1)
+    async def forward(stream):
+        async for event in stream.events():
+            await dst.send(key=event.message.key, value=event.message.value)
+
+    return app
+
+
+if __name__ == "__main__":
+    faust.Worker(make_app(), loglevel="WARNING", quiet=True).execute_from_commandline()
