@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp.set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("demo", help="the whole loop on a local broker, with live output")
-    d.add_argument("--events", type=int, default=20000)
+    d.add_argument("--events", type=int, default=20000, help="user events to stream")
     d.add_argument("--users", type=int, default=500)
-    d.add_argument("--keep-running", action="store_true", help="leave broker running at the end")
+    d.add_argument("--rate", type=float, default=500.0, help="events per second")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--keep-running", action="store_true", help="leave the broker running at the end")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -18,8 +18,8 @@ def make_app() -> faust.App:
     set_fetch_max_wait(int(os.environ.get("STREAMAGENT_CONSUMER_FETCH_MAX_WAIT_MS", "20")))
     app = faust.App(os.environ["BENCH_APP_ID"], broker=faust_broker_url(os.environ["BENCH_BOOTSTRAP"]),
                     store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
-                    topic_replication_factor=1, producer_linger_ms=1, broker_commit_every=5000,
-                    broker_commit_interval=1.0, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))
+                    topic_replication_factor=1, producer_linger_ms=5, broker_commit_every=10_000,
+                    broker_commit_interval=2.8, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     src = app.topic(os.environ["BENCH_IN"], **raw)
     dst = app.topic(os.environ["BENCH_OUT"], **raw)

@@ -1,6 +1,7 @@
 """Send user events to Kafka: a seeded synthetic stream or a JSON-lines file."""
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -51,9 +52,14 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 yield orjson.loads(line)
 
 
+_rdkafka_log = logging.getLogger("streamagent.rdkafka")
+_rdkafka_log.setLevel(logging.ERROR)  # "coordinator load in progress" at start-up is noise
+
+
 def make_producer(bootstrap: str, **extra) -> Producer:
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
-            "compression.type": "lz4", "queue.buffering.max.messages": 500000}
+            "compression.type": "lz4", "queue.buffering.max.messages": 500000,
+            "logger": _rdkafka_log}
     conf.update(extra)
     return Producer(conf)
 
@@ -81,7 +87,10 @@ def send_events(bootstrap: str, topic: str, events: Iterable[dict], log=None) ->
             p.poll(0)
             if log:
                 log(f"sent {n} events")
-    p.flush(30)
+    left = p.flush(60)
+    if left:
+        raise RuntimeError(f"{left} events were still undelivered after 60 s: is Kafka at "
+                           f"{bootstrap} reachable?")
     if errors:
         raise RuntimeError(f"{len(errors)} events were not delivered, first: {errors[0]}")
     return n

@@ -85,9 +85,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         consumer_auto_offset_reset="earliest",
         # outputs go out as soon as they are sent, not batched until the next commit
         stream_publish_on_commit=False,
-        producer_linger_ms=1,
-        broker_commit_every=5000,
-        broker_commit_interval=1.0,
+        producer_linger_ms=s.producer_linger_ms,
+        broker_commit_every=10_000,
+        broker_commit_interval=s.commit_interval_s,
         table_cleanup_interval=3600.0,
     )
 
