@@ -32,6 +32,10 @@ class Metrics:
         self.replayed = Counter("streamagent_ingest_replayed_events_total",
                                 "Events seen again after a crash (already applied; not re-applied).",
                                 registry=r)
+        self.replay_missing = Counter(
+            "streamagent_ingest_replay_decision_missing_total",
+            "Replayed trigger events whose earlier decision was no longer in the user's state "
+            "(so it could not be re-sent).", registry=r)
         self.decisions = Counter("streamagent_decision_decisions_total",
                                  "Decisions made, by action and whether it explored.",
                                  ["action", "explored"], registry=r)

@@ -137,6 +137,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 continue
             if r.replayed:
                 m.replayed.inc()
+                if r.decision is None and r.event.type in s.trigger_types:
+                    m.replay_missing.inc()
             else:
                 m.events.labels(r.event.type).inc()
                 users[key] = r.state.to_bytes()
