@@ -128,7 +128,7 @@ class Joiner:
             "decision_id": d["decision_id"], "ts": d["ts"], "deadline": d["ts"] + self.p.window_ms,
             "action_index": d["action_index"], "propensity": d["propensity"],
             "features": d["features"], "policy_version": d["policy_version"],
-            "closed": False, "reward": 0.0, "orders": 0, "amount": 0.0, "discount": 0.0,
+            "allowed": d.get("allowed"), "closed": False, "reward": 0.0, "orders": 0, "amount": 0.0, "discount": 0.0,
         })
         rec["decisions"].sort(key=lambda x: (x["ts"], x["decision_id"]))
         out.count("decisions")
@@ -296,6 +296,7 @@ class Joiner:
             "reward": d["reward"], "propensity": d["propensity"],
             "policy_version": d["policy_version"],
             "next_features": nxt["features"] if nxt else None,
+            "next_allowed": nxt["allowed"] if nxt else None,
             "next_ts": nxt["ts"] if nxt else None,
             "dt_ms": (nxt["ts"] - d["ts"]) if nxt else None,
             "done": nxt is None,

@@ -1,0 +1,215 @@
+"""Online Q-learning from transitions: replay (uniform or prioritised), target network,
+Double-DQN targets, Huber loss, Adam, gradient clipping, explicit seeds.
+
+Decisions come at irregular event times, so this is a semi-Markov problem: the discount for a
+transition is gamma ** (dt / gamma_unit), dt being the event time to the user's next decision.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamagent.core.qnet import ModelSnapshot, init_network
+
+
+@dataclass(frozen=True)
+class LearnerParams:
+    gamma: float = 0.9
+    gamma_unit_ms: int = 86_400_000  # gamma applies per day of event time between decisions
+    lr: float = 1e-3
+    batch_size: int = 64
+    buffer_size: int = 50_000
+    learning_starts: int = 256
+    train_every: int = 1  # gradient steps happen every this many transitions
+    target_update: str = "soft"  # soft | hard
+    tau: float = 0.01  # soft update rate
+    target_every: int = 500  # hard update period, in gradient steps
+    double_dqn: bool = True
+    huber_delta: float = 1.0
+    grad_clip: float = 10.0
+    prioritized: bool = False
+    alpha: float = 0.6
+    beta: float = 0.4
+    priority_eps: float = 1e-3
+    seed: int = 7
+
+
+class Replay:
+    """A ring buffer of transitions; proportional prioritised sampling when alpha > 0."""
+
+    def __init__(self, capacity: int, n_features: int, n_actions: int, prioritized: bool,
+                 alpha: float, rng: np.random.Generator):
+        self.capacity, self.prioritized, self.alpha, self.rng = capacity, prioritized, alpha, rng
+        self.s = np.zeros((capacity, n_features), np.float32)
+        self.s2 = np.zeros((capacity, n_features), np.float32)
+        self.a = np.zeros(capacity, np.int64)
+        self.r = np.zeros(capacity, np.float32)
+        self.disc = np.zeros(capacity, np.float32)  # gamma^(dt/unit), 0 when terminal
+        self.mask2 = np.ones((capacity, n_actions), bool)
+        self.prio = np.zeros(capacity, np.float64)
+        self.n = 0
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, s, a, r, s2, disc, mask2) -> None:
+        i = self.pos
+        self.s[i], self.a[i], self.r[i], self.s2[i], self.disc[i] = s, a, r, s2, disc
+        self.mask2[i] = mask2
+        # new transitions get the largest priority seen, so each is replayed at least once soon
+        self.prio[i] = self.prio[: self.n].max() if self.n else 1.0
+        self.pos = (i + 1) % self.capacity
+        self.n = min(self.n + 1, self.capacity)
+
+    def sample(self, k: int, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        if not self.prioritized:
+            return self.rng.integers(0, self.n, size=k), np.ones(k, np.float32)
+        p = self.prio[: self.n] ** self.alpha
+        p /= p.sum()
+        idx = self.rng.choice(self.n, size=k, p=p)
+        w = (self.n * p[idx]) ** (-beta)
+        return idx, (w / w.max()).astype(np.float32)
+
+    def update(self, idx: np.ndarray, td: np.ndarray, eps: float) -> None:
+        if self.prioritized:
+            self.prio[idx] = np.abs(td) + eps
+
+    def state(self) -> dict:
+        n = self.n
+        return {"s": torch.from_numpy(self.s[:n].copy()), "s2": torch.from_numpy(self.s2[:n].copy()),
+                "a": torch.from_numpy(self.a[:n].copy()), "r": torch.from_numpy(self.r[:n].copy()),
+                "disc": torch.from_numpy(self.disc[:n].copy()),
+                "mask2": torch.from_numpy(self.mask2[:n].copy()),
+                "prio": torch.from_numpy(self.prio[:n].copy()), "pos": self.pos}
+
+    def load(self, st: dict) -> None:
+        n = len(st["a"])
+        for name in ("s", "s2", "a", "r", "disc", "mask2", "prio"):
+            getattr(self, name)[:n] = st[name].numpy()
+        self.n, self.pos = n, int(st["pos"])
+
+
+class QLearner:
+    """learn_one(transition) -> stats; snapshot() -> a versioned, tensors-only model."""
+
+    def __init__(self, actions: tuple[str, ...], feature_names: tuple[str, ...],
+                 hidden: tuple[int, ...], params: LearnerParams, initial: ModelSnapshot | None = None):
+        self.p, self.actions, self.feature_names, self.hidden = params, actions, feature_names, hidden
+        torch.manual_seed(params.seed)  # torch's global generator drives nothing else here
+        self.rng = np.random.default_rng(params.seed)
+        nf, na = len(feature_names), len(actions)
+        self.online = initial.network() if initial else init_network(nf, na, hidden, params.seed)
+        self.target = init_network(nf, na, hidden, params.seed)
+        self.target.load_state_dict(self.online.state_dict())
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=params.lr)
+        self.replay = Replay(params.buffer_size, nf, na, params.prioritized, params.alpha, self.rng)
+        self.version = initial.version if initial else 0
+        self.train_steps = initial.train_steps if initial else 0
+        self.seen = 0
+        self.last_loss = float("nan")
+        self.last_max_q = float("nan")
+
+    def discount(self, dt_ms: float | None, done: bool) -> float:
+        if done or dt_ms is None:
+            return 0.0
+        return float(self.p.gamma ** (max(0.0, dt_ms) / self.p.gamma_unit_ms))
+
+    def learn_one(self, t: dict) -> dict | None:
+        """Store one transition; take a gradient step when one is due. Does not mutate ``t``."""
+        na = len(self.actions)
+        s = np.asarray(t["features"], np.float32)
+        done = bool(t["done"])
+        s2 = np.asarray(t["next_features"], np.float32) if not done else np.zeros_like(s)
+        mask2 = np.asarray(t.get("next_allowed") or [True] * na, bool)
+        self.replay.add(s, int(t["action_index"]), float(t["reward"]), s2,
+                        self.discount(t.get("dt_ms"), done), mask2)
+        self.seen += 1
+        if len(self.replay) < self.p.learning_starts or self.seen % self.p.train_every:
+            return None
+        return self.update()
+
+    def update(self) -> dict:
+        p = self.p
+        idx, w = self.replay.sample(p.batch_size, p.beta)
+        rb = self.replay
+        s, a, r = torch.from_numpy(rb.s[idx]), torch.from_numpy(rb.a[idx]), torch.from_numpy(rb.r[idx])
+        s2, disc = torch.from_numpy(rb.s2[idx]), torch.from_numpy(rb.disc[idx])
+        mask2 = torch.from_numpy(rb.mask2[idx])
+        with torch.no_grad():
+            q2_target = self.target(s2).masked_fill(~mask2, -1e9)
+            if p.double_dqn:
+                a2 = self.online(s2).masked_fill(~mask2, -1e9).argmax(1, keepdim=True)
+                q2 = q2_target.gather(1, a2).squeeze(1)
+            else:
+                q2 = q2_target.max(1).values
+            # disc is 0 for terminal transitions, so they do not bootstrap
+            td_target = r + disc * q2
+        q = self.online(s).gather(1, a.unsqueeze(1)).squeeze(1)
+        loss = (torch.from_numpy(w) * nn.functional.huber_loss(
+            q, td_target, reduction="none", delta=p.huber_delta)).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
+        self.opt.step()
+        self.train_steps += 1
+        rb.update(idx, (td_target - q).detach().numpy(), p.priority_eps)
+        self._sync_target()
+        self.last_loss = float(loss.detach())
+        self.last_max_q = float(q2_target.max(1).values.mean())
+        return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
+
+    def _sync_target(self) -> None:
+        if self.p.target_update == "hard":
+            if self.train_steps % self.p.target_every == 0:
+                self.target.load_state_dict(self.online.state_dict())
+            return
+        with torch.no_grad():
+            for pt, po in zip(self.target.parameters(), self.online.parameters()):
+                pt.mul_(1 - self.p.tau).add_(po, alpha=self.p.tau)
+
+    def q_values(self, features) -> np.ndarray:
+        with torch.no_grad():
+            return self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
+
+    def snapshot(self) -> ModelSnapshot:
+        """A new model version from the current weights."""
+        self.version += 1
+        return ModelSnapshot.from_network(self.online, self.version, self.train_steps,
+                                          self.actions, self.feature_names)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_bytes(self, extra: dict | None = None) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"online": self.online.state_dict(), "target": self.target.state_dict(),
+                    "opt": self.opt.state_dict(), "replay": self.replay.state(),
+                    "version": self.version, "train_steps": self.train_steps, "seen": self.seen,
+                    "params": asdict(self.p), "hidden": list(self.hidden),
+                    "actions": list(self.actions), "feature_names": list(self.feature_names),
+                    "extra": extra or {}}, buf)
+        return buf.getvalue()
+
+    def save_checkpoint(self, path: Path, extra: dict | None = None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(self.checkpoint_bytes(extra))
+        tmp.replace(path)  # atomic: a crash leaves the previous checkpoint whole
+
+    def load_checkpoint(self, path: Path) -> dict:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        if tuple(doc["actions"]) != self.actions or tuple(doc["feature_names"]) != self.feature_names:
+            from streamagent.errors import ConfigError
+
+            raise ConfigError(f"checkpoint {path} is for other actions/features; move it away "
+                              f"to start a fresh learner")
+        self.online.load_state_dict(doc["online"])
+        self.target.load_state_dict(doc["target"])
+        self.opt.load_state_dict(doc["opt"])
+        self.replay.load(doc["replay"])
+        self.version, self.train_steps, self.seen = doc["version"], doc["train_steps"], doc["seen"]
+        return doc["extra"]

@@ -1,0 +1,112 @@
+import copy
+
+import numpy as np
+import pytest
+
+from streamagent.core.learner import LearnerParams, QLearner
+
+ACTIONS = ("none", "a", "b")
+FEATS = ("bias", "x0", "x1")
+DAY = 86_400_000
+
+
+def learner(**kw):
+    base = dict(batch_size=32, learning_starts=32, lr=5e-3, buffer_size=5000, seed=3)
+    base.update(kw)
+    return QLearner(ACTIONS, FEATS, (32,), LearnerParams(**base))
+
+
+def t(s, a, r, s2=None, dt=None, done=True, allowed=None):
+    return {"features": s, "action_index": a, "reward": r, "next_features": s2, "dt_ms": dt,
+            "done": done, "next_allowed": allowed}
+
+
+A, B = [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_learns_a_different_best_action_per_context(prioritized):
+    L = learner(gamma=0.0, prioritized=prioritized)
+    rng = np.random.default_rng(0)
+    # context A: action 1 pays 1; context B: action 2 pays 1; everything else pays 0
+    for _ in range(3000):
+        ctx = A if rng.random() < 0.5 else B
+        a = int(rng.integers(3))
+        r = 1.0 if (ctx is A and a == 1) or (ctx is B and a == 2) else 0.0
+        L.learn_one(t(ctx, a, r + rng.normal(0, 0.1)))
+    assert int(np.argmax(L.q_values(A))) == 1 and int(np.argmax(L.q_values(B))) == 2
+
+
+def test_bootstraps_through_time_with_gamma_per_day():
+    """s0: action 0 pays 1 and ends; action 1 pays 0 but leads (one day later) to s1, where
+    action 1 pays 10. With gamma 0.9 per day the long way is worth 9 > 1; myopic learners
+    (gamma 0) prefer the 1."""
+    S0, S1 = [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]
+    for gamma, best in ((0.9, 1), (0.0, 0)):
+        L = learner(gamma=gamma, target_update="soft", tau=0.05)
+        rng = np.random.default_rng(1)
+        for _ in range(4000):
+            a = int(rng.integers(2))
+            if rng.random() < 0.5:
+                L.learn_one(t(S0, a, 1.0) if a == 0 else t(S0, 1, 0.0, S1, DAY, False))
+            else:
+                L.learn_one(t(S1, a, 10.0 if a == 1 else 0.0))
+        q = L.q_values(S0)
+        assert int(np.argmax(q[:2])) == best, q
+        if gamma:
+            assert q[1] == pytest.approx(9.0, abs=1.0)
+
+
+def test_discount_follows_event_time_gaps():
+    L = learner(gamma=0.9)
+    assert L.discount(DAY, False) == pytest.approx(0.9)
+    assert L.discount(2 * DAY, False) == pytest.approx(0.81)
+    assert L.discount(DAY / 24, False) == pytest.approx(0.9 ** (1 / 24))
+    assert L.discount(DAY, True) == 0.0
+
+
+def test_masked_next_actions_are_not_bootstrapped_from():
+    L = learner(gamma=0.9, double_dqn=False, learning_starts=1, batch_size=1)
+    with __import__("torch").no_grad():
+        L.target.net[-1].bias.copy_(__import__("torch").tensor([0.0, 0.0, 100.0]))
+        L.target.net[-1].weight.zero_()
+    L.learn_one(t(A, 0, 0.0, B, DAY, False, allowed=[True, True, False]))
+    # if the masked action 2 (worth 100) leaked into the target, max_q would be ~100
+    assert L.last_max_q < 1.0
+
+
+def test_learn_one_does_not_mutate_its_input_and_is_seeded():
+    tr = t(A, 1, 1.0, B, DAY, False)
+    before = copy.deepcopy(tr)
+    L1, L2 = learner(learning_starts=4, batch_size=4), learner(learning_starts=4, batch_size=4)
+    for _ in range(20):
+        L1.learn_one(tr)
+        L2.learn_one(tr)
+    assert tr == before
+    assert np.allclose(L1.q_values(A), L2.q_values(A))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    L = learner(learning_starts=8, batch_size=8)
+    for i in range(50):
+        L.learn_one(t(A, i % 3, float(i % 2)))
+    snap = L.snapshot()
+    L.save_checkpoint(tmp_path / "ck.pt", extra={"offsets": {"0": 50}})
+    M = learner(learning_starts=8, batch_size=8)
+    extra = M.load_checkpoint(tmp_path / "ck.pt")
+    assert extra == {"offsets": {"0": 50}}
+    assert (M.version, M.train_steps, len(M.replay)) == (snap.version, L.train_steps, 50)
+    assert np.allclose(M.q_values(B), L.q_values(B))
+    # and it goes on learning from where it was
+    M.learn_one(t(A, 1, 1.0))
+    assert M.train_steps == L.train_steps + 1
+
+
+def test_snapshots_are_versioned_and_loadable():
+    L = learner()
+    s1, s2 = L.snapshot(), L.snapshot()
+    assert (s1.version, s2.version) == (1, 2)
+    from streamagent.core.qnet import ModelSnapshot
+
+    back = ModelSnapshot.from_bytes(s2.to_bytes())
+    assert back.actions == ACTIONS and back.version == 2
