@@ -55,6 +55,12 @@ def cmd_worker(args) -> int:
     return run_worker(_settings())
 
 
+def cmd_learner(args) -> int:
+    from streamagent.stream.learner import run_learner
+
+    return run_learner(_settings())
+
+
 def cmd_produce(args) -> int:
     from streamagent.ops.produce import read_jsonl, send_events, synthetic_events
 
@@ -112,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("action", choices=["create"])
     t.set_defaults(fn=cmd_topics)
 
-    w = sub.add_parser("worker", help="run the decide agent (a Faust worker)")
+    w = sub.add_parser("worker", help="run the decide and reward-join agents (a Faust worker)")
     w.set_defaults(fn=cmd_worker)
+
+    le = sub.add_parser("learner", help="run the Q-learner: transitions in, model versions out")
+    le.set_defaults(fn=cmd_learner)
 
     pr = sub.add_parser("produce", help="send synthetic or file-based user events")
     pr.add_argument("--file", help="JSON-lines file of events (default: synthetic)")

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     topic_conversions: str = Field("conversions", description="Inbound orders (key: user_id).")
     topic_coupon_actions: str = Field("coupon-actions", description="Outbound coupons to deliver (key: user_id).")
     topic_decision_log: str = Field("decision-log", description="Every decision, 'no coupon' included (key: user_id).")
+    topic_rewards: str = Field("rewards", description="One reward record per decision, when its attribution window closes (key: user_id).")
+    topic_transitions: str = Field("transitions", description="(s, a, r, s', dt) per decision, for the learner (key: user_id).")
+    topic_model_updates: str = Field("model-updates", description="Versioned model snapshots (compacted, one partition); deciders hot-swap to each.")
     dlq_suffix: str = Field(".dlq", description="Dead-letter topic name = source topic + this suffix.")
 
     # --- Decisions ---------------------------------------------------------------------
@@ -59,12 +62,40 @@ class Settings(BaseSettings):
     interest_half_life_days: float = Field(14.0, gt=0, description="Half-life of per-category interest and of decayed frequency/monetary aggregates.")
     max_future_skew_days: float = Field(30.0, gt=0, description="An event this far ahead of the user's latest event time is rejected to the DLQ as absurd.")
 
+    # --- Rewards (the join) --------------------------------------------------------------
+    attribution_window_hours: float = Field(72.0, gt=0, description="A conversion within this much event time after a decision can be attributed to it.")
+    allowed_lateness_minutes: float = Field(60.0, ge=0, description="How far behind a partition's newest event time a message may arrive and still count. Watermark = newest ts - this.")
+    attribution_rule: Literal["latest", "code_only"] = Field("latest", description="Conversions that name no decision/coupon: 'latest' = the user's latest decision whose window contains the order; 'code_only' = not attributed.")
+    reward: Literal["profit", "revenue", "conversion"] = Field("profit", description="Reward of a conversion: profit = margin x amount - discount; revenue = amount - discount; conversion = 1.")
+    margin: float = Field(0.3, ge=0, le=1, description="Gross margin used by the profit reward.")
+    default_reward: float = Field(0.0, description="Reward of a decision whose window closes with no conversion.")
+    transition_horizon_days: float = Field(14.0, gt=0, description="After this much event time without a next decision, a transition is emitted as terminal.")
+
+    # --- Learning ----------------------------------------------------------------------
+    gamma: float = Field(0.9, ge=0, le=1, description="Discount per `gamma_unit_hours` of event time between a user's decisions (0 = myopic bandit).")
+    gamma_unit_hours: float = Field(24.0, gt=0, description="Event time over which gamma applies once.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, description="Transitions per gradient step.")
+    replay_size: int = Field(50_000, ge=1, description="Replay buffer capacity (transitions).")
+    learning_starts: int = Field(256, ge=1, description="Transitions in the buffer before learning starts.")
+    train_every: int = Field(1, ge=1, description="A gradient step every this many transitions.")
+    target_update: Literal["soft", "hard"] = Field("soft", description="Target network sync: soft (Polyak, tau) or hard (copy every target_every steps).")
+    tau: float = Field(0.01, gt=0, le=1, description="Soft target update rate.")
+    target_every: int = Field(500, ge=1, description="Hard target update period, in gradient steps.")
+    double_dqn: bool = Field(True, description="Double-DQN targets (online net picks, target net values).")
+    prioritized_replay: bool = Field(False, description="Proportional prioritised replay (alpha 0.6, beta 0.4) instead of uniform.")
+    grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip.")
+    snapshot_every_updates: int = Field(200, ge=1, description="Publish a new model version after this many gradient steps...")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="...or after this many seconds with at least one step since the last version.")
+    learner_checkpoint: Path | None = Field(None, description="Learner checkpoint file (model, optimiser, replay, input offsets). Default: data_dir/learner/checkpoint.pt.")
+
     # --- Runtime -----------------------------------------------------------------------
     consumer_fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="Longest the broker holds a fetch open when no data is there. Lower = lower latency at low load, more idle fetch requests (Faust's hard-coded 1500 ms made p50 latency over 1 s).")
     producer_linger_ms: int = Field(5, ge=0, description="How long the worker's producer waits to batch sends. Higher = fewer, bigger requests (throughput), lower = less latency.")
     commit_interval_s: float = Field(2.8, gt=0, description="How often consumed offsets are committed (Faust flushes the producer first). A crash replays at most this much, and replays are deduplicated.")
     table_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// (durable, default) or memory:// (tests).")
     metrics_port: int = Field(9400, ge=0, description="Port of the worker's Prometheus /metrics endpoint; 0 disables it.")
+    learner_metrics_port: int = Field(9401, ge=0, description="Port of the learner's /metrics endpoint; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address the /metrics endpoint binds.")
     worker_web_port: int = Field(6066, description="Port of Faust's own web server (used only if worker_web_enabled).")
     worker_web_enabled: bool = Field(False, description="Run Faust's built-in web server.")
@@ -101,6 +132,10 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_dir / "kafka"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.learner_checkpoint or self.data_dir / "learner" / "checkpoint.pt"
 
     @property
     def tables_dir(self) -> Path:

@@ -11,7 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from streamagent.core.contracts import EVENT_TYPES
 
 DLQ_REASONS = ("bad_json", "not_an_object", "schema", "key_mismatch", "ts_too_far_ahead",
-               "processing_error")
+               "wrong_partition", "processing_error")
+JOIN_OUTCOMES = ("decisions", "conversions", "attributed_conversion", "unmatched_conversion",
+                 "late_conversion", "duplicate_conversion", "duplicate_decision", "late_decision",
+                 "rewarded", "defaulted")
 BLOCK_REASONS = ("frequency_cap", "min_gap", "budget")
 # Buckets around the 50 ms p99 target: fine below it, coarse above.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
@@ -53,6 +56,39 @@ class Metrics:
                                   "partitions (currency units).", registry=r)
         self.model_version = Gauge("streamagent_decision_model_version",
                                    "Model version this decider uses.", registry=r)
+        self.model_swaps = Counter("streamagent_decision_model_swaps_total",
+                                   "New model versions this decider switched to.", registry=r)
+        self.model_errors = Counter("streamagent_decision_model_load_errors_total",
+                                    "Model snapshots that could not be used (kept the old one).",
+                                    registry=r)
+        # --- rewards (the join) ---
+        self.join_events = Counter("streamagent_reward_join_events_total",
+                                   "What the reward join did, by outcome (decisions, conversions, "
+                                   "attributed_conversion, unmatched_conversion, late_conversion, "
+                                   "duplicate_conversion, duplicate_decision, late_decision, "
+                                   "rewarded, defaulted).", ["outcome"], registry=r)
+        self.rewards = Histogram("streamagent_reward_value", "Reward per closed decision.",
+                                 buckets=(-50, -10, -1, 0, 1, 5, 10, 25, 50, 100, 250),
+                                 registry=r)
+        self.transitions = Counter("streamagent_reward_transitions_total",
+                                   "Transitions emitted for the learner, by terminal or not.",
+                                   ["done"], registry=r)
+        # --- learning ---
+        self.learn_transitions = Counter("streamagent_learning_transitions_total",
+                                         "Transitions the learner consumed.", registry=r)
+        self.learn_updates = Counter("streamagent_learning_updates_total",
+                                     "Gradient steps taken.", registry=r)
+        self.learn_loss = Gauge("streamagent_learning_td_loss",
+                                "Huber TD loss of the latest gradient step.", registry=r)
+        self.learn_max_q = Gauge("streamagent_learning_mean_max_q",
+                                 "Mean over the batch of max_a Q_target(s', a).", registry=r)
+        self.learn_replay = Gauge("streamagent_learning_replay_size",
+                                  "Transitions in the replay buffer.", registry=r)
+        self.learn_version = Gauge("streamagent_learning_model_version",
+                                   "Latest model version the learner published.", registry=r)
+        self.learn_epsilon = Gauge("streamagent_learning_epsilon",
+                                   "Epsilon deciders use with the latest published model.",
+                                   registry=r)
         self.errors = Counter("streamagent_stream_processing_errors_total",
                               "Unexpected errors while processing, by stage.", ["stage"],
                               registry=r)
@@ -66,7 +102,11 @@ class Metrics:
                 self.decisions.labels(a, e)
         for b in BLOCK_REASONS:
             self.blocks.labels(b)
-        for s in ("decide", "dlq", "send"):
+        for o in JOIN_OUTCOMES:
+            self.join_events.labels(o)
+        for d in ("true", "false"):
+            self.transitions.labels(d)
+        for s in ("decide", "join", "learn", "dlq", "send"):
             self.errors.labels(s)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

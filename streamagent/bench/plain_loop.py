@@ -15,7 +15,7 @@ def main() -> None:
     bootstrap = os.environ["BENCH_BOOTSTRAP"]
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": os.environ["BENCH_APP_ID"],
                   "auto.offset.reset": "earliest", "enable.auto.commit": True})
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "partitioner": "murmur2_random"})
     c.subscribe([os.environ["BENCH_IN"]])
     out = os.environ["BENCH_OUT"]
     running = [True]

@@ -22,6 +22,8 @@ SCHEMA_FILES = {
     "coupon-action": "coupon-action.v1.json",
     "decision-log": "decision-log.v1.json",
     "dlq-envelope": "dlq-envelope.v1.json",
+    "reward": "reward.v1.json",
+    "transition": "transition.v1.json",
 }
 
 EVENT_TYPES = ("session_start", "page_view", "search", "add_to_cart", "remove_from_cart",
@@ -129,6 +131,17 @@ def decode_conversion(raw: bytes | None, key=...) -> Conversion:
     kw = {k: doc[k] for k in _CONVERSION_FIELDS if k in doc and doc[k] is not None}
     kw["amount"] = float(kw["amount"])
     return Conversion(**kw)
+
+
+def decode_decision(raw: bytes | None, key=...) -> dict:
+    """A decision-log record, validated (the joiner trusts nothing it consumes)."""
+    doc = _parse(raw, "decision-log")
+    _check_key(key, doc["user_id"])
+    return doc
+
+
+def decode_transition(raw: bytes | None) -> dict:
+    return _parse(raw, "transition")
 
 
 def encode(doc: dict) -> bytes:

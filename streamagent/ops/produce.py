@@ -58,6 +58,9 @@ _rdkafka_log.setLevel(logging.ERROR)  # "coordinator load in progress" at start-
 
 def make_producer(bootstrap: str, **extra) -> Producer:
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True,
+            # the Java client's partitioner (murmur2), which Faust/aiokafka use too: a user's
+            # conversions must land on the partition number of the user's decisions
+            "partitioner": "murmur2_random",
             "compression.type": "lz4", "queue.buffering.max.messages": 500000,
             "logger": _rdkafka_log}
     conf.update(extra)

@@ -27,8 +27,16 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         # decisions are the audit trail and what off-policy evaluation reads: keep longer
         TopicSpec(s.topic_coupon_actions, p, keep(30)),
         TopicSpec(s.topic_decision_log, p, keep(90)),
+        TopicSpec(s.topic_rewards, p, keep(90)),
+        TopicSpec(s.topic_transitions, p, keep(30)),
+        # the latest snapshot is what matters: compacted, and one partition so every decider
+        # reads all versions in order
+        TopicSpec(s.topic_model_updates, 1, {"cleanup.policy": "compact",
+                                             "max.message.bytes": str(16 * 1024 * 1024),
+                                             "segment.ms": str(3_600_000)}),
     ]
-    for src in (s.topic_user_events, s.topic_conversions):
+    for src in (s.topic_user_events, s.topic_conversions, s.topic_decision_log,
+                s.topic_transitions):
         specs.append(TopicSpec(s.dlq(src), p, keep(30)))
     return specs
 

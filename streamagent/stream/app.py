@@ -6,6 +6,7 @@ message with no key or a key other than its user_id is dead-lettered (reason key
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -13,12 +14,14 @@ import time
 from dataclasses import dataclass
 
 import faust
+from aiokafka.partitioner import murmur2
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
 from streamagent.core.constraints import BudgetState
-from streamagent.core.contracts import dlq_envelope, encode
+from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
+from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.state import UserState
 from streamagent.errors import InvalidMessage
@@ -47,6 +50,18 @@ def _budget_to(b: BudgetState) -> bytes:
     return f"{b.period}:{b.spent!r}".encode()
 
 
+def _check_partition(msg, n_parts: int) -> None:
+    """A conversion must sit on the partition the Java client's murmur2 gives its key: that
+    is where the user's decisions are (Faust partitions with murmur2). librdkafka's default
+    partitioner (CRC32) puts keys elsewhere, and the join would silently misattribute."""
+    want = (murmur2(msg.key) & 0x7FFFFFFF) % n_parts
+    if msg.partition != want:
+        raise InvalidMessage("wrong_partition",
+                             f"key {msg.key[:64]!r} is on partition {msg.partition}, murmur2 says "
+                             f"{want}; produce with the Java-compatible partitioner "
+                             f"(librdkafka/confluent-kafka: partitioner=murmur2_random)")
+
+
 @dataclass
 class Wiring:
     app: faust.App
@@ -55,19 +70,34 @@ class Wiring:
     settings: Settings
 
 
-def load_model(settings: Settings, catalog) -> Model:
+def join_params(s: Settings) -> JoinParams:
+    return JoinParams(window_ms=int(s.attribution_window_hours * 3_600_000),
+                      lateness_ms=int(s.allowed_lateness_minutes * 60_000),
+                      horizon_ms=int(s.transition_horizon_days * 86_400_000),
+                      reward=s.reward, margin=s.margin, default_reward=s.default_reward,
+                      attribution=s.attribution_rule)
+
+
+def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = None) -> Model:
+    """The model to start with: a file if configured, else the newest published snapshot
+    (passed in by the worker), else a fresh network from the seed (version 0)."""
     if settings.model_path:
         return Model(ModelSnapshot.load(settings.model_path))
+    if snapshot is not None:
+        return Model(snapshot)
     return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed)
 
 
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
-               n_partitions: int | None = None) -> Wiring:
+               n_partitions: int | None = None,
+               snapshot: ModelSnapshot | None = None) -> Wiring:
     s = settings or Settings()
     catalog = load_catalog(s.catalog_path)
     n_parts = n_partitions or s.partitions
-    engine = DecisionEngine(catalog, EngineParams.from_settings(s, n_parts), load_model(s, catalog))
-    m = metrics or Metrics(topics=(s.topic_user_events,), actions=catalog.actions)
+    engine = DecisionEngine(catalog, EngineParams.from_settings(s, n_parts),
+                            load_model(s, catalog, snapshot))
+    m = metrics or Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
+                           actions=catalog.actions)
     m.model_version.set(engine.model.version)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
@@ -96,11 +126,20 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     coupon_actions = app.topic(s.topic_coupon_actions, partitions=n_parts, **raw)
     decision_log = app.topic(s.topic_decision_log, partitions=n_parts, **raw)
     dlq = app.topic(s.dlq(s.topic_user_events), partitions=n_parts, **raw)
+    dlqs = {t: app.topic(s.dlq(t), partitions=n_parts, **raw)
+            for t in (s.topic_user_events, s.topic_conversions, s.topic_decision_log)}
+    join_in = app.topic(s.topic_decision_log, s.topic_conversions, partitions=n_parts, **raw)
+    rewards = app.topic(s.topic_rewards, partitions=n_parts, **raw)
+    transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
     users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
                       value_type=bytes)
     budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
                         value_type=bytes)
+    # pending decisions and conversions per user, watermarks and the due-time index
+    join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
+                           value_type=bytes)
+    joiner = Joiner(catalog, join_params(s), join_state)
 
     async def dead_letter(msg, reason: str, detail: str) -> None:
         m.dlq.labels(msg.topic, reason).inc()
@@ -108,7 +147,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                            key=msg.key, value=msg.value, reason=reason, detail=detail,
                            failed_at_ms=int(time.time() * 1000), worker=worker_name)
         try:
-            await dlq.send(key=msg.key, value=encode(env))
+            await dlqs.get(msg.topic, dlq).send(key=msg.key, value=encode(env))
         except Exception:  # the DLQ itself failing must not stop the stream either
             m.errors.labels("dlq").inc()
             log.exception("could not dead-letter %s[%s]@%s", msg.topic, msg.partition, msg.offset)
@@ -158,6 +197,36 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                         m.e2e.observe(max(0.0, time.time() - msg.timestamp))
             m.processing.observe(time.perf_counter() - t0)
 
+    @app.agent(join_in, concurrency=1)
+    async def join(stream):
+        async for event in stream.events():
+            msg = event.message
+            try:
+                if msg.topic == s.topic_decision_log:
+                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key))
+                else:
+                    conv = dataclasses.asdict(decode_conversion(msg.value, msg.key))
+                    _check_partition(msg, n_parts)
+                    out = joiner.on_conversion(msg.partition, conv)
+            except InvalidMessage as exc:
+                await dead_letter(msg, exc.reason, exc.detail)
+                continue
+            except Exception as exc:
+                m.errors.labels("join").inc()
+                log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
+                await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
+                continue
+            for r in out.rewards:
+                await rewards.send(key=r["user_id"].encode(), value=encode(r))
+                m.rewards.observe(r["reward"])
+            for t in out.transitions:
+                await transitions.send(key=t["user_id"].encode(), value=encode(t))
+                m.transitions.labels("true" if t["done"] else "false").inc()
+            for outcome, n in out.counts.items():
+                m.join_events.labels(outcome).inc(n)
+
     app.streamagent_decide = decide  # handles for tests
+    app.streamagent_join = join
+    app.streamagent_joiner = joiner
     app.streamagent_users = users
     return Wiring(app, engine, m, s)

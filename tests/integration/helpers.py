@@ -17,7 +17,9 @@ from streamagent.ops.tail import read_all
 class WorkerProcess:
     """`streamagent worker` in a subprocess with its own environment and log file."""
 
-    def __init__(self, env: dict, log_path: Path):
+    def __init__(self, env: dict, log_path: Path, command: str = "worker",
+                 ready_marker: bytes = b"Worker]: Ready"):
+        self.command, self.ready_marker = command, ready_marker
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -25,7 +27,7 @@ class WorkerProcess:
     def start(self, ready_timeout: float = 90.0) -> "WorkerProcess":
         self._log = open(self.log_path, "ab")
         start_at = self.log_path.stat().st_size
-        self.proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", "worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", self.command],
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + ready_timeout
@@ -34,7 +36,7 @@ class WorkerProcess:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
             with open(self.log_path, "rb") as f:
                 f.seek(start_at)
-                if b"Worker]: Ready" in f.read():
+                if self.ready_marker in f.read():
                     return self
             time.sleep(0.25)
         self.kill()
@@ -61,7 +63,8 @@ class WorkerProcess:
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    # murmur2 like the Java client and aiokafka: the keying contract (see README)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"})
     for key, value in items:
         p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0

@@ -1,0 +1,149 @@
+"""The learner process: transitions in, Q-learning updates, versioned snapshots out.
+
+One logical learner (the deciders scale, the learner need not). It is a plain consumer loop
+rather than a Faust agent so that its input offsets can be saved in the same atomic checkpoint
+file as the model, optimiser and replay buffer: after a restart it resumes exactly where the
+checkpoint was taken and the model has seen each transition once.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from streamagent.config import Settings
+from streamagent.core.catalog import load_catalog
+from streamagent.core.contracts import decode_transition, dlq_envelope, encode
+from streamagent.core.features import FEATURE_NAMES
+from streamagent.core.learner import LearnerParams, QLearner
+from streamagent.core.policy import epsilon_at
+from streamagent.core.qnet import ModelSnapshot
+from streamagent.errors import InvalidMessage
+from streamagent.metrics import Metrics
+
+log = logging.getLogger("streamagent.learner")
+
+
+def learner_params(s: Settings) -> LearnerParams:
+    return LearnerParams(gamma=s.gamma, gamma_unit_ms=int(s.gamma_unit_hours * 3_600_000),
+                         lr=s.learning_rate, batch_size=s.batch_size, buffer_size=s.replay_size,
+                         learning_starts=s.learning_starts, train_every=s.train_every,
+                         target_update=s.target_update, tau=s.tau, target_every=s.target_every,
+                         double_dqn=s.double_dqn, prioritized=s.prioritized_replay,
+                         grad_clip=s.grad_clip, seed=s.seed)
+
+
+class LearnerService:
+    def __init__(self, s: Settings, metrics: Metrics | None = None):
+        from streamagent.stream.models import latest_snapshot
+
+        self.s = s
+        self.m = metrics or Metrics(topics=(s.topic_transitions,))
+        catalog = load_catalog(s.catalog_path)
+        initial = (ModelSnapshot.load(s.model_path) if s.model_path
+                   else latest_snapshot(s.kafka_bootstrap, s.topic_model_updates))
+        self.learner = QLearner(catalog.actions, FEATURE_NAMES, tuple(s.hidden_sizes),
+                                learner_params(s), initial)
+        self.offsets: dict[int, int] = {}
+        if s.checkpoint_path.exists():
+            extra = self.learner.load_checkpoint(s.checkpoint_path)
+            self.offsets = {int(k): int(v) for k, v in extra.get("offsets", {}).items()}
+            log.info("resumed from %s: model v%d, %d steps, offsets %s", s.checkpoint_path,
+                     self.learner.version, self.learner.train_steps, self.offsets)
+        self.producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "linger.ms": 5, "partitioner": "murmur2_random",
+                                  "message.max.bytes": 16 * 1024 * 1024})
+        self.consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap,
+                                  "group.id": f"{s.app_id}-learner", "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest"})
+        md = self.consumer.list_topics(s.topic_transitions, timeout=10)
+        parts = sorted(md.topics[s.topic_transitions].partitions)
+        self.consumer.assign([TopicPartition(s.topic_transitions, p, self.offsets.get(p, 0))
+                              for p in parts])
+        self.steps_at_snapshot = self.learner.train_steps
+        self.time_at_snapshot = time.monotonic()
+        self._running = True
+
+    def stop(self, *_):
+        self._running = False
+
+    def publish(self) -> None:
+        """Checkpoint first, then publish: a crash in between never reuses a version number."""
+        snap = self.learner.snapshot()
+        self.learner.save_checkpoint(self.s.checkpoint_path,
+                                     extra={"offsets": {str(k): v for k, v in self.offsets.items()}})
+        self.producer.produce(self.s.topic_model_updates, key=b"model", value=snap.to_bytes())
+        self.producer.flush(30)
+        self.steps_at_snapshot = self.learner.train_steps
+        self.time_at_snapshot = time.monotonic()
+        self.m.learn_version.set(snap.version)
+        self.m.learn_epsilon.set(epsilon_at(snap.train_steps, self.s.epsilon_start,
+                                            self.s.epsilon_end, self.s.epsilon_decay_steps))
+        log.info("published model v%d (%d training steps, loss %.4f)", snap.version,
+                 snap.train_steps, self.learner.last_loss)
+
+    def _dead_letter(self, msg, exc: InvalidMessage) -> None:
+        self.m.dlq.labels(msg.topic(), exc.reason).inc()
+        env = dlq_envelope(source_topic=msg.topic(), partition=msg.partition(),
+                           offset=msg.offset(), key=msg.key(), value=msg.value(),
+                           reason=exc.reason, detail=exc.detail,
+                           failed_at_ms=int(time.time() * 1000), worker="learner")
+        self.producer.produce(self.s.dlq(msg.topic()), key=msg.key(), value=encode(env))
+
+    def poll_once(self, timeout: float = 0.5) -> int:
+        n = 0
+        for msg in self.consumer.consume(500, timeout=timeout):
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("transitions: %s", msg.error())
+                continue
+            self.offsets[msg.partition()] = msg.offset() + 1
+            try:
+                t = decode_transition(msg.value())
+            except InvalidMessage as exc:
+                self._dead_letter(msg, exc)
+                continue
+            try:
+                stats = self.learner.learn_one(t)
+            except Exception as exc:  # e.g. a feature vector of the wrong length
+                self.m.errors.labels("learn").inc()
+                self._dead_letter(msg, InvalidMessage("processing_error", f"{type(exc).__name__}: {exc}"))
+                continue
+            n += 1
+            self.m.learn_transitions.inc()
+            if stats:
+                self.m.learn_updates.inc()
+                self.m.learn_loss.set(stats["loss"])
+                self.m.learn_max_q.set(stats["max_q"])
+        self.m.learn_replay.set(len(self.learner.replay))
+        steps = self.learner.train_steps - self.steps_at_snapshot
+        if steps >= self.s.snapshot_every_updates or (
+                steps > 0 and time.monotonic() - self.time_at_snapshot >= self.s.snapshot_interval_s):
+            self.publish()
+        return n
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        log.info("learner: model v%d, consuming %s", self.learner.version, self.s.topic_transitions)
+        try:
+            while self._running:
+                self.poll_once()
+            if self.learner.train_steps > self.steps_at_snapshot:
+                self.publish()
+        finally:
+            self.producer.flush(30)
+            self.consumer.close()
+        return 0
+
+
+def run_learner(s: Settings) -> int:
+    from streamagent.ops.topics import create_topics
+
+    logging.basicConfig(level=s.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    create_topics(s, log=log.info)
+    svc = LearnerService(s)
+    svc.m.serve(s.learner_metrics_port, s.metrics_host)
+    return svc.run()
