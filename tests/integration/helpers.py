@@ -84,3 +84,26 @@ def read_json(bootstrap: str, topic: str, expect: int, max_wait: float = 60.0) -
             break
         time.sleep(1.0)
     return [orjson.loads(m.value()) | {"_key": m.key()} for m in out]
+
+
+class TopicReader:
+    """A persistent reader of one topic (from the beginning), for tests that go in rounds."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        from streamagent.ops.tail import consumer
+
+        self.c = consumer(bootstrap)
+        self.c.subscribe([topic])
+
+    def read(self, count: int, timeout: float = 60.0) -> list[dict]:
+        """The next ``count`` messages (fewer if ``timeout`` passes first)."""
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count and time.monotonic() < deadline:
+            for m in self.c.consume(count - len(out), timeout=0.5):
+                if not m.error():
+                    out.append(orjson.loads(m.value()))
+        return out
+
+    def close(self) -> None:
+        self.c.close()
