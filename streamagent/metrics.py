@@ -14,7 +14,7 @@ DLQ_REASONS = ("bad_json", "not_an_object", "schema", "key_mismatch", "ts_too_fa
                "wrong_partition", "processing_error")
 JOIN_OUTCOMES = ("decisions", "conversions", "attributed_conversion", "unmatched_conversion",
                  "late_conversion", "duplicate_conversion", "duplicate_decision", "late_decision",
-                 "rewarded", "defaulted")
+                 "rewarded", "defaulted", "replayed_input", "heartbeat")
 BLOCK_REASONS = ("frequency_cap", "min_gap", "budget")
 # Buckets around the 50 ms p99 target: fine below it, coarse above.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
@@ -76,6 +76,9 @@ class Metrics:
         # --- learning ---
         self.learn_transitions = Counter("streamagent_learning_transitions_total",
                                          "Transitions the learner consumed.", registry=r)
+        self.learn_duplicates = Counter("streamagent_learning_duplicate_transitions_total",
+                                        "Transitions seen again (re-sent after a crash), skipped.",
+                                        registry=r)
         self.learn_updates = Counter("streamagent_learning_updates_total",
                                      "Gradient steps taken.", registry=r)
         self.learn_loss = Gauge("streamagent_learning_td_loss",

@@ -10,7 +10,23 @@ from pathlib import Path
 
 import pytest
 
-TEST_PORT = int(os.environ.get("STREAMAGENT_TEST_KAFKA_PORT", "29092"))
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_busy(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +37,12 @@ def kafka(tmp_path_factory) -> str:
         return
     from streamagent.ops.broker import BrokerConfig, start, stop
 
-    cfg = BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka"), port=TEST_PORT, heap="768m")
+    # a free port (and the one above it, for the controller) unless one is given
+    port = int(os.environ.get("STREAMAGENT_TEST_KAFKA_PORT") or 0)
+    while not port:
+        p = _free_port()
+        port = p if p < 65535 and not _port_busy(p + 1) else 0
+    cfg = BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka"), port=port, heap="768m")
     start(cfg, wait=120)
     try:
         yield cfg.bootstrap

@@ -76,6 +76,7 @@ class Conversion:
     discount: float | None = None
     coupon_code: str | None = None
     decision_id: str | None = None
+    heartbeat: bool | None = None
     schema_version: int = 1
 
 

@@ -1,6 +1,10 @@
 """The reward join: decisions and conversions -> one reward per decision -> transitions.
 
-All on event time. Each partition has a watermark = (largest ts seen on it) - allowed lateness.
+All on event time. Each partition has a watermark: for each input topic, the largest ts seen
+on that partition minus the allowed lateness; the partition's watermark is the smaller of the
+two (a topic with nothing yet on the partition is left out). Taking the minimum means a
+conversions consumer that lags behind the decision-log consumer (after a restart, say) holds
+window closing back instead of turning its records into late ones.
 Things happen when the watermark passes their time, never on arrival, so the result does not
 depend on arrival order as long as nothing is later than the allowed lateness:
 
@@ -135,10 +139,15 @@ class Joiner:
         if d["ts"] + self.p.window_ms < self.watermark(partition):
             out.count("late_decision")  # closes at once; conversions may have gone elsewhere
         self._settle(partition, rec, out)
-        out.extend(self._observe(partition, d["ts"]))
+        out.extend(self._observe(partition, "d", d["ts"]))
         return out
 
     def on_conversion(self, partition: int, c: dict) -> JoinOutput:
+        if c.get("heartbeat"):  # only moves event time on
+            out = JoinOutput()
+            out.count("heartbeat")
+            out.extend(self._observe(partition, "c", c["ts"]))
+            return out
         out = JoinOutput()
         rec = self._load(c["user_id"])
         if c["order_id"] in rec["orders"]:
@@ -155,14 +164,20 @@ class Joiner:
                                    "decision_id": _decision_id_of(c)})
         out.count("conversions")
         self._settle(partition, rec, out)
-        out.extend(self._observe(partition, c["ts"]))
+        out.extend(self._observe(partition, "c", c["ts"]))
         return out
 
     # ---------------------------------------------------------------- time
-    def _observe(self, partition: int, ts: int) -> JoinOutput:
-        """Raise the partition's watermark with an event's ts and do whatever became due."""
+    def _observe(self, partition: int, kind: str, ts: int) -> JoinOutput:
+        """Raise the input's watermark with an event's ts and do whatever became due."""
+        key = f"wm{kind}:{partition}"
+        mine = self.store.get(key)
+        if mine is None or ts - self.p.lateness_ms > int(mine):
+            self.store[key] = str(ts - self.p.lateness_ms).encode()
+        marks = [int(v) for v in (self.store.get(f"wmd:{partition}"),
+                                  self.store.get(f"wmc:{partition}")) if v is not None]
         old = self.watermark(partition)
-        new = ts - self.p.lateness_ms
+        new = min(marks)
         if new <= old:
             return JoinOutput()
         self.store[f"wm:{partition}"] = str(new).encode()
@@ -254,7 +269,8 @@ class Joiner:
                 continue
             nxt = ds[i + 1] if i + 1 < len(ds) else None
             # the next decision is s' only once no earlier one can still arrive (ts <= wm)
-            if nxt is not None and nxt["ts"] <= wm:
+            # and only within the horizon: a next decision after it makes the transition terminal
+            if nxt is not None and nxt["ts"] <= wm and nxt["ts"] <= d["ts"] + self.p.horizon_ms:
                 out.transitions.append(self._transition(rec["user_id"], d, nxt))
             elif d["ts"] + self.p.horizon_ms < wm:
                 out.transitions.append(self._transition(rec["user_id"], d, None))

@@ -22,6 +22,7 @@ from streamagent.core.constraints import BudgetState
 from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
 from streamagent.core.join import Joiner, JoinParams
+from streamagent.core.outbox import Outbox
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.state import UserState
 from streamagent.errors import InvalidMessage
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
                            value_type=bytes)
     joiner = Joiner(catalog, join_params(s), join_state)
+    outbox = Outbox(join_state)
 
     async def dead_letter(msg, reason: str, detail: str) -> None:
         m.dlq.labels(msg.topic, reason).inc()
@@ -201,6 +203,14 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     async def join(stream):
         async for event in stream.events():
             msg = event.message
+            if outbox.is_replay(msg.topic, msg.partition, msg.offset):
+                # processed before a crash: re-send exactly what it produced then
+                m.join_events.labels("replayed_input").inc()
+                for topic_name, key, value in outbox.replayed_outputs(msg.topic, msg.partition,
+                                                                      msg.offset):
+                    out_topic = rewards if topic_name == "rewards" else transitions
+                    await out_topic.send(key=key.encode(), value=encode(value))
+                continue
             try:
                 if msg.topic == s.topic_decision_log:
                     out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key))
@@ -216,6 +226,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
                 await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
                 continue
+            outbox.record(msg.topic, msg.partition, msg.offset,
+                          [("rewards", r["user_id"], r) for r in out.rewards]
+                          + [("transitions", t["user_id"], t) for t in out.transitions])
             for r in out.rewards:
                 await rewards.send(key=r["user_id"].encode(), value=encode(r))
                 m.rewards.observe(r["reward"])

@@ -61,6 +61,8 @@ class LearnerService:
         parts = sorted(md.topics[s.topic_transitions].partitions)
         self.consumer.assign([TopicPartition(s.topic_transitions, p, self.offsets.get(p, 0))
                               for p in parts])
+        # a transition re-sent after a worker crash must not be learned twice
+        self._recent: dict[str, None] = {}
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
         self._running = True
@@ -104,6 +106,12 @@ class LearnerService:
             except InvalidMessage as exc:
                 self._dead_letter(msg, exc)
                 continue
+            if t["decision_id"] in self._recent:
+                self.m.learn_duplicates.inc()
+                continue
+            self._recent[t["decision_id"]] = None
+            if len(self._recent) > 200_000:
+                del self._recent[next(iter(self._recent))]
             try:
                 stats = self.learner.learn_one(t)
             except Exception as exc:  # e.g. a feature vector of the wrong length

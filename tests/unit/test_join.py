@@ -135,7 +135,9 @@ def test_duplicates_late_and_unmatched_are_counted_never_double_counted():
              ("c", conversion("o1", "u", T0 + H, 100.0)),          # duplicate order
              ("d", decision("a", "u", T0)),                          # re-sent decision
              ("c", conversion("o2", "v", T0 + H, 50.0)),            # user with no decision
-             ("d", decision("z", "u", T0 + 200 * H)),               # pushes the watermark on
+             ("d", decision("z", "u", T0 + 200 * H)),               # pushes the watermark on,
+             ("c", {"order_id": "hb", "user_id": "w", "ts": T0 + 200 * H, "amount": 0.0,
+                    "heartbeat": True}),                             # on both inputs
              ("c", conversion("o3", "u", T0 + 2 * H, 70.0))]        # far too late now
     rewards, _, counts = run(items)
     assert counts["duplicate_conversion"] == 1 and counts["duplicate_decision"] == 1
@@ -169,3 +171,18 @@ def test_reward_modes(mode, expect):
     rewards, _, _ = run([("d", decision("a", "u", T0)),
                          ("c", conversion("o", "u", T0 + H, 100.0, discount=10.0))], p)
     assert rewards[0]["reward"] == pytest.approx(expect)
+
+
+def test_a_lagging_conversions_input_holds_windows_open_and_heartbeats_move_it():
+    store: dict = {}
+    j = Joiner(CAT, P, store)
+    j.on_decision(0, decision("a", "u", T0))
+    j.on_conversion(0, conversion("o1", "v", T0 + H, 10.0))  # unrelated, sets the conversions clock
+    # decisions run far ahead; the conversions input has not caught up: nothing may close yet,
+    # or an order of u at T0 + 1.5 h still on its way would arrive 'late'
+    assert not j.on_decision(0, decision("b", "w", T0 + 100 * H)).rewards
+    assert j.on_conversion(0, conversion("o2", "u", T0 + H + H // 2, 100.0)).counts.get("late_conversion") is None
+    out = j.on_conversion(0, {"order_id": "hb", "user_id": "x", "ts": T0 + 100 * H,
+                              "amount": 0.0, "heartbeat": True})
+    a = next(r for r in out.rewards if r["decision_id"] == "a")
+    assert a["orders"] == 1 and a["reward"] == pytest.approx(30.0)
