@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,12 +16,6 @@ from collections import Counter, deque
 from pathlib import Path
 
 import orjson
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bad_messages(n: int) -> list[tuple[bytes | None, bytes]]:
@@ -48,15 +40,16 @@ def run_demo(args) -> int:
     from rich.table import Table
 
     from streamagent.ops.broker import BrokerConfig, start, stop
+    from streamagent.ops.local import free_port, free_port_pair, terminate
     from streamagent.ops.produce import make_producer, synthetic_events
 
     con = Console()
     tmp = Path(tempfile.mkdtemp(prefix="streamagent-demo-"))
-    cfg = BrokerConfig(data_dir=tmp / "kafka", port=_free_port(), heap="768m")
+    cfg = BrokerConfig(data_dir=tmp / "kafka", port=free_port_pair(), heap="768m")
     con.rule("[bold]streamagent demo")
     con.print(f"working dir {tmp}")
     start(cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {**os.environ, "STREAMAGENT_KAFKA_BOOTSTRAP": cfg.bootstrap,
            "STREAMAGENT_DATA_DIR": str(tmp), "STREAMAGENT_METRICS_PORT": str(metrics_port),
            "STREAMAGENT_LOG_LEVEL": "warning"}
@@ -168,12 +161,7 @@ def run_demo(args) -> int:
         con.print("interrupted")
     finally:
         cons.close()
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        terminate(worker, 60)
         if not args.keep_running:
             stop(cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
     con.rule("summary")

@@ -10,24 +10,6 @@ from pathlib import Path
 
 import pytest
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_busy(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
 
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory) -> str:
@@ -36,12 +18,10 @@ def kafka(tmp_path_factory) -> str:
         yield external
         return
     from streamagent.ops.broker import BrokerConfig, start, stop
+    from streamagent.ops.local import free_port_pair
 
     # a free port (and the one above it, for the controller) unless one is given
-    port = int(os.environ.get("STREAMAGENT_TEST_KAFKA_PORT") or 0)
-    while not port:
-        p = _free_port()
-        port = p if p < 65535 and not _port_busy(p + 1) else 0
+    port = int(os.environ.get("STREAMAGENT_TEST_KAFKA_PORT") or 0) or free_port_pair()
     cfg = BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka"), port=port, heap="768m")
     start(cfg, wait=120)
     try:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+
+from streamagent.ops.local import free_port_pair, terminate
 
 RESULTS = Path("bench-results")
 
@@ -44,12 +44,6 @@ def add_arguments(p) -> None:
     p.add_argument("--bootstrap", default=None,
                    help="use this broker (default: start a local one for the run)")
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _create(bootstrap: str, names: list[str], partitions: int) -> None:
@@ -122,16 +116,6 @@ def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitio
     log = open(tmp / f"{system}.log", "wb")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
@@ -217,7 +201,7 @@ def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[s
                     f"p95 {result['latency_ms']['p95']:.0f} ms, p99 {result['latency_ms']['p99']:.0f} ms")
         return result
     finally:
-        _stop(proc)
+        terminate(proc)
 
 
 def main(args) -> int:
@@ -232,7 +216,7 @@ def main(args) -> int:
     broker_cfg = None
     bootstrap = args.bootstrap
     if not bootstrap:
-        broker_cfg = BrokerConfig(data_dir=tmp / "kafka", port=_free_port(), heap="1g")
+        broker_cfg = BrokerConfig(data_dir=tmp / "kafka", port=free_port_pair(), heap="1g")
         start(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
         bootstrap = broker_cfg.bootstrap
     try:

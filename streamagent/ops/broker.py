@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamagent.errors import BrokerError
+from streamagent.ops.local import port_busy
 
 KAFKA_VERSION = "4.1.1"
 SCALA_VERSION = "2.13"
@@ -171,16 +172,6 @@ def _java_cmd(cfg: BrokerConfig, main: str, *args: str) -> list[str]:
             "-cp", _classpath(cfg.libs_dir), main, *args]
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def _read_pid(cfg: BrokerConfig) -> int | None:
     try:
         pid = int(cfg.pid_file.read_text().strip())
@@ -229,7 +220,7 @@ def start(cfg: BrokerConfig, wait: float = 90.0, log=print) -> int:
         raise BrokerError(f"a broker process {pid} from {cfg.data_dir} is alive but not serving "
                           f"{cfg.bootstrap}; stop it with 'streamagent kafka stop'")
     for port in (cfg.port, cfg.ctl_port):
-        if _port_in_use(port):
+        if port_busy(port):
             raise BrokerError(
                 f"port {port} on 127.0.0.1 is already taken by another process; choose another "
                 f"with --port / STREAMAGENT_KAFKA_PORT, or point STREAMAGENT_KAFKA_BOOTSTRAP at "

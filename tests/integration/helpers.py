@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import orjson
 from confluent_kafka import Producer
 
+from streamagent.ops.local import terminate
 from streamagent.ops.tail import read_all
 
 
@@ -44,12 +44,8 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            return terminate(self.proc, timeout)
         finally:
             self._log.close()
 

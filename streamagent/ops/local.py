@@ -1,0 +1,43 @@
+"""Small helpers for running things on this machine: free ports, stopping child processes."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port_pair() -> int:
+    """A free port whose successor is free too (the local broker's controller uses port+1)."""
+    while True:
+        p = free_port()
+        if p < 65535 and not port_busy(p + 1):
+            return p
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM (a clean shutdown), then SIGKILL if it has not exited within ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
