@@ -54,6 +54,21 @@ class Metrics:
         self.budget_spent = Gauge("streamagent_decision_budget_spent",
                                   "Coupon budget spent in the current period by this worker's "
                                   "partitions (currency units).", registry=r)
+        self.budget_remaining = Gauge("streamagent_decision_budget_remaining",
+                                      "Coupon budget left in the current period on this worker's "
+                                      "partitions (currency units).", registry=r)
+        self.budget_progress = Gauge("streamagent_decision_budget_period_progress",
+                                     "How far the current event-time budget period has run (0-1), "
+                                     "from the latest event.", registry=r)
+        self.model_age = Gauge("streamagent_decision_model_age_seconds",
+                               "Wall-clock seconds since the model in use was published.",
+                               registry=r)
+        self.epsilon = Gauge("streamagent_decision_epsilon", "Exploration rate in use.",
+                             registry=r)
+        self.users = Gauge("streamagent_state_users",
+                           "User-state entries on this worker's partitions.", registry=r)
+        self.lag = Gauge("streamagent_stream_consumer_lag_messages",
+                         "Messages behind the end of each input topic.", ["topic"], registry=r)
         self.model_version = Gauge("streamagent_decision_model_version",
                                    "Model version this decider uses.", registry=r)
         self.model_swaps = Counter("streamagent_decision_model_swaps_total",
@@ -70,6 +85,14 @@ class Metrics:
         self.rewards = Histogram("streamagent_reward_value", "Reward per closed decision.",
                                  buckets=(-50, -10, -1, 0, 1, 5, 10, 25, 50, 100, 250),
                                  registry=r)
+        self.attribution_delay = Histogram(
+            "streamagent_reward_attribution_delay_seconds",
+            "Event time from a decision to a conversion attributed to it.",
+            buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 259200, 604800),
+            registry=r)
+        self.pending = Gauge("streamagent_reward_pending_decisions",
+                             "Decisions waiting for their attribution window to close, on this "
+                             "worker's partitions.", registry=r)
         self.transitions = Counter("streamagent_reward_transitions_total",
                                    "Transitions emitted for the learner, by terminal or not.",
                                    ["done"], registry=r)
@@ -89,6 +112,9 @@ class Metrics:
                                   "Transitions in the replay buffer.", registry=r)
         self.learn_version = Gauge("streamagent_learning_model_version",
                                    "Latest model version the learner published.", registry=r)
+        self.learn_published = Gauge("streamagent_learning_last_publish_timestamp_seconds",
+                                     "Unix time of the last model version published.",
+                                     registry=r)
         self.learn_epsilon = Gauge("streamagent_learning_epsilon",
                                    "Epsilon deciders use with the latest published model.",
                                    registry=r)
@@ -97,6 +123,8 @@ class Metrics:
                               registry=r)
         for t in EVENT_TYPES:
             self.events.labels(t)
+        for topic in topics:
+            self.lag.labels(topic)
         for topic in topics:
             for reason in DLQ_REASONS:
                 self.dlq.labels(topic, reason)

@@ -84,8 +84,12 @@ class Model:
 
 
 def initial_model(catalog: Catalog, hidden: tuple[int, ...], seed: int) -> Model:
+    import time
+
     net = init_network(F.N_FEATURES, catalog.n_actions, hidden, seed)
-    return Model(ModelSnapshot.from_network(net, 0, 0, catalog.actions, F.FEATURE_NAMES))
+    snap = ModelSnapshot.from_network(net, 0, 0, catalog.actions, F.FEATURE_NAMES)
+    snap.created_at = time.time()
+    return Model(snap)
 
 
 def check_compatible(snapshot: ModelSnapshot, catalog: Catalog) -> None:
@@ -104,6 +108,13 @@ class DecisionEngine:
         self.catalog, self.p, self.model = catalog, params, model
         self._costs = catalog.costs()
         self._triggers = frozenset(params.trigger_types)
+
+    def epsilon(self) -> float:
+        p = self.p
+        if p.exploration != "epsilon":
+            return 0.0
+        return epsilon_at(self.model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
+                          p.epsilon_decay_steps)
 
     def swap_model(self, model: Model) -> None:
         """Use new weights from the next decision on (one reference assignment: atomic)."""

@@ -49,6 +49,7 @@ class JoinOutput:
     rewards: list[dict] = field(default_factory=list)
     transitions: list[dict] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    delays_ms: list[int] = field(default_factory=list)  # decision -> attributed conversion
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
@@ -56,6 +57,7 @@ class JoinOutput:
     def extend(self, other: "JoinOutput") -> None:
         self.rewards += other.rewards
         self.transitions += other.transitions
+        self.delays_ms += other.delays_ms
         for k, v in other.counts.items():
             self.count(k, v)
 
@@ -85,6 +87,15 @@ class Joiner:
         elif key in self.store:
             # nothing pending: keep only the duplicate-detection memory
             self.store[key] = orjson.dumps(rec)
+
+    def pending(self, partition: int) -> int:
+        """Open decisions on the partition (kept as a counter beside the records)."""
+        raw = self.store.get(f"pending:{partition}")
+        return int(raw) if raw else 0
+
+    def _add_pending(self, partition: int, n: int) -> None:
+        if n:
+            self.store[f"pending:{partition}"] = str(self.pending(partition) + n).encode()
 
     def watermark(self, partition: int) -> int:
         raw = self.store.get(f"wm:{partition}")
@@ -122,6 +133,18 @@ class Joiner:
 
     # ---------------------------------------------------------------- inputs
     def on_decision(self, partition: int, d: dict) -> JoinOutput:
+        return self._counted(partition, self._on_decision(partition, d))
+
+    def on_conversion(self, partition: int, c: dict) -> JoinOutput:
+        return self._counted(partition, self._on_conversion(partition, c))
+
+    def _counted(self, partition: int, out: JoinOutput) -> JoinOutput:
+        c = out.counts
+        self._add_pending(partition, c.get("decisions", 0) - c.get("rewarded", 0)
+                          - c.get("defaulted", 0))
+        return out
+
+    def _on_decision(self, partition: int, d: dict) -> JoinOutput:
         out = JoinOutput()
         rec = self._load(d["user_id"])
         if d["decision_id"] in rec["ids"]:
@@ -142,7 +165,7 @@ class Joiner:
         out.extend(self._observe(partition, "d", d["ts"]))
         return out
 
-    def on_conversion(self, partition: int, c: dict) -> JoinOutput:
+    def _on_conversion(self, partition: int, c: dict) -> JoinOutput:
         if c.get("heartbeat"):  # only moves event time on
             out = JoinOutput()
             out.count("heartbeat")
@@ -223,7 +246,7 @@ class Joiner:
                 rec = self._load(user)
                 out.extend(self._resolve(rec, NEVER - 1))
                 self._save(rec)
-        return out
+        return self._counted(partition, out)
 
     # ---------------------------------------------------------------- the join itself
     def _resolve(self, rec: dict, wm: int) -> JoinOutput:
@@ -243,6 +266,7 @@ class Joiner:
             d["discount"] += discount
             d["reward"] += self._reward(c["amount"], discount)
             out.count("attributed_conversion")
+            out.delays_ms.append(c["ts"] - d["ts"])
         # 2. close decisions whose window the watermark has passed
         for d in rec["decisions"]:
             if not d["closed"] and d["deadline"] < wm:

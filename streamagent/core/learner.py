@@ -179,9 +179,13 @@ class QLearner:
 
     def snapshot(self) -> ModelSnapshot:
         """A new model version from the current weights."""
+        import time
+
         self.version += 1
-        return ModelSnapshot.from_network(self.online, self.version, self.train_steps,
+        snap = ModelSnapshot.from_network(self.online, self.version, self.train_steps,
                                           self.actions, self.feature_names)
+        snap.created_at = time.time()
+        return snap
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_bytes(self, extra: dict | None = None) -> bytes:

@@ -57,12 +57,13 @@ class ModelSnapshot:
     actions: tuple[str, ...]
     feature_names: tuple[str, ...]
     state_dict: dict[str, torch.Tensor]
+    created_at: float = 0.0  # wall-clock publish time (for the model-age metric only)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"version": self.version, "train_steps": self.train_steps,
                     "hidden": list(self.hidden), "actions": list(self.actions),
-                    "feature_names": list(self.feature_names),
+                    "feature_names": list(self.feature_names), "created_at": float(self.created_at),
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()}}, buf)
         return buf.getvalue()
 
@@ -71,7 +72,8 @@ class ModelSnapshot:
         # weights_only: a snapshot from a file or a topic can never run code when loaded
         doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         return cls(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
-                   tuple(doc["actions"]), tuple(doc["feature_names"]), dict(doc["state_dict"]))
+                   tuple(doc["actions"]), tuple(doc["feature_names"]), dict(doc["state_dict"]),
+                   float(doc.get("created_at", 0.0)))
 
     def save(self, path: Path | str) -> None:
         p = Path(path)

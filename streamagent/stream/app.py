@@ -18,7 +18,7 @@ from aiokafka.partitioner import murmur2
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
-from streamagent.core.constraints import BudgetState
+from streamagent.core.constraints import BudgetState, budget_remaining, period_of
 from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
 from streamagent.core.join import Joiner, JoinParams
@@ -100,6 +100,21 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     m = metrics or Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
                            actions=catalog.actions)
     m.model_version.set(engine.model.version)
+    m.model_age.set_function(lambda: max(0.0, time.time() - engine.model.snapshot.created_at))
+    m.epsilon.set_function(engine.epsilon)
+    params = engine.p
+    budget_by_part: dict[int, BudgetState] = {}
+    users_by_part: dict[int, int] = {}
+    pending_by_part: dict[int, int] = {}
+
+    def update_budget_gauges(ts: int) -> None:
+        period = period_of(ts, params.budget_period_ms)
+        share = params.budget_share
+        spent = sum(b.spent for b in budget_by_part.values() if b.period == period)
+        m.budget_spent.set(spent)
+        m.budget_remaining.set(sum(budget_remaining(b, period, share)
+                                   for b in budget_by_part.values()))
+        m.budget_progress.set((ts % params.budget_period_ms) / params.budget_period_ms)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
@@ -176,6 +191,15 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 log.exception("processing %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
                 await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
                 continue
+            p_ = msg.partition
+            if p_ not in users_by_part:  # first event of a partition here: read its counters
+                users_by_part[p_] = int(budgets.get(b"users:%d" % p_) or 0)
+            budget_by_part[p_] = r.budget
+            if prev is None and not r.replayed:
+                users_by_part[p_] += 1
+                budgets[b"users:%d" % p_] = str(users_by_part[p_]).encode()
+                m.users.set(sum(users_by_part.values()))
+            update_budget_gauges(r.event.ts)
             if r.replayed:
                 m.replayed.inc()
                 if r.decision is None and r.event.type in s.trigger_types:
@@ -185,7 +209,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 users[key] = r.state.to_bytes()
                 if r.budget != budget:
                     budgets[bkey] = _budget_to(r.budget)
-                    m.budget_spent.set(r.budget.spent)
             d = r.decision
             if d is not None:
                 if r.coupon_action is not None:
@@ -237,6 +260,28 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 m.transitions.labels("true" if t["done"] else "false").inc()
             for outcome, n in out.counts.items():
                 m.join_events.labels(outcome).inc(n)
+            for delay in out.delays_ms:
+                m.attribution_delay.observe(delay / 1000.0)
+            pending_by_part[msg.partition] = joiner.pending(msg.partition)
+            m.pending.set(sum(pending_by_part.values()))
+
+    @app.timer(interval=5.0)
+    async def report_lag():
+        """Messages behind the end, per input topic, from what the consumer has fetched."""
+        try:
+            consumer = app.consumer
+            lag: dict[str, int] = {}
+            for tp in consumer.assignment():
+                hw = consumer.highwater(tp)
+                read = consumer._read_offset.get(tp)  # Faust keeps no public accessor for it
+                if hw is None:
+                    continue
+                behind = hw - (read + 1 if read is not None else 0)
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, behind)
+            for topic, n in lag.items():
+                m.lag.labels(topic).set(n)
+        except Exception:
+            log.debug("lag report failed", exc_info=True)
 
     app.streamagent_decide = decide  # handles for tests
     app.streamagent_join = join

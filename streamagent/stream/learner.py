@@ -65,7 +65,21 @@ class LearnerService:
         self._recent: dict[str, None] = {}
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
+        self._parts = parts
+        self._lag_at = 0.0
         self._running = True
+
+    def _report_lag(self) -> None:
+        self._lag_at = time.monotonic()
+        topic = self.s.topic_transitions
+        try:
+            behind = 0
+            for p in self._parts:
+                _, hi = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=2)
+                behind += max(0, hi - self.offsets.get(p, 0))
+            self.m.lag.labels(topic).set(behind)
+        except Exception:
+            log.debug("lag report failed", exc_info=True)
 
     def stop(self, *_):
         self._running = False
@@ -80,6 +94,7 @@ class LearnerService:
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
         self.m.learn_version.set(snap.version)
+        self.m.learn_published.set(snap.created_at)
         self.m.learn_epsilon.set(epsilon_at(snap.train_steps, self.s.epsilon_start,
                                             self.s.epsilon_end, self.s.epsilon_decay_steps))
         log.info("published model v%d (%d training steps, loss %.4f)", snap.version,
@@ -125,6 +140,8 @@ class LearnerService:
                 self.m.learn_loss.set(stats["loss"])
                 self.m.learn_max_q.set(stats["max_q"])
         self.m.learn_replay.set(len(self.learner.replay))
+        if time.monotonic() - self._lag_at > 5.0:
+            self._report_lag()
         steps = self.learner.train_steps - self.steps_at_snapshot
         if steps >= self.s.snapshot_every_updates or (
                 steps > 0 and time.monotonic() - self.time_at_snapshot >= self.s.snapshot_interval_s):

@@ -186,3 +186,14 @@ def test_a_lagging_conversions_input_holds_windows_open_and_heartbeats_move_it()
                               "amount": 0.0, "heartbeat": True})
     a = next(r for r in out.rewards if r["decision_id"] == "a")
     assert a["orders"] == 1 and a["reward"] == pytest.approx(30.0)
+
+
+def test_pending_count_and_attribution_delays():
+    store: dict = {}
+    j = Joiner(CAT, P, store)
+    j.on_decision(0, decision("a", "u", T0))
+    j.on_decision(0, decision("b", "v", T0))
+    assert j.pending(0) == 2
+    j.on_conversion(0, conversion("o", "u", T0 + 3 * H, 10.0))
+    out = j.flush(0)
+    assert j.pending(0) == 0 and out.delays_ms == [3 * H]
