@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench kafka-start kafka-stop docs clean
+.PHONY: setup demo test test-fast bench kafka-start kafka-stop docs clean prometheus
 
 setup: $(STAMP)
 
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/streamagent kafka fetch
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(MAKE) --no-print-directory prometheus
 	touch $(STAMP)
+
+# Prometheus and promtool from Debian: the tests run a real Prometheus against the workers
+prometheus:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "Prometheus is needed for the metrics tests: sudo apt-get install prometheus"; exit 1; \
+	fi
 
 demo: setup
 	$(BIN)/streamagent demo

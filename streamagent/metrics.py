@@ -85,6 +85,11 @@ class Metrics:
         self.rewards = Histogram("streamagent_reward_value", "Reward per closed decision.",
                                  buckets=(-50, -10, -1, 0, 1, 5, 10, 25, 50, 100, 250),
                                  registry=r)
+        # Rewards can be negative, and prometheus_client then exposes no _sum for a histogram
+        # (it would not be a counter); the running sum is a gauge of its own.
+        self.reward_sum = Gauge("streamagent_reward_sum",
+                                "Sum of the rewards of all decisions closed since start (can "
+                                "fall: rewards can be negative).", registry=r)
         self.attribution_delay = Histogram(
             "streamagent_reward_attribution_delay_seconds",
             "Event time from a decision to a conversion attributed to it.",

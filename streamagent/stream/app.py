@@ -255,6 +255,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             for r in out.rewards:
                 await rewards.send(key=r["user_id"].encode(), value=encode(r))
                 m.rewards.observe(r["reward"])
+                m.reward_sum.inc(r["reward"])
             for t in out.transitions:
                 await transitions.send(key=t["user_id"].encode(), value=encode(t))
                 m.transitions.labels("true" if t["done"] else "false").inc()
