@@ -98,6 +98,12 @@ def cmd_bench(args) -> int:
     return bench_pipeline(args)
 
 
+def cmd_bench_learning(args) -> int:
+    from streamagent.bench.learning import main as bench_learning
+
+    return bench_learning(args)
+
+
 def cmd_demo(args) -> int:
     from streamagent.demo import run_demo
 
@@ -149,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bp)
     bp.set_defaults(fn=cmd_bench)
+    bl = bsub.add_parser("learning", help="policies on the simulated shop vs the MDP optimum")
+    from streamagent.bench.learning import add_arguments as add_learning_arguments
+
+    add_learning_arguments(bl)
+    bl.set_defaults(fn=cmd_bench_learning)
 
     d = sub.add_parser("demo", help="the whole loop on a local broker, with live output")
     d.add_argument("--events", type=int, default=20000, help="user events to stream")

@@ -1,0 +1,257 @@
+"""`streamagent bench learning`: policies on the simulated shop, against the MDP optimum.
+
+In-process, on the pure core: the simulator's events go through the real DecisionEngine (state,
+features, Q-network, exploration), orders through the real Joiner (event-time attribution,
+rewards, transitions) into the real QLearner, whose snapshots are swapped into the engine, as
+the workers do through Kafka. Baselines act on the same users. Profit is the simulator's ground
+truth per user per day; the optimum is value iteration on the simulator's own MDP.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from streamagent.core import features as F
+from streamagent.core.catalog import Catalog, load_catalog
+from streamagent.core.constraints import BudgetState, CapParams
+from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
+from streamagent.core.join import Joiner, JoinParams
+from streamagent.core.learner import LearnerParams, QLearner
+from streamagent.core.mdp import average_reward, value_iteration
+from streamagent.core.simulator import DAY_MS, Shop, mdp, scenario
+
+HOUR = 3_600_000
+
+
+def optimum(sc, catalog: Catalog, shop: Shop, gamma: float = 0.995) -> dict:
+    """Optimal and myopic-optimal long-run profit per user per day for this population."""
+    counts: dict[str, int] = {}
+    for u in shop.users:
+        counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
+    best = myopic = 0.0
+    policies = {}
+    for seg in sc.segments:
+        m = mdp(sc, seg, catalog)
+        w = counts.get(seg.name, 0) / len(shop.users)
+        _, pi = value_iteration(m.P, m.R, gamma)
+        _, pi0 = value_iteration(m.P, m.R, 0.0)
+        best += w * average_reward(m.P, m.R, pi)
+        myopic += w * average_reward(m.P, m.R, pi0)
+        policies[seg.name] = [catalog.actions[a] for a in pi]
+    return {"optimal": best, "myopic_optimal": myopic, "policies": policies}
+
+
+@dataclass
+class Result:
+    name: str
+    daily_profit: list[float]
+    spend: float
+    orders: int
+    decisions: int
+    seconds: float
+
+    def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
+        d = np.array(self.daily_profit)
+        k = max(1, int(len(d) * tail))
+        longrun = float(d[-k:].mean())
+        smooth = np.convolve(d, np.ones(7) / 7, mode="valid") if len(d) >= 7 else d
+        def reach(frac):
+            hit = np.nonzero(smooth >= frac * opt)[0]
+            return int((hit[0] + 7) * n_users * 2) if hit.size else None  # ~2 events/user/day
+        return {"policy": self.name, "profit_per_user_day": longrun,
+                "fraction_of_optimum": longrun / opt if opt else None,
+                "coupon_spend_per_user_day": self.spend / n_users / len(d),
+                "conversion_rate": self.orders / max(1, self.decisions),
+                "events_to_90pct": reach(0.9), "events_to_95pct": reach(0.95),
+                "seconds": self.seconds}
+
+
+def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int]) -> DecisionEngine:
+    params = EngineParams(app_id="bench", exploration=exploration, epsilon_start=eps[0],
+                          epsilon_end=eps[1], epsilon_decay_steps=eps[2],
+                          # the optimum knows no caps or budget: switch them off for a fair race
+                          caps=CapParams(max_coupons=10_000, window_ms=7 * DAY_MS, min_gap_ms=0),
+                          budget_per_period=1e12)
+    return DecisionEngine(catalog, params, initial_model(catalog, (64, 64), 7))
+
+
+def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
+        gamma: float | None = None, choose=None, log=None) -> Result:
+    """One policy over the horizon. ``gamma`` set: our Q-learner; else ``choose(user, d)``."""
+    shop = Shop(sc, catalog, n_users, seed=seed)
+    learning = gamma is not None
+    eng = _engine(catalog, "epsilon" if learning else "greedy", (0.3, 0.05, 30_000))
+    store: dict = {}
+    joiner = Joiner(catalog, JoinParams(window_ms=24 * HOUR, lateness_ms=60_000,
+                                        horizon_ms=3 * DAY_MS, margin=sc.margin), store)
+    learner = QLearner(catalog.actions, F.FEATURE_NAMES, (64, 64),
+                       LearnerParams(gamma=gamma or 0.0, lr=1e-3, batch_size=64,
+                                     learning_starts=500, train_every=2, buffer_size=100_000,
+                                     seed=seed)) if learning else None
+    states: dict = {}
+    budget = BudgetState()
+    daily, spend, orders, decisions = [], 0.0, 0, 0
+    t0 = time.perf_counter()
+    last_snap = 0
+    for day in range(days):
+        profit_today = 0.0
+        pending_orders = []
+        for i, u in enumerate(shop.users):
+            evs = shop.session_events(day, u, i)
+            decision = None
+            for ev in evs:
+                r = eng.step(orjson.dumps(ev), u.user_id.encode(), states.get(u.user_id), budget)
+                states[u.user_id] = r.state
+                if r.decision:
+                    decision = r.decision
+            a = decision["action_index"] if choose is None else choose(u, decision)
+            if choose is not None:
+                decision = {**decision, "action_index": a, "action": catalog.actions[a]}
+            decisions += 1
+            if learning:
+                _consume(joiner.on_decision(0, decision), learner)
+            order = shop.respond(u, a, decision["ts"], decision["decision_id"])
+            if order:
+                orders += 1
+                profit_today += order["_profit"]
+                spend += order["discount"]
+                pending_orders.append(order)
+        for o in sorted(pending_orders, key=lambda o: o["ts"]):
+            ev = {"event_id": o["order_id"], "user_id": o["user_id"], "type": "purchase",
+                  "ts": o["ts"], "amount": o["amount"], "coupon_code": o["coupon_code"]}
+            r = eng.step(orjson.dumps(ev), o["user_id"].encode(), states.get(o["user_id"]), budget)
+            states[o["user_id"]] = r.state
+            if learning:
+                conv = {k: v for k, v in o.items() if not k.startswith("_")}
+                _consume(joiner.on_conversion(0, conv), learner)
+        if learning:
+            # end of day: event time moves on for the conversions input as well
+            _consume(joiner.on_conversion(0, {"order_id": f"hb-{day}", "user_id": "hb",
+                                              "ts": shop.start_ts + (day + 1) * DAY_MS,
+                                              "amount": 0.0, "heartbeat": True}), learner)
+            if learner.train_steps - last_snap >= 200:
+                eng.swap_model(Model(learner.snapshot()))
+                last_snap = learner.train_steps
+        daily.append(profit_today / n_users)
+        if log and (day + 1) % 10 == 0:
+            log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
+    return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0)
+
+
+def _consume(out, learner: QLearner) -> None:
+    for t in out.transitions:
+        learner.learn_one(t)
+
+
+def static_best(sc, catalog: Catalog, shop: Shop) -> int:
+    """The single coupon (or none) with the best long-run profit if always sent (by the MDP)."""
+    best, arg = -1e9, 0
+    for a in range(catalog.n_actions):
+        v = 0.0
+        for u in shop.users:
+            m = mdp(sc, u.segment, catalog)
+            v += average_reward(m.P, m.R, np.full(sc.fatigue_levels, a))
+        if v > best:
+            best, arg = v, a
+    return arg
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--days", type=int, default=120)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--scenarios", default="fatigue,no-fatigue")
+    p.add_argument("--policies", default="random,never,static,oracle,q_myopic,q_gamma")
+    p.add_argument("--gamma", type=float, default=0.95)
+    p.add_argument("--out", default="bench-results/learning.json")
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    catalog = load_catalog()
+    report: dict = {"users": args.users, "days": args.days, "seed": args.seed, "scenarios": {}}
+    curves: dict = {}
+    for sname in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
+        sc = scenario(sname)
+        shop = Shop(sc, catalog, args.users, seed=args.seed)
+        opt = optimum(sc, catalog, shop)
+        con.print(f"[bold]{sname}[/]: optimum {opt['optimal']:.3f} profit/user/day "
+                  f"(myopic optimum {opt['myopic_optimal']:.3f}); optimal policy by fatigue level: "
+                  f"{opt['policies']}")
+        rng = np.random.default_rng(args.seed + 99)
+        static = static_best(sc, catalog, shop)
+        pol_by_seg = {name: [catalog.actions.index(a) for a in acts]
+                      for name, acts in opt["policies"].items()}
+        choosers = {
+            "random": lambda u, d: int(rng.integers(catalog.n_actions)),
+            "never": lambda u, d: 0,
+            "static": lambda u, d: static,
+            # the optimum acted out with the true latent fatigue: checks simulator and MDP agree
+            "oracle": lambda u, d: pol_by_seg[u.segment.name][u.fatigue],
+        }
+        rows = []
+        for pname in [p.strip() for p in args.policies.split(",") if p.strip()]:
+            con.print(f"  running {pname} ...")
+            if pname == "q_myopic":
+                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=0.0, log=con.print)
+            elif pname == "q_gamma":
+                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=args.gamma,
+                          log=con.print)
+            else:
+                res = run(pname, sc, catalog, args.users, args.days, args.seed,
+                          choose=choosers[pname])
+            rows.append(res.summary(opt["optimal"], args.users))
+            curves[(sname, pname)] = res.daily_profit
+        report["scenarios"][sname] = {"optimum": opt, "static_coupon": catalog.actions[static],
+                                      "results": rows}
+        table = Table(title=f"learning benchmark: {sname} ({args.users} users, {args.days} days)")
+        for col in ("policy", "profit/user/day", "of optimum", "spend/user/day", "conv. rate",
+                    "events to 90%", "events to 95%", "seconds"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["policy"], f"{r['profit_per_user_day']:.3f}",
+                          f"{r['fraction_of_optimum']:.1%}", f"{r['coupon_spend_per_user_day']:.3f}",
+                          f"{r['conversion_rate']:.1%}", str(r["events_to_90pct"] or "-"),
+                          str(r["events_to_95pct"] or "-"), f"{r['seconds']:.1f}")
+        con.print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    png = out.with_suffix(".png")
+    _plot(curves, report, png)
+    con.print(f"wrote {out} and {png}")
+    return 0
+
+
+def _plot(curves: dict, report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["scenarios"])
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4.5), squeeze=False)
+    for ax, sname in zip(axes[0], names):
+        for (s, pname), d in curves.items():
+            if s != sname:
+                continue
+            d = np.array(d)
+            smooth = np.convolve(d, np.ones(7) / 7, mode="valid") if len(d) >= 7 else d
+            ax.plot(np.arange(len(smooth)) + 7, smooth, label=pname)
+        ax.axhline(report["scenarios"][sname]["optimum"]["optimal"], color="black", ls="--",
+                   label="optimum (value iteration)")
+        ax.set_title(f"{sname}: profit per user per day (7-day mean)")
+        ax.set_xlabel("simulated day")
+        ax.set_ylabel("profit / user / day")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,187 @@
+"""A seeded simulated shop whose users react to coupons with delay and fatigue.
+
+Each user belongs to a segment (purchase propensity, basket, price sensitivity, category,
+device, geo) and has a latent fatigue level 0..F-1. Once a day of event time the user starts a
+session (a decision point). The coupon shown (or none) sets the chance of an order that day:
+
+    p(order) = base_s * (1 - conditioning * f/(F-1))  +  uplift_s(coupon) * (1 - wear * f/(F-1))
+
+A coupon raises fatigue by one level; a day without one lets it fall by one level with
+probability `recovery`. So coupons buy orders today and cost full-price orders later: with
+fatigue on, the best policy is not the myopic one. Orders arrive log-normally delayed after the
+decision (hours), and their profit is margin * basket - the discount actually redeemed.
+
+The same dynamics, per segment, form a small finite MDP over the fatigue level; `mdp()` builds
+it so value iteration gives the optimal long-run profit to compare learners against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamagent.core.catalog import Catalog
+
+DAY_MS = 86_400_000
+CATEGORIES = ("shoes", "books", "electronics", "grocery", "toys", "beauty", "garden", "sports")
+DEVICES = ("mobile", "desktop", "tablet")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    share: float  # of the population
+    base: float  # daily full-price order probability at fatigue 0
+    basket: float  # order amount
+    sensitivity: float  # how much a coupon's value moves this segment
+    category: str
+    device: str
+    geo: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    segments: tuple[Segment, ...]
+    fatigue_levels: int = 4
+    conditioning: float = 0.6  # full-price propensity lost at max fatigue
+    wear: float = 0.5  # coupon uplift lost at max fatigue
+    recovery: float = 0.35  # chance per coupon-free day that fatigue falls one level
+    margin: float = 0.3
+    delay_median_h: float = 6.0
+    delay_sigma: float = 0.8
+    fatigue: bool = True
+
+
+SEGMENTS = (
+    Segment("loyal", 0.25, base=0.30, basket=70.0, sensitivity=0.4, category="grocery",
+            device="desktop", geo="urban"),
+    Segment("bargain", 0.35, base=0.05, basket=45.0, sensitivity=2.2, category="toys",
+            device="mobile", geo="suburban"),
+    Segment("big_basket", 0.15, base=0.10, basket=130.0, sensitivity=1.2, category="electronics",
+            device="desktop", geo="urban"),
+    Segment("casual", 0.25, base=0.08, basket=35.0, sensitivity=1.0, category="books",
+            device="tablet", geo="rural"),
+)
+
+
+def scenario(name: str) -> Scenario:
+    if name == "fatigue":
+        return Scenario("fatigue", SEGMENTS)
+    if name == "no-fatigue":
+        return Scenario("no-fatigue", SEGMENTS, conditioning=0.0, wear=0.0, fatigue=False)
+    raise ValueError(f"unknown scenario {name!r}; choose fatigue or no-fatigue")
+
+
+SCENARIOS = ("fatigue", "no-fatigue")
+
+
+def uplift(seg: Segment, catalog: Catalog, action: int) -> float:
+    """Extra daily order probability a coupon gives at fatigue 0."""
+    c = catalog.coupon(action)
+    if c is None or seg.basket < c.min_spend:
+        return 0.0
+    value = c.discount_on(seg.basket, catalog.shipping_cost)
+    # diminishing returns in the coupon's value relative to the basket
+    return 0.25 * seg.sensitivity * (1 - np.exp(-4 * value / seg.basket))
+
+
+def order_prob(sc: Scenario, seg: Segment, catalog: Catalog, f: int, action: int) -> float:
+    frac = f / (sc.fatigue_levels - 1)
+    p = seg.base * (1 - sc.conditioning * frac) + uplift(seg, catalog, action) * (1 - sc.wear * frac)
+    return float(min(0.95, max(0.0, p)))
+
+
+def order_profit(sc: Scenario, seg: Segment, catalog: Catalog, action: int) -> tuple[float, float]:
+    """(profit, discount) of an order of this segment under this action."""
+    c = catalog.coupon(action)
+    discount = c.discount_on(seg.basket, catalog.shipping_cost) if c else 0.0
+    return sc.margin * seg.basket - discount, discount
+
+
+def next_fatigue_probs(sc: Scenario, f: int, action: int) -> dict[int, float]:
+    top = sc.fatigue_levels - 1
+    if not sc.fatigue:
+        return {f: 1.0}
+    if action:
+        return {min(top, f + 1): 1.0}
+    if f == 0:
+        return {0: 1.0}
+    return {f - 1: sc.recovery, f: 1 - sc.recovery}
+
+
+@dataclass
+class MDP:
+    """P[a, s, s'] and R[a, s] (expected profit per day) for one segment."""
+
+    P: np.ndarray
+    R: np.ndarray
+
+
+def mdp(sc: Scenario, seg: Segment, catalog: Catalog) -> MDP:
+    n_s, n_a = sc.fatigue_levels, catalog.n_actions
+    P = np.zeros((n_a, n_s, n_s))
+    R = np.zeros((n_a, n_s))
+    for a in range(n_a):
+        profit, _ = order_profit(sc, seg, catalog, a)
+        for f in range(n_s):
+            R[a, f] = order_prob(sc, seg, catalog, f, a) * profit
+            for f2, p in next_fatigue_probs(sc, f, a).items():
+                P[a, f, f2] += p
+    return MDP(P, R)
+
+
+@dataclass
+class SimUser:
+    user_id: str
+    segment: Segment
+    fatigue: int = 0
+
+
+@dataclass
+class Shop:
+    """The population, stepping one day of event time at a time."""
+
+    scenario: Scenario
+    catalog: Catalog
+    n_users: int
+    seed: int = 1
+    start_ts: int = 1_767_225_600_000
+    users: list[SimUser] = field(init=False)
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+        shares = np.array([s.share for s in self.scenario.segments])
+        idx = self.rng.choice(len(shares), size=self.n_users, p=shares / shares.sum())
+        self.users = [SimUser(f"sim-{i:06d}", self.scenario.segments[k]) for i, k in enumerate(idx)]
+
+    def session_events(self, day: int, u: SimUser, i: int) -> list[dict]:
+        """The events of a user's session on a day; the first one triggers a decision."""
+        ts = self.start_ts + day * DAY_MS + int(self.rng.integers(8 * 3_600_000, 20 * 3_600_000))
+        seg = u.segment
+        base = {"user_id": u.user_id, "device": seg.device, "geo": seg.geo}
+        evs = [{**base, "event_id": f"{u.user_id}-d{day}-s", "type": "session_start", "ts": ts}]
+        evs.append({**base, "event_id": f"{u.user_id}-d{day}-v", "type": "page_view",
+                    "ts": ts + 30_000, "category": seg.category,
+                    "price": round(seg.basket / 2, 2), "item_id": f"{seg.category}-1"})
+        return evs
+
+    def respond(self, u: SimUser, action: int, decision_ts: int, decision_id: str) -> dict | None:
+        """The user's reaction to a decision: maybe an order (a conversion), and fatigue moves."""
+        sc, seg = self.scenario, u.segment
+        p = order_prob(sc, seg, self.catalog, u.fatigue, action)
+        order = None
+        if self.rng.random() < p:
+            profit, discount = order_profit(sc, seg, self.catalog, action)
+            delay = float(np.exp(np.log(sc.delay_median_h) + sc.delay_sigma * self.rng.normal()))
+            ts = decision_ts + int(min(delay, 60.0) * 3_600_000)
+            order = {"order_id": f"o-{decision_id}", "user_id": u.user_id, "ts": ts,
+                     "amount": seg.basket, "discount": discount,
+                     "decision_id": decision_id if action else None,
+                     "coupon_code": f"C-{decision_id}" if action and discount > 0 else None,
+                     "_profit": profit}
+        nxt = next_fatigue_probs(sc, u.fatigue, action)
+        levels, probs = zip(*nxt.items())
+        u.fatigue = int(self.rng.choice(levels, p=probs))
+        return order

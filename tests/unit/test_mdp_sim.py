@@ -1,0 +1,83 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from streamagent.core.catalog import load_catalog
+from streamagent.core.mdp import average_reward, policy_evaluation, value_iteration
+from streamagent.core.simulator import SCENARIOS, Shop, mdp, order_prob, scenario
+
+CAT = load_catalog()
+
+
+def two_state():
+    # s0 --a0--> s0 (r=1);  s0 --a1--> s1 (r=0);  s1 --any--> s0 with r=3 (a0) or r=0 (a1)
+    P = np.zeros((2, 2, 2))
+    P[0, 0, 0] = 1
+    P[1, 0, 1] = 1
+    P[:, 1, 0] = 1
+    R = np.array([[1.0, 3.0], [0.0, 0.0]])
+    return P, R
+
+
+def test_value_iteration_matches_the_closed_form():
+    P, R = two_state()
+    g = 0.9
+    V, pi = value_iteration(P, R, g)
+    # staying pays 1/(1-g) = 10; the detour pays (0 + g*3)/(1-g^2) = 14.2: detour is optimal
+    assert pi[0] == 1 and pi[1] == 0
+    assert V[0] == pytest.approx(g * 3 / (1 - g * g), rel=1e-6)
+    assert V[1] == pytest.approx(3 + g * V[0], rel=1e-6)
+    assert np.allclose(policy_evaluation(P, R, pi, g), V)
+    # myopic (gamma 0) takes the immediate 1
+    assert value_iteration(P, R, 0.0)[1][0] == 0
+
+
+def test_average_reward_of_known_policies():
+    P, R = two_state()
+    assert average_reward(P, R, np.array([0, 0])) == pytest.approx(1.0)
+    assert average_reward(P, R, np.array([1, 0])) == pytest.approx(1.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_value_iteration_finds_the_best_policy_of_the_simulator(name):
+    sc = scenario(name)
+    for seg in sc.segments:
+        m = mdp(sc, seg, CAT)
+        assert np.allclose(m.P.sum(axis=2), 1.0)
+        _, pi = value_iteration(m.P, m.R, 0.995)
+        best = max(average_reward(m.P, m.R, np.array(p))
+                   for p in itertools.product(range(CAT.n_actions), repeat=m.P.shape[1]))
+        assert average_reward(m.P, m.R, pi) == pytest.approx(best, rel=1e-3), seg.name
+
+
+def test_fatigue_makes_the_optimum_differ_from_the_myopic_policy():
+    sc = scenario("fatigue")
+    differs = False
+    for seg in sc.segments:
+        m = mdp(sc, seg, CAT)
+        _, far = value_iteration(m.P, m.R, 0.995)
+        _, myopic = value_iteration(m.P, m.R, 0.0)
+        gap = average_reward(m.P, m.R, far) - average_reward(m.P, m.R, myopic)
+        assert gap >= -1e-9
+        differs |= gap > 0.05
+    assert differs, "with fatigue on, some segment must gain from looking ahead"
+
+
+def test_without_fatigue_myopic_is_optimal():
+    sc = scenario("no-fatigue")
+    for seg in sc.segments:
+        m = mdp(sc, seg, CAT)
+        _, far = value_iteration(m.P, m.R, 0.995)
+        _, myopic = value_iteration(m.P, m.R, 0.0)
+        assert average_reward(m.P, m.R, far) == pytest.approx(average_reward(m.P, m.R, myopic), rel=1e-6)
+
+
+def test_the_shop_is_seeded_and_reacts_to_coupons():
+    a, b = Shop(scenario("fatigue"), CAT, 200, seed=3), Shop(scenario("fatigue"), CAT, 200, seed=3)
+    assert [u.segment.name for u in a.users] == [u.segment.name for u in b.users]
+    u = a.users[0]
+    assert order_prob(a.scenario, u.segment, CAT, 0, 3) >= order_prob(a.scenario, u.segment, CAT, 0, 0)
+    for _ in range(3):
+        a.respond(u, 3, 0, "x")
+    assert u.fatigue == 3  # three coupons in a row: fully fatigued
