@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     target_every: int = Field(500, ge=1, description="Hard target update period, in gradient steps.")
     double_dqn: bool = Field(True, description="Double-DQN targets (online net picks, target net values).")
     prioritized_replay: bool = Field(False, description="Proportional prioritised replay (alpha 0.6, beta 0.4) instead of uniform.")
+    huber_delta: float = Field(10.0, gt=0, description="Huber loss threshold, in reward units. Keep it near the size of a typical reward: much smaller makes Q learn the median reward (0 for sparse orders) instead of the mean.")
     grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip.")
     snapshot_every_updates: int = Field(200, ge=1, description="Publish a new model version after this many gradient steps...")
     snapshot_interval_s: float = Field(30.0, gt=0, description="...or after this many seconds with at least one step since the last version.")

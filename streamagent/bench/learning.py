@@ -81,18 +81,19 @@ def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int]) -
 
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
-        gamma: float | None = None, choose=None, log=None) -> Result:
+        gamma: float | None = None, choose=None, log=None,
+        eps: tuple[float, float, int] = (0.2, 0.02, 6_000), huber_delta: float = 20.0) -> Result:
     """One policy over the horizon. ``gamma`` set: our Q-learner; else ``choose(user, d)``."""
     shop = Shop(sc, catalog, n_users, seed=seed)
     learning = gamma is not None
-    eng = _engine(catalog, "epsilon" if learning else "greedy", (0.3, 0.05, 30_000))
+    eng = _engine(catalog, "epsilon" if learning else "greedy", eps)
     store: dict = {}
     joiner = Joiner(catalog, JoinParams(window_ms=24 * HOUR, lateness_ms=60_000,
                                         horizon_ms=3 * DAY_MS, margin=sc.margin), store)
     learner = QLearner(catalog.actions, F.FEATURE_NAMES, (64, 64),
                        LearnerParams(gamma=gamma or 0.0, lr=1e-3, batch_size=64,
                                      learning_starts=500, train_every=2, buffer_size=100_000,
-                                     seed=seed)) if learning else None
+                                     huber_delta=huber_delta, seed=seed)) if learning else None
     states: dict = {}
     budget = BudgetState()
     daily, spend, orders, decisions = [], 0.0, 0, 0

@@ -30,7 +30,9 @@ class LearnerParams:
     tau: float = 0.01  # soft update rate
     target_every: int = 500  # hard update period, in gradient steps
     double_dqn: bool = True
-    huber_delta: float = 1.0
+    # in reward units: with sparse rewards (mostly 0, sometimes a 20-unit profit) a delta of 1
+    # makes the loss act like L1 and Q regress to the median (0) instead of the mean
+    huber_delta: float = 10.0
     grad_clip: float = 10.0
     prioritized: bool = False
     alpha: float = 0.6

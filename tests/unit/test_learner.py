@@ -5,6 +5,17 @@ import pytest
 
 from streamagent.core.learner import LearnerParams, QLearner
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # multi-threaded CPU kernels may sum in another order run to run: one thread, same numbers
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 ACTIONS = ("none", "a", "b")
 FEATS = ("bias", "x0", "x1")
 DAY = 86_400_000
