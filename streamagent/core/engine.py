@@ -67,7 +67,6 @@ class StepResult:
     decision: dict | None = None
     coupon_action: dict | None = None
     replayed: bool = False  # the event had been applied before (crash replay)
-    outputs_are_reemission: bool = False
 
 
 @dataclass
@@ -138,8 +137,7 @@ class DecisionEngine:
             # Already applied before a crash; re-send its decision (same id) in case the
             # outputs were lost with the uncommitted batch. Consumers dedupe by decision_id.
             prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
-            return StepResult(state, budget, ev, prior, self._action_for(prior), replayed=True,
-                              outputs_are_reemission=prior is not None)
+            return StepResult(state, budget, ev, prior, self._action_for(prior), replayed=True)
         state = apply(state, ev, self.p.state, partition, offset)
         if ev.type not in self._triggers:
             return StepResult(state, budget, ev)

@@ -81,12 +81,8 @@ class Joiner:
         return {"user_id": user, "decisions": [], "conversions": [], "orders": [], "ids": []}
 
     def _save(self, rec: dict) -> None:
-        key = "u:" + rec["user_id"]
-        if rec["decisions"] or rec["conversions"]:
-            self.store[key] = orjson.dumps(rec)
-        elif key in self.store:
-            # nothing pending: keep only the duplicate-detection memory
-            self.store[key] = orjson.dumps(rec)
+        # kept even with nothing pending: the order/decision ids are the duplicate memory
+        self.store["u:" + rec["user_id"]] = orjson.dumps(rec)
 
     def pending(self, partition: int) -> int:
         """Open decisions on the partition (kept as a counter beside the records)."""

@@ -141,7 +141,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     user_events = app.topic(s.topic_user_events, partitions=n_parts, **raw)
     coupon_actions = app.topic(s.topic_coupon_actions, partitions=n_parts, **raw)
     decision_log = app.topic(s.topic_decision_log, partitions=n_parts, **raw)
-    dlq = app.topic(s.dlq(s.topic_user_events), partitions=n_parts, **raw)
     dlqs = {t: app.topic(s.dlq(t), partitions=n_parts, **raw)
             for t in (s.topic_user_events, s.topic_conversions, s.topic_decision_log)}
     join_in = app.topic(s.topic_decision_log, s.topic_conversions, partitions=n_parts, **raw)
@@ -164,7 +163,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                            key=msg.key, value=msg.value, reason=reason, detail=detail,
                            failed_at_ms=int(time.time() * 1000), worker=worker_name)
         try:
-            await dlqs.get(msg.topic, dlq).send(key=msg.key, value=encode(env))
+            await dlqs[msg.topic].send(key=msg.key, value=encode(env))
         except Exception:  # the DLQ itself failing must not stop the stream either
             m.errors.labels("dlq").inc()
             log.exception("could not dead-letter %s[%s]@%s", msg.topic, msg.partition, msg.offset)
