@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     bl.set_defaults(fn=cmd_bench_learning)
 
     d = sub.add_parser("demo", help="the whole loop on a local broker, with live output")
-    d.add_argument("--events", type=int, default=20000, help="user events to stream")
-    d.add_argument("--users", type=int, default=500)
-    d.add_argument("--rate", type=float, default=500.0, help="events per second")
+    d.add_argument("--days", type=int, default=60, help="simulated days to play (event time)")
+    d.add_argument("--users", type=int, default=400, help="simulated shop users")
+    d.add_argument("--scenario", default="fatigue", choices=["fatigue", "no-fatigue"])
     d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--out", default="demo-report", help="where the report and PNG go")
     d.add_argument("--keep-running", action="store_true", help="leave the broker running at the end")
     d.set_defaults(fn=cmd_demo)
     return p

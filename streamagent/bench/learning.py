@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from streamagent.bench.bandits import BANDITS
+from streamagent.bench.bandits import make as make_bandit
 from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
 from streamagent.core.constraints import BudgetState, CapParams
@@ -23,7 +25,7 @@ from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.learner import LearnerParams, QLearner
 from streamagent.core.mdp import average_reward, value_iteration
-from streamagent.core.simulator import DAY_MS, Shop, mdp, scenario
+from streamagent.core.simulator import DAY_MS, Shop, mdp, order_prob, order_profit, scenario
 
 HOUR = 3_600_000
 
@@ -54,6 +56,7 @@ class Result:
     orders: int
     decisions: int
     seconds: float
+    realised: float = 0.0  # sampled order profit over the whole run (the learner's reward)
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -68,12 +71,15 @@ class Result:
                 "coupon_spend_per_user_day": self.spend / n_users / len(d),
                 "conversion_rate": self.orders / max(1, self.decisions),
                 "events_to_90pct": reach(0.9), "events_to_95pct": reach(0.95),
+                "realised_profit_per_user_day": self.realised / n_users / len(d),
                 "seconds": self.seconds}
 
 
-def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int]) -> DecisionEngine:
+def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int],
+            run_mean: float = 1.0) -> DecisionEngine:
     params = EngineParams(app_id="bench", exploration=exploration, epsilon_start=eps[0],
                           epsilon_end=eps[1], epsilon_decay_steps=eps[2],
+                          explore_run_mean=run_mean,
                           # the optimum knows no caps or budget: switch them off for a fair race
                           caps=CapParams(max_coupons=10_000, window_ms=7 * DAY_MS, min_gap_ms=0),
                           budget_per_period=1e12)
@@ -82,21 +88,25 @@ def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int]) -
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         gamma: float | None = None, choose=None, log=None,
-        eps: tuple[float, float, int] = (0.2, 0.02, 6_000), huber_delta: float = 20.0) -> Result:
-    """One policy over the horizon. ``gamma`` set: our Q-learner; else ``choose(user, d)``."""
+        eps: tuple[float, float, int] = (0.2, 0.02, 6_000), huber_delta: float = 20.0,
+        explore_run: float = 1.0, bandit=None, lr: float = 1e-4) -> Result:
+    """One policy over the horizon: ``gamma`` set: our Q-learner; ``bandit``: a baseline
+    bandit learning from the same reward records; else ``choose(user, decision)``."""
     shop = Shop(sc, catalog, n_users, seed=seed)
     learning = gamma is not None
-    eng = _engine(catalog, "epsilon" if learning else "greedy", eps)
+    joining = learning or bandit is not None
+    contexts: dict = {}  # decision_id -> (features, action, probability) awaiting its reward
+    eng = _engine(catalog, "epsilon" if learning else "greedy", eps, explore_run)
     store: dict = {}
     joiner = Joiner(catalog, JoinParams(window_ms=24 * HOUR, lateness_ms=60_000,
                                         horizon_ms=3 * DAY_MS, margin=sc.margin), store)
     learner = QLearner(catalog.actions, F.FEATURE_NAMES, (64, 64),
-                       LearnerParams(gamma=gamma or 0.0, lr=1e-3, batch_size=64,
+                       LearnerParams(gamma=gamma or 0.0, lr=lr, batch_size=64,
                                      learning_starts=500, train_every=2, buffer_size=100_000,
                                      huber_delta=huber_delta, seed=seed)) if learning else None
     states: dict = {}
     budget = BudgetState()
-    daily, spend, orders, decisions = [], 0.0, 0, 0
+    daily, spend, orders, decisions, realised = [], 0.0, 0, 0, 0.0
     t0 = time.perf_counter()
     last_snap = 0
     for day in range(days):
@@ -110,16 +120,28 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                 states[u.user_id] = r.state
                 if r.decision:
                     decision = r.decision
-            a = decision["action_index"] if choose is None else choose(u, decision)
-            if choose is not None:
+            if bandit is not None:
+                x = np.asarray(decision["features"], np.float32)
+                a, prob = bandit.act(x, np.asarray(decision["allowed"], bool))
+                contexts[decision["decision_id"]] = (x, a, prob)
+                decision = {**decision, "action_index": a, "action": catalog.actions[a],
+                            "propensity": prob}
+            elif choose is not None:
+                a = choose(u, decision)
                 decision = {**decision, "action_index": a, "action": catalog.actions[a]}
+            else:
+                a = decision["action_index"]
             decisions += 1
-            if learning:
-                _consume(joiner.on_decision(0, decision), learner)
+            if joining:
+                _consume(joiner.on_decision(0, decision), learner, bandit, contexts)
+            # Report the expected profit of (true state, action), not the sampled one: the
+            # same ranking, far less noise (realised order profit is 0 or a whole basket).
+            profit_today += (order_prob(sc, u.segment, catalog, u.fatigue, a)
+                             * order_profit(sc, u.segment, catalog, a)[0])
             order = shop.respond(u, a, decision["ts"], decision["decision_id"])
             if order:
                 orders += 1
-                profit_today += order["_profit"]
+                realised += order["_profit"]
                 spend += order["discount"]
                 pending_orders.append(order)
         for o in sorted(pending_orders, key=lambda o: o["ts"]):
@@ -127,26 +149,33 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                   "ts": o["ts"], "amount": o["amount"], "coupon_code": o["coupon_code"]}
             r = eng.step(orjson.dumps(ev), o["user_id"].encode(), states.get(o["user_id"]), budget)
             states[o["user_id"]] = r.state
-            if learning:
+            if joining:
                 conv = {k: v for k, v in o.items() if not k.startswith("_")}
-                _consume(joiner.on_conversion(0, conv), learner)
-        if learning:
+                _consume(joiner.on_conversion(0, conv), learner, bandit, contexts)
+        if joining:
             # end of day: event time moves on for the conversions input as well
             _consume(joiner.on_conversion(0, {"order_id": f"hb-{day}", "user_id": "hb",
                                               "ts": shop.start_ts + (day + 1) * DAY_MS,
-                                              "amount": 0.0, "heartbeat": True}), learner)
+                                              "amount": 0.0, "heartbeat": True}),
+                     learner, bandit, contexts)
+        if learning:
             if learner.train_steps - last_snap >= 200:
                 eng.swap_model(Model(learner.snapshot()))
                 last_snap = learner.train_steps
         daily.append(profit_today / n_users)
         if log and (day + 1) % 10 == 0:
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
-    return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0)
+    return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised)
 
 
-def _consume(out, learner: QLearner) -> None:
-    for t in out.transitions:
-        learner.learn_one(t)
+def _consume(out, learner: QLearner | None, bandit=None, contexts=None) -> None:
+    if learner is not None:
+        for t in out.transitions:
+            learner.learn_one(t)
+    if bandit is not None:
+        for r in out.rewards:
+            x, a, prob = contexts.pop(r["decision_id"])
+            bandit.learn(x, a, r["reward"], prob)
 
 
 def static_best(sc, catalog: Catalog, shop: Shop) -> int:
@@ -167,7 +196,11 @@ def add_arguments(p) -> None:
     p.add_argument("--days", type=int, default=120)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--scenarios", default="fatigue,no-fatigue")
-    p.add_argument("--policies", default="random,never,static,oracle,q_myopic,q_gamma")
+    p.add_argument("--policies", default="random,never,static,oracle,river_linucb,"
+                   "river_eps_greedy,vw_cb_adf,q_myopic,q_gamma",
+                   help="comma-separated; bandits need river / vowpalwabbit (the bench extra)")
+    p.add_argument("--explore-run", type=float, default=1.0,
+                   help="mean exploration run length of q_gamma (1 = epsilon-greedy)")
     p.add_argument("--gamma", type=float, default=0.95)
     p.add_argument("--out", default="bench-results/learning.json")
 
@@ -205,6 +238,10 @@ def main(args) -> int:
                 res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=0.0, log=con.print)
             elif pname == "q_gamma":
                 res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=args.gamma,
+                          log=con.print, explore_run=args.explore_run)
+            elif pname in BANDITS:
+                b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, args.seed)
+                res = run(pname, sc, catalog, args.users, args.days, args.seed, bandit=b,
                           log=con.print)
             else:
                 res = run(pname, sc, catalog, args.users, args.days, args.seed,

@@ -5,7 +5,7 @@ the partition's budget from tables, calls step, writes both back and sends the o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,6 +32,11 @@ class EngineParams:
     epsilon_end: float = 0.05
     epsilon_decay_steps: int = 50_000
     temperature: float = 0.5
+    # Temporally extended epsilon-greedy (Dabney et al. 2021): an exploratory action is kept
+    # for a run of the user's next decisions, of geometric length with this mean. Coupon
+    # fatigue builds and fades over days; one-day detours never show the learner what a week
+    # without coupons (or with many) does. 1 = classic epsilon-greedy.
+    explore_run_mean: float = 1.0
     seed: int = 7
     caps: CapParams = CapParams()
     state: StateParams = StateParams()
@@ -46,6 +51,7 @@ class EngineParams:
                    exploration=s.exploration, epsilon_start=s.epsilon_start,
                    epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
                    temperature=s.softmax_temperature, seed=s.seed,
+                   explore_run_mean=s.explore_run_mean,
                    caps=CapParams(s.cap_max_coupons, s.cap_window_ms, s.cap_min_gap_ms),
                    state=StateParams(int(s.interest_half_life_days * DAY_MS), s.cap_window_ms),
                    budget_per_period=s.budget_per_period, budget_period_ms=s.budget_period_ms,
@@ -155,7 +161,22 @@ class DecisionEngine:
                          p.epsilon_decay_steps)
         probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature)
         did = decision_id(p.app_id, ev.event_id)
-        a = sample(probs, uniform_from(p.seed, did))
+        run = p.exploration == "epsilon" and p.explore_run_mean > 1.0
+        if run and state.explore_left > 0 and allowed[state.explore_action]:
+            # inside a run the action is fixed by the user's state: the behaviour policy gives
+            # it probability 1, and that is what the log says
+            a = state.explore_action
+            probs = np.zeros(len(q))
+            probs[a] = 1.0
+            state = replace(state, explore_left=state.explore_left - 1)
+        else:
+            a = sample(probs, uniform_from(p.seed, did))
+            left = 0
+            if run and a != greedy:
+                # geometric run length with the configured mean, from the decision's own draw
+                u = uniform_from(p.seed + 1, did)
+                left = int(np.log1p(-u) / np.log1p(-1.0 / p.explore_run_mean))
+            state = replace(state, explore_action=a, explore_left=left)
         cost = self._costs[a]
         decision = {
             "schema_version": 1, "decision_id": did, "user_id": ev.user_id, "ts": ts,

@@ -21,7 +21,7 @@ from streamagent.core.qnet import ModelSnapshot, init_network
 class LearnerParams:
     gamma: float = 0.9
     gamma_unit_ms: int = 86_400_000  # gamma applies per day of event time between decisions
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch_size: int = 64
     buffer_size: int = 50_000
     learning_starts: int = 256
@@ -30,10 +30,18 @@ class LearnerParams:
     tau: float = 0.01  # soft update rate
     target_every: int = 500  # hard update period, in gradient steps
     double_dqn: bool = True
+    # Advantage learning (Bellemare et al. 2016): subtract alpha * (V(s) - Q(s, a)) from the
+    # target. It widens the gap between the best action and the rest, so small errors in Q
+    # (noisy rewards, function approximation) flip the greedy action less often. 0 = off.
+    advantage_alpha: float = 0.0
     # in reward units: with sparse rewards (mostly 0, sometimes a 20-unit profit) a delta of 1
     # makes the loss act like L1 and Q regress to the median (0) instead of the mean
     huber_delta: float = 10.0
     grad_clip: float = 10.0
+    # Publish the target network (a slow moving average of the online weights) rather than
+    # the online one: the online weights jitter from batch to batch, and with action gaps of
+    # a few percent of Q that jitter flips deciders' greedy actions back and forth.
+    publish_average: bool = False
     prioritized: bool = False
     alpha: float = 0.6
     beta: float = 0.4
@@ -152,6 +160,9 @@ class QLearner:
                 q2 = q2_target.max(1).values
             # disc is 0 for terminal transitions, so they do not bootstrap
             td_target = r + disc * q2
+            if p.advantage_alpha:
+                q_s = self.target(s)
+                td_target -= p.advantage_alpha * (q_s.max(1).values - q_s.gather(1, a.unsqueeze(1)).squeeze(1))
         q = self.online(s).gather(1, a.unsqueeze(1)).squeeze(1)
         loss = (torch.from_numpy(w) * nn.functional.huber_loss(
             q, td_target, reduction="none", delta=p.huber_delta)).mean()
@@ -184,7 +195,8 @@ class QLearner:
         import time
 
         self.version += 1
-        snap = ModelSnapshot.from_network(self.online, self.version, self.train_steps,
+        net = self.target if self.p.publish_average else self.online
+        snap = ModelSnapshot.from_network(net, self.version, self.train_steps,
                                           self.actions, self.feature_names)
         snap.created_at = time.time()
         return snap

@@ -44,6 +44,11 @@ def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed:
                 bound = 1.0 / np.sqrt(m.in_features)
                 m.weight.uniform_(-bound, bound, generator=gen)
                 m.bias.zero_()
+        # A zero output layer: every action starts at Q = 0, ties go to action 0, so an
+        # untrained agent sends no coupons (plus exploration) instead of whichever coupon a
+        # random network happens to prefer. The hidden layers stay random, so the first
+        # gradient steps still have features to work with.
+        net.net[-1].weight.zero_()
     return net
 
 

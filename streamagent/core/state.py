@@ -57,6 +57,9 @@ class UserState:
     n_coupons: int = 0
     n_redeemed: int = 0
     last_coupon_ts: int = 0
+    # an exploration run in progress: its action, and how many more decisions it lasts
+    explore_action: int = 0
+    explore_left: int = 0
     # recent decisions (decision-log documents), newest last
     decisions: tuple[dict, ...] = field(default=())
 

@@ -32,7 +32,9 @@ def learner_params(s: Settings) -> LearnerParams:
                          learning_starts=s.learning_starts, train_every=s.train_every,
                          target_update=s.target_update, tau=s.tau, target_every=s.target_every,
                          double_dqn=s.double_dqn, prioritized=s.prioritized_replay,
-                         grad_clip=s.grad_clip, huber_delta=s.huber_delta, seed=s.seed)
+                         grad_clip=s.grad_clip, huber_delta=s.huber_delta,
+                         advantage_alpha=s.advantage_alpha, publish_average=s.publish_average,
+                         seed=s.seed)
 
 
 class LearnerService:

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from streamagent.core.features import FEATURE_NAMES
+from streamagent.core.features import FEATURE_NAMES, LOG_SCALE
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, event, produce, read_json
 
@@ -14,8 +14,9 @@ pytestmark = pytest.mark.kafka
 
 T0 = 1_767_225_600_000
 DAY = 86_400_000
-LOG_EVENTS = FEATURE_NAMES.index("log_events")
+LOG_VIEWS = FEATURE_NAMES.index("log_views_decayed")
 COUPONS_IN_WINDOW = FEATURE_NAMES.index("coupons_in_cap_window")
+HALF_LIFE = 14 * 86_400_000  # STREAMAGENT_INTEREST_HALF_LIFE_DAYS default
 
 
 @pytest.mark.parametrize("store", ["rocksdb://"])
@@ -49,7 +50,9 @@ def test_restart_keeps_state_and_makes_no_duplicate_decisions(kafka, tmp_path, r
     after = {d["user_id"]: d for d in log if d["trigger_event_id"].endswith("-b0")}
     first_by_user = {d["user_id"]: d for d in log if d["trigger_event_id"].endswith("-a5")}
     for u in users:
-        # the 7th event of the user: state counted the 6 before the restart
-        assert math.isclose(after[u]["features"][LOG_EVENTS], math.log1p(7), rel_tol=1e-5)
+        # the five views before the restart are in the state, decayed to the new session
+        views = sum(0.5 ** ((DAY - j * 1000) / HALF_LIFE) for j in range(5))
+        assert math.isclose(after[u]["features"][LOG_VIEWS], math.log1p(views) / LOG_SCALE,
+                            rel_tol=1e-5)
         issued = first_by_user[u]["action"] != "none"
-        assert after[u]["features"][COUPONS_IN_WINDOW] == float(issued)
+        assert after[u]["features"][COUPONS_IN_WINDOW] == pytest.approx(float(issued) / 7)

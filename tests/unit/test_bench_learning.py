@@ -29,10 +29,10 @@ def test_the_optimal_policy_acted_out_in_the_simulator_earns_the_optimum(name):
 def test_smoke_run_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "learning.json"
     assert main(["bench", "learning", "--users", "40", "--days", "12", "--scenarios", "fatigue",
-                 "--policies", "never,oracle,q_gamma", "--out", str(out)]) == 0
+                 "--policies", "never,oracle,vw_cb_adf,river_linucb,q_gamma", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     rows = {r["policy"]: r for r in doc["scenarios"]["fatigue"]["results"]}
-    assert set(rows) == {"never", "oracle", "q_gamma"}
+    assert set(rows) == {"never", "oracle", "vw_cb_adf", "river_linucb", "q_gamma"}
     assert doc["scenarios"]["fatigue"]["optimum"]["optimal"] > 0
     assert all(0 <= r["conversion_rate"] <= 1 for r in rows.values())
     png = out.with_suffix(".png")

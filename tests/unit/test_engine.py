@@ -7,13 +7,14 @@ import torch
 
 from streamagent.core import features as F
 from streamagent.core.catalog import load_catalog
-from streamagent.core.constraints import BudgetState
+from streamagent.core.constraints import BudgetState, CapParams
 from streamagent.core.contracts import validator
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.errors import ConfigError, InvalidMessage
 
 T0 = 1_767_225_600_000
+DAY = 86_400_000
 CAT = load_catalog()
 
 
@@ -148,3 +149,59 @@ def test_swap_model_takes_effect_on_the_next_decision():
     eng.swap_model(Model(ModelSnapshot.from_network(net, 5, 0, CAT.actions, F.FEATURE_NAMES)))
     r = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetState())
     assert r.decision["policy_version"] == 5 and r.decision["action_index"] == 3
+
+
+def test_an_untrained_agent_sends_no_coupons_but_explores():
+    # a fresh network has a zero output layer: all Q equal, ties go to "none"
+    _, _, out = run(engine(exploration="greedy", caps=CapParams(1000, 7 * DAY, 0)), stream())
+    assert {r.decision["action"] for r in out if r.decision} == {"none"}
+    _, _, out = run(engine(epsilon_start=0.5, caps=CapParams(1000, 7 * DAY, 0)), stream())
+    acts = [r.decision for r in out if r.decision]
+    assert any(d["action"] != "none" and d["explored"] for d in acts)
+
+
+def _daily_sessions(eng, days=60, users=6):
+    evs = [(f"{u}-{d}", u, "session_start", T0 + d * DAY + i * 1000)
+           for d in range(days) for i, u in enumerate(f"v{k}" for k in range(users))]
+    _, _, out = run(eng, evs)
+    by_user: dict = {}
+    for r in out:
+        by_user.setdefault(r.decision["user_id"], []).append(r.decision)
+    return by_user
+
+
+def test_exploration_runs_repeat_the_explored_action_for_a_while():
+    caps = CapParams(1000, 7 * DAY, 0)
+    plain = _daily_sessions(engine(epsilon_start=0.3, epsilon_end=0.3, caps=caps))
+    runs = _daily_sessions(engine(epsilon_start=0.3, epsilon_end=0.3, caps=caps,
+                                  explore_run_mean=6.0))
+
+    def mean_explored_streak(by_user):
+        streaks = []
+        for ds in by_user.values():
+            n, prev = 0, None
+            for d in ds:
+                if d["explored"] and d["action"] == prev:
+                    n += 1
+                else:
+                    if n:
+                        streaks.append(n)
+                    n = 1 if d["explored"] else 0
+                prev = d["action"] if d["explored"] else None
+            if n:
+                streaks.append(n)
+        return np.mean(streaks)
+
+    assert mean_explored_streak(runs) > 2 * mean_explored_streak(plain)
+    for ds in runs.values():
+        for prev, d in zip(ds, ds[1:]):
+            if d["propensity"] == 1.0 and d["explored"]:
+                # inside a run: the same action as the decision before, logged with probability 1
+                assert d["action"] == prev["action"]
+
+
+def test_exploration_runs_are_deterministic_per_decision():
+    caps = CapParams(1000, 7 * DAY, 0)
+    a = _daily_sessions(engine(epsilon_start=0.3, caps=caps, explore_run_mean=4.0), days=20)
+    b = _daily_sessions(engine(epsilon_start=0.3, caps=caps, explore_run_mean=4.0), days=20)
+    assert a == b

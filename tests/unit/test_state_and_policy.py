@@ -125,3 +125,53 @@ def test_epsilon_schedule():
     assert epsilon_at(0, 0.2, 0.05, 100) == 0.2
     assert math.isclose(epsilon_at(50, 0.2, 0.05, 100), 0.125)
     assert epsilon_at(10**6, 0.2, 0.05, 100) == 0.05
+
+
+def _user_with_history(days: int, start_day: int = 0) -> UserState:
+    p = StateParams()
+    s = UserState("u")
+    day = 86_400_000
+    for d in range(start_day, start_day + days):
+        for k, typ in enumerate(("session_start", "page_view", "add_to_cart", "purchase")):
+            s = apply(s, UserEvent(f"e{d}-{k}", "u", typ, T0 + d * day + k * 1000,
+                                   category="books", price=20.0, amount=40.0), p)
+        if d % 3 == 0:
+            s = record_decision(s, {"ts": T0 + d * day + 5000, "trigger_event_id": f"e{d}-0",
+                                    "action_index": 1}, True, p)
+    return s
+
+
+def test_features_are_bounded_and_do_not_grow_with_a_users_age():
+    from streamagent.core.features import FEATURE_NAMES, encode
+
+    day = 86_400_000
+    young = _user_with_history(120, start_day=880)  # the same last 120 days...
+    old = _user_with_history(1000)  # ...after 880 more days of the same habits
+    ts = T0 + 1000 * day + 10_000
+    fy = encode(young, ts, "session_start", StateParams().half_life_ms, 7 * day)
+    fo = encode(old, ts, "session_start", StateParams().half_life_ms, 7 * day)
+    assert np.all(fo >= -1.0) and np.all(fo <= 1.5), dict(zip(FEATURE_NAMES, fo))
+    # nothing counts a lifetime: a 3-year-old user looks like a 4-month-old with the same
+    # habits. The one exception by design: the redemption rate is an estimate (Beta(1, 1)
+    # prior) that sharpens with evidence, so it moves towards the true rate with age.
+    keep = [k for k, n in enumerate(FEATURE_NAMES) if n != "redemption_rate"]
+    assert np.allclose(fy[keep], fo[keep], atol=1e-3), {
+        n: (a, b) for n, a, b in zip(FEATURE_NAMES, fy, fo) if abs(a - b) > 1e-3}
+
+
+def test_coupon_pressure_builds_with_coupons_and_fades_without():
+    from streamagent.core.features import FEATURE_NAMES, encode
+
+    day = 86_400_000
+    i = FEATURE_NAMES.index("coupon_pressure")
+    p = StateParams()
+    s = UserState("u")
+    s = apply(s, UserEvent("e0", "u", "session_start", T0), p)
+    seen = []
+    for d in range(4):
+        s = record_decision(s, {"ts": T0 + d * day, "trigger_event_id": f"c{d}"}, True, p)
+        seen.append(encode(s, T0 + d * day + 1, "session_start", p.half_life_ms, 7 * day)[i])
+    assert seen == sorted(seen) and seen[-1] > seen[0]
+    later = [encode(s, T0 + (3 + k) * day, "session_start", p.half_life_ms, 7 * day)[i]
+             for k in (1, 3, 6)]
+    assert later == sorted(later, reverse=True) and later[-1] < seen[0]

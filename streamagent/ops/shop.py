@@ -1,0 +1,176 @@
+"""The simulated shop against Kafka: its users' events go to user-events, their orders to
+conversions, and the coupons they get are read back from coupon-actions.
+
+Event time is fast-forwarded: a simulated day is produced as soon as the previous day's
+decisions are back, so weeks of shop traffic pass in minutes and, because every rule in the
+pipeline runs on event time, give the same decisions as live traffic would. The shop waits for
+the decision-log entry of each session (that is its clock: "the agent has decided") and takes
+the coupon from coupon-actions (what a real shop would see); a session without a coupon action
+got none.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from confluent_kafka import Consumer
+
+from streamagent.core.catalog import Catalog
+from streamagent.core.simulator import DAY_MS, Shop, order_prob, order_profit
+from streamagent.errors import StreamagentError
+from streamagent.ops.produce import make_producer
+
+
+class ShopStalled(StreamagentError):
+    """The agent did not decide for all of a day's sessions in time.
+
+    Check that the decide worker runs and reads the same user-events topic (its log and its
+    /metrics), and that the broker is up (`streamagent kafka status`).
+    """
+
+
+def partition_keys(n_partitions: int, prefix: str = "hb") -> list[str]:
+    """One key per partition (by the Java client's murmur2), for per-partition heartbeats."""
+    from aiokafka.partitioner import murmur2
+
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < n_partitions:
+        k = f"{prefix}-{i}"
+        keys.setdefault((murmur2(k.encode()) & 0x7FFFFFFF) % n_partitions, k)
+        i += 1
+    return [keys[p] for p in range(n_partitions)]
+
+
+@dataclass
+class DayResult:
+    day: int
+    expected_profit: float  # per user, from the true order probabilities (low noise)
+    realised_profit: float  # per user, sampled orders
+    coupons: int
+    orders: int
+    discount: float
+    events: int
+    policy_versions: set = field(default_factory=set)
+    explored: int = 0
+    seconds: float = 0.0
+
+
+class KafkaShop:
+    def __init__(self, shop: Shop, bootstrap: str, topics: dict[str, str], n_partitions: int,
+                 decision_timeout_s: float = 120.0):
+        self.shop, self.catalog = shop, shop.catalog
+        self.topics, self.timeout = topics, decision_timeout_s
+        self.producer = make_producer(bootstrap, **{"linger.ms": 5})
+        self.consumer = Consumer({"bootstrap.servers": bootstrap,
+                                  "group.id": f"streamagent-shop-{time.time_ns()}",
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self.consumer.subscribe([topics["decision_log"], topics["coupon_actions"]])
+        self.hb_keys = partition_keys(n_partitions)
+        self.decisions: dict[str, dict] = {}  # trigger_event_id -> decision-log entry
+        self.coupons: dict[str, dict] = {}  # decision_id -> coupon action
+        self.events_sent = 0
+        self.decisions_seen = 0
+
+    def close(self) -> None:
+        self.producer.flush(30)
+        self.consumer.close()
+
+    def _send(self, topic: str, key: str, doc: dict) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key.encode(), value=orjson.dumps(doc))
+                break
+            except BufferError:  # local queue full: let it drain
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def _poll(self, wanted: set[str], deadline: float) -> None:
+        """Read decisions and coupon actions until every wanted trigger has its answer."""
+        missing = set(wanted)
+        while missing:
+            if time.monotonic() > deadline:
+                raise ShopStalled(f"{len(missing)} of {len(wanted)} sessions got no decision "
+                                  f"within {self.timeout:.0f} s")
+            for m in self.consumer.consume(1000, timeout=0.2):
+                if m.error():
+                    continue
+                doc = orjson.loads(m.value())
+                if m.topic() == self.topics["coupon_actions"]:
+                    self.coupons.setdefault(doc["decision_id"], doc)
+                else:
+                    self.decisions_seen += 1
+                    self.decisions.setdefault(doc["trigger_event_id"], doc)
+            # done when the decision is in and, for a coupon, its coupon action too
+            for t in list(missing):
+                d = self.decisions.get(t)
+                if d and (d["action"] == "none" or d["decision_id"] in self.coupons):
+                    missing.discard(t)
+
+    def day(self, day: int) -> DayResult:
+        t0 = time.monotonic()
+        shop, cat = self.shop, self.catalog
+        triggers = {}
+        for i, u in enumerate(shop.users):
+            evs = shop.session_events(day, u, i)
+            for ev in evs:
+                self._send(self.topics["user_events"], u.user_id, ev)
+            self.events_sent += len(evs)
+            triggers[evs[0]["event_id"]] = u
+        self.producer.flush(30)
+        self._poll(set(triggers), time.monotonic() + self.timeout)
+        res = DayResult(day, 0.0, 0.0, 0, 0, 0.0, len(triggers) * 2)
+        orders = []
+        for tid, u in triggers.items():
+            d = self.decisions.pop(tid)
+            c = self.coupons.pop(d["decision_id"], None)
+            # the shop only knows the coupon it was told to deliver
+            a = cat.actions.index(c["coupon"]["id"]) if c else 0
+            res.coupons += a != 0
+            res.explored += bool(d["explored"])
+            res.policy_versions.add(d["policy_version"])
+            res.expected_profit += (order_prob(shop.scenario, u.segment, cat, u.fatigue, a)
+                                    * order_profit(shop.scenario, u.segment, cat, a)[0])
+            o = shop.respond(u, a, d["ts"], d["decision_id"])
+            if o:
+                res.orders += 1
+                res.realised_profit += o["_profit"]
+                res.discount += o["discount"]
+                orders.append(o)
+        for o in sorted(orders, key=lambda o: o["ts"]):
+            doc = {k: v for k, v in o.items() if not k.startswith("_") and v is not None}
+            self._send(self.topics["conversions"], o["user_id"], doc)
+        # the day is over on every partition, orders or not: heartbeats move event time on
+        end = shop.start_ts + (day + 1) * DAY_MS
+        for k in self.hb_keys:
+            self._send(self.topics["conversions"], k, {"order_id": f"hb-{k}-{day}", "user_id": k,
+                                                       "ts": end, "amount": 0.0, "heartbeat": True})
+        self.producer.flush(30)
+        n = len(shop.users)
+        res.expected_profit /= n
+        res.realised_profit /= n
+        res.seconds = time.monotonic() - t0
+        return res
+
+
+def expected_reference(shop: Shop, catalog: Catalog) -> dict[str, float]:
+    """Long-run profit per user per day of the optimal, myopic-optimal and never policies."""
+    import numpy as np
+
+    from streamagent.core.mdp import average_reward, value_iteration
+    from streamagent.core.simulator import mdp
+
+    out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0}
+    n = len(shop.users)
+    for seg in shop.scenario.segments:
+        w = sum(u.segment is seg for u in shop.users) / n
+        if not w:
+            continue
+        m = mdp(shop.scenario, seg, catalog)
+        _, pi = value_iteration(m.P, m.R, 0.995)
+        _, pi0 = value_iteration(m.P, m.R, 0.0)
+        out["optimal"] += w * average_reward(m.P, m.R, pi)
+        out["myopic_optimal"] += w * average_reward(m.P, m.R, pi0)
+        out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
+    return out
