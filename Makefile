@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench kafka-start kafka-stop docs clean prometheus
+.PHONY: setup demo test test-fast bench bench-learning kafka-start kafka-stop docs clean prometheus
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/streamagent bench pipeline
+
+bench-learning: setup
+	$(BIN)/streamagent bench learning
 
 docs: setup
 	$(BIN)/streamagent config --markdown > docs/CONFIGURATION.md

@@ -1,4 +1,5 @@
-"""The `streamagent` command. Subcommands: kafka, topics, worker, produce, tail, config, bench, demo."""
+"""The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, simulate, tail,
+config, bench, demo."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +105,37 @@ def cmd_bench_learning(args) -> int:
     return bench_learning(args)
 
 
+def cmd_simulate(args) -> int:
+    from streamagent.core.catalog import load_catalog
+    from streamagent.core.simulator import Shop, scenario
+    from streamagent.ops.shop import KafkaShop, expected_reference
+    from streamagent.ops.topics import partition_count
+
+    s = _settings()
+    catalog = load_catalog(s.catalog_path)
+    shop = Shop(scenario(args.scenario), catalog, args.users, seed=args.seed)
+    ref = expected_reference(shop, catalog)
+    topics = {"user_events": s.topic_user_events, "conversions": s.topic_conversions,
+              "coupon_actions": s.topic_coupon_actions, "decision_log": s.topic_decision_log}
+    n_parts = partition_count(s.kafka_bootstrap, s.topic_conversions, s.partitions)
+    ks = KafkaShop(shop, s.kafka_bootstrap, topics, n_parts, decision_timeout_s=args.timeout)
+    print(f"simulating {args.users} users for {args.days} days ({args.scenario}) against "
+          f"{s.kafka_bootstrap}; optimum {ref['optimal']:.3f}, never {ref['never']:.3f} "
+          f"profit/user/day", flush=True)
+    recent: list[float] = []
+    try:
+        for d in range(args.days):
+            r = ks.day(d)
+            recent = (recent + [r.expected_profit])[-7:]
+            print(f"day {d + 1:4}: profit/user {r.expected_profit:6.3f} (7-day mean "
+                  f"{sum(recent) / len(recent):6.3f}, {sum(recent) / len(recent) / ref['optimal']:5.1%} "
+                  f"of optimum), coupons {r.coupons}, orders {r.orders}, model "
+                  f"v{max(r.policy_versions)}, {r.seconds:.1f} s", flush=True)
+    finally:
+        ks.close()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streamagent.demo import run_demo
 
@@ -160,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_learning_arguments(bl)
     bl.set_defaults(fn=cmd_bench_learning)
+
+    sm = sub.add_parser("simulate", help="play the simulated shop against a running worker "
+                        "(user-events and conversions out, coupon-actions in)")
+    sm.add_argument("--days", type=int, default=30)
+    sm.add_argument("--users", type=int, default=400)
+    sm.add_argument("--scenario", default="fatigue", choices=["fatigue", "no-fatigue"])
+    sm.add_argument("--seed", type=int, default=1)
+    sm.add_argument("--timeout", type=float, default=180.0,
+                    help="seconds to wait for a day's decisions before giving up")
+    sm.set_defaults(fn=cmd_simulate)
 
     d = sub.add_parser("demo", help="the whole loop on a local broker, with live output")
     d.add_argument("--days", type=int, default=60, help="simulated days to play (event time)")

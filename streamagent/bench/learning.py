@@ -115,22 +115,25 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         for i, u in enumerate(shop.users):
             evs = shop.session_events(day, u, i)
             decision = None
+            if bandit is not None:
+                def policy(x, allowed):
+                    return bandit.act(np.asarray(x, np.float32), allowed)
+            elif choose is not None:
+                def policy(x, allowed, u=u):
+                    return choose(u, None), 1.0
+            else:
+                policy = None
             for ev in evs:
-                r = eng.step(orjson.dumps(ev), u.user_id.encode(), states.get(u.user_id), budget)
+                # the engine keeps state (coupons received included) for whatever policy acts
+                r = eng.step(orjson.dumps(ev), u.user_id.encode(), states.get(u.user_id), budget,
+                             policy=policy)
                 states[u.user_id] = r.state
                 if r.decision:
                     decision = r.decision
+            a = decision["action_index"]
             if bandit is not None:
-                x = np.asarray(decision["features"], np.float32)
-                a, prob = bandit.act(x, np.asarray(decision["allowed"], bool))
-                contexts[decision["decision_id"]] = (x, a, prob)
-                decision = {**decision, "action_index": a, "action": catalog.actions[a],
-                            "propensity": prob}
-            elif choose is not None:
-                a = choose(u, decision)
-                decision = {**decision, "action_index": a, "action": catalog.actions[a]}
-            else:
-                a = decision["action_index"]
+                contexts[decision["decision_id"]] = (np.asarray(decision["features"], np.float32),
+                                                     a, decision["propensity"])
             decisions += 1
             if joining:
                 _consume(joiner.on_decision(0, decision), learner, bandit, contexts)

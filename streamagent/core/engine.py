@@ -127,9 +127,12 @@ class DecisionEngine:
         self.model = model
 
     def step(self, raw: bytes | None, key: bytes | None, state: UserState | None,
-             budget: BudgetState, partition: int = -1, offset: int = -1) -> StepResult:
+             budget: BudgetState, partition: int = -1, offset: int = -1,
+             policy=None) -> StepResult:
         """Validate, fold into state, and decide if the event is a trigger.
 
+        ``policy(features, allowed) -> (action, propensity)`` replaces the Q-network's choice
+        (the benchmark's baselines use it, so that state, caps and logs see their actions).
         Raises InvalidMessage for input that belongs on the dead-letter topic.
         """
         ev = decode_user_event(raw, key)
@@ -147,9 +150,10 @@ class DecisionEngine:
         state = apply(state, ev, self.p.state, partition, offset)
         if ev.type not in self._triggers:
             return StepResult(state, budget, ev)
-        return self._decide(state, ev, budget)
+        return self._decide(state, ev, budget, policy)
 
-    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetState) -> StepResult:
+    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetState,
+                policy=None) -> StepResult:
         p, ts = self.p, ev.ts
         model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
         x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
@@ -162,7 +166,13 @@ class DecisionEngine:
         probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature)
         did = decision_id(p.app_id, ev.event_id)
         run = p.exploration == "epsilon" and p.explore_run_mean > 1.0
-        if run and state.explore_left > 0 and allowed[state.explore_action]:
+        if policy is not None:
+            a, prop = policy(x, allowed)
+            if not allowed[a]:
+                raise ValueError(f"the external policy chose masked action {a}")
+            probs = np.zeros(len(q))
+            probs[a] = prop
+        elif run and state.explore_left > 0 and allowed[state.explore_action]:
             # inside a run the action is fixed by the user's state: the behaviour policy gives
             # it probability 1, and that is what the log says
             a = state.explore_action

@@ -205,3 +205,25 @@ def test_exploration_runs_are_deterministic_per_decision():
     a = _daily_sessions(engine(epsilon_start=0.3, caps=caps, explore_run_mean=4.0), days=20)
     b = _daily_sessions(engine(epsilon_start=0.3, caps=caps, explore_run_mean=4.0), days=20)
     assert a == b
+
+
+def test_an_external_policy_acts_and_the_state_remembers_its_coupons():
+    eng = engine(caps=CapParams(1000, 7 * DAY, 0))
+    states, budget = {}, BudgetState()
+    for d in range(3):
+        r = eng.step(raw(f"x{d}", "w", "session_start", T0 + d * DAY), b"w", states.get("w"),
+                     budget, policy=lambda x, allowed: (2, 0.25))
+        states["w"], budget = r.state, r.budget
+        assert r.decision["action_index"] == 2 and r.decision["propensity"] == 0.25
+        assert r.coupon_action["coupon"]["id"] == CAT.actions[2]
+    assert states["w"].n_coupons == 3
+    # a policy may not pick what caps or budget forbid (the default caps allow 2 a week)
+    capped = engine()
+    st, b = None, BudgetState()
+    for d in range(2):
+        r = capped.step(raw(f"c{d}", "z", "session_start", T0 + d * DAY), b"z", st, b,
+                        policy=lambda x, allowed: (1, 1.0))
+        st, b = r.state, r.budget
+    with pytest.raises(ValueError, match="masked"):
+        capped.step(raw("c2", "z", "session_start", T0 + 2 * DAY), b"z", st, b,
+                    policy=lambda x, allowed: (1, 1.0))
