@@ -20,7 +20,7 @@ from streamagent.bench.bandits import BANDITS
 from streamagent.bench.bandits import make as make_bandit
 from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
-from streamagent.core.constraints import BudgetState, CapParams
+from streamagent.core.constraints import BudgetState
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.learner import LearnerParams, QLearner
@@ -75,35 +75,38 @@ class Result:
                 "seconds": self.seconds}
 
 
-def _engine(catalog: Catalog, exploration: str, eps: tuple[float, float, int],
-            run_mean: float = 1.0) -> DecisionEngine:
-    params = EngineParams(app_id="bench", exploration=exploration, epsilon_start=eps[0],
-                          epsilon_end=eps[1], epsilon_decay_steps=eps[2],
-                          explore_run_mean=run_mean,
-                          # the optimum knows no caps or budget: switch them off for a fair race
-                          caps=CapParams(max_coupons=10_000, window_ms=7 * DAY_MS, min_gap_ms=0),
-                          budget_per_period=1e12)
-    return DecisionEngine(catalog, params, initial_model(catalog, (64, 64), 7))
+def bench_settings(**overrides):
+    """The product's defaults (docs/CONFIGURATION.md), with caps and budget off: the optimum
+    knows neither, so a fair race has neither. Benchmarked = shipped."""
+    from streamagent.config import Settings
+
+    base = dict(cap_max_coupons=10_000, cap_min_gap_hours=0, budget_per_period=1e12,
+                attribution_window_hours=24, allowed_lateness_minutes=1,
+                transition_horizon_days=3)
+    return Settings(**{**base, **overrides})
 
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
-        gamma: float | None = None, choose=None, log=None,
-        eps: tuple[float, float, int] = (0.2, 0.02, 6_000), huber_delta: float = 20.0,
-        explore_run: float = 1.0, bandit=None, lr: float = 1e-4) -> Result:
+        gamma: float | None = None, choose=None, log=None, bandit=None,
+        settings=None) -> Result:
     """One policy over the horizon: ``gamma`` set: our Q-learner; ``bandit``: a baseline
     bandit learning from the same reward records; else ``choose(user, decision)``."""
+    s = settings or bench_settings()
     shop = Shop(sc, catalog, n_users, seed=seed)
     learning = gamma is not None
     joining = learning or bandit is not None
     contexts: dict = {}  # decision_id -> (features, action, probability) awaiting its reward
-    eng = _engine(catalog, "epsilon" if learning else "greedy", eps, explore_run)
+    ep = replace(EngineParams.from_settings(s, 1), app_id="bench",
+                 exploration=s.exploration if learning else "greedy")
+    eng = DecisionEngine(catalog, ep, initial_model(catalog, tuple(s.hidden_sizes), s.seed))
     store: dict = {}
-    joiner = Joiner(catalog, JoinParams(window_ms=24 * HOUR, lateness_ms=60_000,
-                                        horizon_ms=3 * DAY_MS, margin=sc.margin), store)
-    learner = QLearner(catalog.actions, F.FEATURE_NAMES, (64, 64),
-                       LearnerParams(gamma=gamma or 0.0, lr=lr, batch_size=64,
-                                     learning_starts=500, train_every=2, buffer_size=100_000,
-                                     huber_delta=huber_delta, seed=seed)) if learning else None
+    joiner = Joiner(catalog, JoinParams(window_ms=int(s.attribution_window_hours * HOUR),
+                                        lateness_ms=int(s.allowed_lateness_minutes * 60_000),
+                                        horizon_ms=int(s.transition_horizon_days * DAY_MS),
+                                        margin=sc.margin), store)
+    lp = replace(LearnerParams.from_settings(s), gamma=gamma or 0.0, seed=seed)
+    learner = QLearner(catalog.actions, F.FEATURE_NAMES, tuple(s.hidden_sizes), lp) \
+        if learning else None
     states: dict = {}
     budget = BudgetState()
     daily, spend, orders, decisions, realised = [], 0.0, 0, 0, 0.0
@@ -162,7 +165,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                                               "amount": 0.0, "heartbeat": True}),
                      learner, bandit, contexts)
         if learning:
-            if learner.train_steps - last_snap >= 200:
+            if learner.train_steps - last_snap >= s.snapshot_every_updates:
                 eng.swap_model(Model(learner.snapshot()))
                 last_snap = learner.train_steps
         daily.append(profit_today / n_users)
@@ -202,9 +205,11 @@ def add_arguments(p) -> None:
     p.add_argument("--policies", default="random,never,static,oracle,river_linucb,"
                    "river_eps_greedy,vw_cb_adf,q_myopic,q_gamma",
                    help="comma-separated; bandits need river / vowpalwabbit (the bench extra)")
-    p.add_argument("--explore-run", type=float, default=1.0,
-                   help="mean exploration run length of q_gamma (1 = epsilon-greedy)")
-    p.add_argument("--gamma", type=float, default=0.95)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a setting for our learner, e.g. --set learning_rate=3e-4 "
+                        "--set explore_run_mean=5 (names as in docs/CONFIGURATION.md, lower case)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="discount of q_gamma (default: the product's STREAMAGENT_GAMMA)")
     p.add_argument("--out", default="bench-results/learning.json")
 
 
@@ -214,6 +219,9 @@ def main(args) -> int:
 
     con = Console()
     catalog = load_catalog()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    if args.gamma is None:
+        args.gamma = bench_settings().gamma
     report: dict = {"users": args.users, "days": args.days, "seed": args.seed, "scenarios": {}}
     curves: dict = {}
     for sname in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
@@ -238,10 +246,11 @@ def main(args) -> int:
         for pname in [p.strip() for p in args.policies.split(",") if p.strip()]:
             con.print(f"  running {pname} ...")
             if pname == "q_myopic":
-                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=0.0, log=con.print)
+                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=0.0,
+                          log=con.print, settings=bench_settings(**overrides))
             elif pname == "q_gamma":
                 res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=args.gamma,
-                          log=con.print, explore_run=args.explore_run)
+                          log=con.print, settings=bench_settings(**overrides))
             elif pname in BANDITS:
                 b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, args.seed)
                 res = run(pname, sc, catalog, args.users, args.days, args.seed, bandit=b,

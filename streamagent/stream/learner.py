@@ -27,14 +27,7 @@ log = logging.getLogger("streamagent.learner")
 
 
 def learner_params(s: Settings) -> LearnerParams:
-    return LearnerParams(gamma=s.gamma, gamma_unit_ms=int(s.gamma_unit_hours * 3_600_000),
-                         lr=s.learning_rate, batch_size=s.batch_size, buffer_size=s.replay_size,
-                         learning_starts=s.learning_starts, train_every=s.train_every,
-                         target_update=s.target_update, tau=s.tau, target_every=s.target_every,
-                         double_dqn=s.double_dqn, prioritized=s.prioritized_replay,
-                         grad_clip=s.grad_clip, huber_delta=s.huber_delta,
-                         advantage_alpha=s.advantage_alpha, publish_average=s.publish_average,
-                         seed=s.seed)
+    return LearnerParams.from_settings(s)
 
 
 class LearnerService:
