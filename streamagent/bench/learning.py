@@ -201,6 +201,9 @@ def add_arguments(p) -> None:
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--days", type=int, default=120)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (population and learner): the table shows means "
+                        "and the range of the fraction of the optimum; curves show the first")
     p.add_argument("--scenarios", default="fatigue,no-fatigue")
     p.add_argument("--policies", default="random,never,static,oracle,river_linucb,"
                    "river_eps_greedy,vw_cb_adf,q_myopic,q_gamma",
@@ -213,64 +216,106 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench-results/learning.json")
 
 
+def _one_seed(sname: str, seed: int, args, catalog: Catalog, overrides: dict, con) -> tuple:
+    sc = scenario(sname)
+    shop = Shop(sc, catalog, args.users, seed=seed)
+    opt = optimum(sc, catalog, shop)
+    con.print(f"[bold]{sname}[/], seed {seed}: optimum {opt['optimal']:.3f} profit/user/day "
+              f"(myopic optimum {opt['myopic_optimal']:.3f}); optimal policy by fatigue level: "
+              f"{opt['policies']}")
+    rng = np.random.default_rng(seed + 99)
+    static = static_best(sc, catalog, shop)
+    pol_by_seg = {name: [catalog.actions.index(a) for a in acts]
+                  for name, acts in opt["policies"].items()}
+    choosers = {
+        "random": lambda u, d: int(rng.integers(catalog.n_actions)),
+        "never": lambda u, d: 0,
+        "static": lambda u, d: static,
+        # the optimum acted out with the true latent fatigue: checks simulator and MDP agree
+        "oracle": lambda u, d: pol_by_seg[u.segment.name][u.fatigue],
+    }
+    rows, curves = [], {}
+    for pname in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        con.print(f"  running {pname} ...")
+        if pname in ("q_myopic", "q_gamma"):
+            g = 0.0 if pname == "q_myopic" else args.gamma
+            res = run(pname, sc, catalog, args.users, args.days, seed, gamma=g, log=con.print,
+                      settings=bench_settings(**overrides))
+        elif pname in BANDITS:
+            b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, seed)
+            res = run(pname, sc, catalog, args.users, args.days, seed, bandit=b, log=con.print)
+        elif pname in choosers:
+            res = run(pname, sc, catalog, args.users, args.days, seed, choose=choosers[pname])
+        else:
+            raise SystemExit(f"unknown policy {pname!r}; choose from random, never, static, "
+                             f"oracle, {', '.join(BANDITS)}, q_myopic, q_gamma")
+        rows.append({**res.summary(opt["optimal"], args.users), "seed": seed})
+        curves[pname] = res.daily_profit
+    return opt, catalog.actions[static], rows, curves
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    """One row per policy: means over seeds, and the range of the fraction of the optimum."""
+    out = []
+    for pname in dict.fromkeys(r["policy"] for r in rows):
+        rs = [r for r in rows if r["policy"] == pname]
+        fr = [r["fraction_of_optimum"] for r in rs]
+        agg = {"policy": pname, "seeds": [r["seed"] for r in rs], "fraction_min": min(fr),
+               "fraction_max": max(fr)}
+        for k in ("profit_per_user_day", "fraction_of_optimum", "coupon_spend_per_user_day",
+                  "conversion_rate", "realised_profit_per_user_day", "seconds"):
+            agg[k] = float(np.mean([r[k] for r in rs]))
+        for k in ("events_to_90pct", "events_to_95pct"):
+            vals = [r[k] for r in rs]
+            # reached on every seed: the mean; on some only: not claimed
+            agg[k] = int(np.mean(vals)) if all(v is not None for v in vals) else None
+        out.append(agg)
+    return out
+
+
 def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    import sys
+
+    # a wide table even when piped to a file (rich would otherwise truncate to 80 columns)
+    con = Console() if sys.stdout.isatty() else Console(width=150)
     catalog = load_catalog()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.gamma is None:
         args.gamma = bench_settings().gamma
-    report: dict = {"users": args.users, "days": args.days, "seed": args.seed, "scenarios": {}}
+    seeds = [int(x) for x in str(args.seeds or args.seed).split(",") if x.strip()]
+    report: dict = {"users": args.users, "days": args.days, "seeds": seeds,
+                    "settings_overrides": overrides, "scenarios": {}}
     curves: dict = {}
     for sname in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
-        sc = scenario(sname)
-        shop = Shop(sc, catalog, args.users, seed=args.seed)
-        opt = optimum(sc, catalog, shop)
-        con.print(f"[bold]{sname}[/]: optimum {opt['optimal']:.3f} profit/user/day "
-                  f"(myopic optimum {opt['myopic_optimal']:.3f}); optimal policy by fatigue level: "
-                  f"{opt['policies']}")
-        rng = np.random.default_rng(args.seed + 99)
-        static = static_best(sc, catalog, shop)
-        pol_by_seg = {name: [catalog.actions.index(a) for a in acts]
-                      for name, acts in opt["policies"].items()}
-        choosers = {
-            "random": lambda u, d: int(rng.integers(catalog.n_actions)),
-            "never": lambda u, d: 0,
-            "static": lambda u, d: static,
-            # the optimum acted out with the true latent fatigue: checks simulator and MDP agree
-            "oracle": lambda u, d: pol_by_seg[u.segment.name][u.fatigue],
-        }
-        rows = []
-        for pname in [p.strip() for p in args.policies.split(",") if p.strip()]:
-            con.print(f"  running {pname} ...")
-            if pname == "q_myopic":
-                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=0.0,
-                          log=con.print, settings=bench_settings(**overrides))
-            elif pname == "q_gamma":
-                res = run(pname, sc, catalog, args.users, args.days, args.seed, gamma=args.gamma,
-                          log=con.print, settings=bench_settings(**overrides))
-            elif pname in BANDITS:
-                b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, args.seed)
-                res = run(pname, sc, catalog, args.users, args.days, args.seed, bandit=b,
-                          log=con.print)
-            else:
-                res = run(pname, sc, catalog, args.users, args.days, args.seed,
-                          choose=choosers[pname])
-            rows.append(res.summary(opt["optimal"], args.users))
-            curves[(sname, pname)] = res.daily_profit
-        report["scenarios"][sname] = {"optimum": opt, "static_coupon": catalog.actions[static],
-                                      "results": rows}
-        table = Table(title=f"learning benchmark: {sname} ({args.users} users, {args.days} days)")
-        for col in ("policy", "profit/user/day", "of optimum", "spend/user/day", "conv. rate",
-                    "events to 90%", "events to 95%", "seconds"):
+        rows, per_seed = [], []
+        for seed in seeds:
+            opt, static, rs, cs = _one_seed(sname, seed, args, catalog, overrides, con)
+            rows += rs
+            per_seed.append({"seed": seed, "optimum": opt, "static_coupon": static})
+            if seed == seeds[0]:
+                curves.update({(sname, k): v for k, v in cs.items()})
+        agg = _aggregate(rows)
+        report["scenarios"][sname] = {"optimum": per_seed[0]["optimum"], "per_seed": per_seed,
+                                      "results": agg, "runs": rows}
+        multi = len(seeds) > 1
+        title = (f"learning benchmark: {sname} ({args.users} users, {args.days} days"
+                 + (f", mean of seeds {','.join(map(str, seeds))})" if multi else ")"))
+        table = Table(title=title)
+        cols = ["policy", "profit/user/day", "of optimum"] + (["range"] if multi else []) + [
+            "spend/user/day", "conv. rate", "events to 90%", "events to 95%", "seconds"]
+        for col in cols:
             table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(r["policy"], f"{r['profit_per_user_day']:.3f}",
-                          f"{r['fraction_of_optimum']:.1%}", f"{r['coupon_spend_per_user_day']:.3f}",
-                          f"{r['conversion_rate']:.1%}", str(r["events_to_90pct"] or "-"),
-                          str(r["events_to_95pct"] or "-"), f"{r['seconds']:.1f}")
+        for r in agg:
+            cells = [r["policy"], f"{r['profit_per_user_day']:.3f}", f"{r['fraction_of_optimum']:.1%}"]
+            if multi:
+                cells.append(f"{r['fraction_min']:.0%}–{r['fraction_max']:.0%}")
+            cells += [f"{r['coupon_spend_per_user_day']:.3f}", f"{r['conversion_rate']:.1%}",
+                      str(r["events_to_90pct"] or "-"), str(r["events_to_95pct"] or "-"),
+                      f"{r['seconds']:.1f}"]
+            table.add_row(*cells)
         con.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

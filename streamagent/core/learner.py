@@ -42,6 +42,12 @@ class LearnerParams:
     # the online one: the online weights jitter from batch to batch, and with action gaps of
     # a few percent of Q that jitter flips deciders' greedy actions back and forth.
     publish_average: bool = False
+    # n-step returns: learn from the rewards of a user's next n decisions before bootstrapping.
+    # A coupon's cost (fatigue, lost full-price orders) shows in the rewards of the following
+    # days; one-step targets must carry it through a noisy estimate of V(s'), n-step ones see
+    # it directly. Transitions of a user wait (at most n - 1 of them) until n are in.
+    n_step: int = 1
+    n_step_max_users: int = 200_000  # users with waiting transitions; beyond, the oldest flush
     prioritized: bool = False
     alpha: float = 0.6
     beta: float = 0.4
@@ -57,7 +63,7 @@ class LearnerParams:
                    double_dqn=s.double_dqn, prioritized=s.prioritized_replay,
                    grad_clip=s.grad_clip, huber_delta=s.huber_delta,
                    advantage_alpha=s.advantage_alpha, publish_average=s.publish_average,
-                   seed=s.seed)
+                   n_step=s.n_step, seed=s.seed)
 
 
 class Replay:
@@ -133,6 +139,8 @@ class QLearner:
         self.version = initial.version if initial else 0
         self.train_steps = initial.train_steps if initial else 0
         self.seen = 0
+        # user -> the user's latest transitions, oldest first, waiting to form n-step returns
+        self.pending: dict[str, list[tuple]] = {}
         self.last_loss = float("nan")
         self.last_max_q = float("nan")
 
@@ -148,8 +156,47 @@ class QLearner:
         done = bool(t["done"])
         s2 = np.asarray(t["next_features"], np.float32) if not done else np.zeros_like(s)
         mask2 = np.asarray(t.get("next_allowed") or [True] * na, bool)
-        self.replay.add(s, int(t["action_index"]), float(t["reward"]), s2,
-                        self.discount(t.get("dt_ms"), done), mask2)
+        item = (s, int(t["action_index"]), float(t["reward"]), s2,
+                self.discount(t.get("dt_ms"), done), mask2)
+        if self.p.n_step <= 1:
+            return self._store(*item)
+        user = str(t.get("user_id", ""))
+        q = self.pending.pop(user, [])  # re-inserted last: the dict stays in recency order
+        q.append(item)
+        out = None
+        if done:
+            out = self._flush(q)
+        else:
+            if len(q) >= self.p.n_step:
+                out = self._store(*self._n_step(q))
+                q.pop(0)
+            self.pending[user] = q
+            while len(self.pending) > self.p.n_step_max_users:
+                oldest = next(iter(self.pending))
+                out = self._flush(self.pending.pop(oldest)) or out
+        return out
+
+    @staticmethod
+    def _n_step(q: list[tuple]) -> tuple:
+        """(s0, a0, sum_i G_i r_i, s_m, G_m, mask_m) over the m = len(q) transitions of q, G_i
+        being the product of the discounts before step i (0 once an episode ends)."""
+        s0, a0 = q[0][0], q[0][1]
+        ret, g = 0.0, 1.0
+        for _, _, r, _, disc, _ in q:
+            ret += g * r
+            g *= disc
+        return s0, a0, ret, q[-1][3], g, q[-1][5]
+
+    def _flush(self, q: list[tuple]) -> dict | None:
+        """Store every waiting transition with the (shorter) return it has: nothing is lost."""
+        out = None
+        while q:
+            out = self._store(*self._n_step(q)) or out
+            q.pop(0)
+        return out
+
+    def _store(self, s, a, r, s2, disc, mask2) -> dict | None:
+        self.replay.add(s, a, r, s2, disc, mask2)
         self.seen += 1
         if len(self.replay) < self.p.learning_starts or self.seen % self.p.train_every:
             return None
@@ -218,10 +265,21 @@ class QLearner:
         torch.save({"online": self.online.state_dict(), "target": self.target.state_dict(),
                     "opt": self.opt.state_dict(), "replay": self.replay.state(),
                     "version": self.version, "train_steps": self.train_steps, "seen": self.seen,
+                    "pending": self._pending_state(),
                     "params": asdict(self.p), "hidden": list(self.hidden),
                     "actions": list(self.actions), "feature_names": list(self.feature_names),
                     "extra": extra or {}}, buf)
         return buf.getvalue()
+
+    def _pending_state(self) -> dict:
+        # the waiting transitions belong to the checkpoint: their input offsets are committed
+        return {u: [[torch.from_numpy(s), a, r, torch.from_numpy(s2), disc,
+                     torch.from_numpy(m.copy())] for s, a, r, s2, disc, m in q]
+                for u, q in self.pending.items()}
+
+    def _load_pending(self, st: dict) -> None:
+        self.pending = {u: [(s.numpy(), int(a), float(r), s2.numpy(), float(disc), m.numpy())
+                            for s, a, r, s2, disc, m in q] for u, q in st.items()}
 
     def save_checkpoint(self, path: Path, extra: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,4 +299,5 @@ class QLearner:
         self.opt.load_state_dict(doc["opt"])
         self.replay.load(doc["replay"])
         self.version, self.train_steps, self.seen = doc["version"], doc["train_steps"], doc["seen"]
+        self._load_pending(doc.get("pending") or {})
         return doc["extra"]

@@ -121,3 +121,63 @@ def test_snapshots_are_versioned_and_loadable():
 
     back = ModelSnapshot.from_bytes(s2.to_bytes())
     assert back.actions == ACTIONS and back.version == 2
+
+
+def _chain(user, rewards, last_done=False):
+    """Transitions of one user on consecutive days: features [1, k, 0] for decision k."""
+    out = []
+    for k, r in enumerate(rewards):
+        done = last_done and k == len(rewards) - 1
+        out.append({**t([1.0, float(k), 0.0], k % 3, r, None if done else [1.0, float(k + 1), 0.0],
+                        None if done else DAY, done), "user_id": user})
+    return out
+
+
+def _stored(L):
+    rb = L.replay
+    return [(rb.s[i][1], round(float(rb.r[i]), 6), rb.s2[i][1], round(float(rb.disc[i]), 6))
+            for i in range(len(rb))]
+
+
+def test_n_step_returns_sum_discounted_rewards_then_bootstrap():
+    L = learner(gamma=0.5, n_step=3, learning_starts=10_000)
+    for x in _chain("u", [1.0, 2.0, 3.0, 4.0]):
+        L.learn_one(x)
+    # from decision 0: 1 + .5*2 + .25*3, then bootstrap from decision 3 with .5^3
+    assert _stored(L) == [(0.0, 2.75, 3.0, 0.125), (1.0, 4.5, 4.0, 0.125)]
+    assert len(L.pending["u"]) == 2
+
+
+def test_an_ending_episode_flushes_shorter_returns_without_bootstrap():
+    L = learner(gamma=0.5, n_step=3, learning_starts=10_000)
+    for x in _chain("u", [1.0, 2.0, 4.0], last_done=True):
+        L.learn_one(x)
+    assert _stored(L) == [(0.0, 3.0, 0.0, 0.0), (1.0, 4.0, 0.0, 0.0), (2.0, 4.0, 0.0, 0.0)]
+    assert "u" not in L.pending
+
+
+def test_users_do_not_mix_and_the_oldest_waiting_user_flushes_first():
+    L = learner(gamma=0.5, n_step=3, learning_starts=10_000, n_step_max_users=2)
+    a, b, c = _chain("a", [1.0, 1.0]), _chain("b", [2.0, 2.0]), _chain("c", [8.0])
+    for x in (a[0], b[0], a[1], b[1]):
+        L.learn_one(x)
+    assert len(L.replay) == 0  # two users, two transitions each: both still waiting
+    L.learn_one(c[0])  # a third user: "a" (least recently updated) is flushed
+    assert set(L.pending) == {"b", "c"}
+    assert _stored(L) == [(0.0, 1.5, 2.0, 0.25), (1.0, 1.0, 2.0, 0.5)]
+
+
+def test_waiting_transitions_survive_a_checkpoint(tmp_path):
+    xs = _chain("u", [1.0, 2.0, 3.0, 4.0])
+    L = learner(gamma=0.5, n_step=3, learning_starts=10_000)
+    for x in xs[:2]:
+        L.learn_one(x)
+    L.save_checkpoint(tmp_path / "c.pt")
+    L2 = learner(gamma=0.5, n_step=3, learning_starts=10_000)
+    L2.load_checkpoint(tmp_path / "c.pt")
+    for x in xs[2:]:
+        L2.learn_one(x)
+    ref = learner(gamma=0.5, n_step=3, learning_starts=10_000)
+    for x in xs:
+        ref.learn_one(x)
+    assert _stored(L2) == _stored(ref)
