@@ -60,10 +60,10 @@ def run_demo(args) -> int:
 
     from streamagent.config import Settings
     from streamagent.core.catalog import load_catalog
-    from streamagent.core.simulator import Shop, scenario
+    from streamagent.core.simulator import Shop, optimum, scenario
     from streamagent.ops.broker import BrokerConfig, start, stop
     from streamagent.ops.local import free_port, free_port_pair, terminate
-    from streamagent.ops.shop import KafkaShop, expected_reference
+    from streamagent.ops.shop import KafkaShop
     from streamagent.ops.topics import create_topics
 
     con = Console()
@@ -91,7 +91,7 @@ def run_demo(args) -> int:
 
     catalog = load_catalog()
     shop = Shop(scenario(args.scenario), catalog, args.users, seed=args.seed)
-    ref = expected_reference(shop, catalog)
+    ref = optimum(shop)
     topics = {"user_events": s.topic_user_events, "conversions": s.topic_conversions,
               "coupon_actions": s.topic_coupon_actions, "decision_log": s.topic_decision_log}
     kshop = KafkaShop(shop, cfg.bootstrap, topics, s.partitions, decision_timeout_s=120)

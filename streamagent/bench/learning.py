@@ -24,28 +24,17 @@ from streamagent.core.constraints import BudgetState
 from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.learner import LearnerParams, QLearner
-from streamagent.core.mdp import average_reward, value_iteration
+from streamagent.core.mdp import average_reward
 from streamagent.core.simulator import DAY_MS, Shop, mdp, order_prob, order_profit, scenario
+from streamagent.core.simulator import optimum as sim_optimum
 
 HOUR = 3_600_000
 
 
 def optimum(sc, catalog: Catalog, shop: Shop, gamma: float = 0.995) -> dict:
-    """Optimal and myopic-optimal long-run profit per user per day for this population."""
-    counts: dict[str, int] = {}
-    for u in shop.users:
-        counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
-    best = myopic = 0.0
-    policies = {}
-    for seg in sc.segments:
-        m = mdp(sc, seg, catalog)
-        w = counts.get(seg.name, 0) / len(shop.users)
-        _, pi = value_iteration(m.P, m.R, gamma)
-        _, pi0 = value_iteration(m.P, m.R, 0.0)
-        best += w * average_reward(m.P, m.R, pi)
-        myopic += w * average_reward(m.P, m.R, pi0)
-        policies[seg.name] = [catalog.actions[a] for a in pi]
-    return {"optimal": best, "myopic_optimal": myopic, "policies": policies}
+    """Optimal, myopic-optimal and never-send long-run profit per user per day (see
+    core.simulator.optimum)."""
+    return sim_optimum(shop, gamma)
 
 
 @dataclass
@@ -279,6 +268,11 @@ def main(args) -> int:
 
     import sys
 
+    import torch
+
+    # One thread: the network is small, and two benchmark processes (or a benchmark and a
+    # broker) on a 2-core machine with torch's default threads spend their time spinning.
+    torch.set_num_threads(1)
     # a wide table even when piped to a file (rich would otherwise truncate to 80 columns)
     con = Console() if sys.stdout.isatty() else Console(width=150)
     catalog = load_catalog()

@@ -185,3 +185,26 @@ class Shop:
         levels, probs = zip(*nxt.items())
         u.fatigue = int(self.rng.choice(levels, p=probs))
         return order
+
+
+def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
+    """Long-run profit per user per day of this population under the optimal policy (value
+    iteration per segment, gamma near 1 for the average-reward optimum), the myopic optimum
+    (gamma 0) and "never send"; and the optimal action per segment and fatigue level."""
+    from streamagent.core.mdp import average_reward, value_iteration
+
+    sc, catalog = shop.scenario, shop.catalog
+    counts: dict[str, int] = {}
+    for u in shop.users:
+        counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
+    out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0, "policies": {}}
+    for seg in sc.segments:
+        m = mdp(sc, seg, catalog)
+        w = counts.get(seg.name, 0) / len(shop.users)
+        _, pi = value_iteration(m.P, m.R, gamma)
+        _, pi0 = value_iteration(m.P, m.R, 0.0)
+        out["optimal"] += w * average_reward(m.P, m.R, pi)
+        out["myopic_optimal"] += w * average_reward(m.P, m.R, pi0)
+        out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
+        out["policies"][seg.name] = [catalog.actions[a] for a in pi]
+    return out

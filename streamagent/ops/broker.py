@@ -165,7 +165,7 @@ def _server_properties(cfg: BrokerConfig) -> str:
 def _java_cmd(cfg: BrokerConfig, main: str, *args: str) -> list[str]:
     java = _require("java", "Install Java 17+ (Debian: apt-get install openjdk-17-jre-headless).")
     logs = cfg.data_dir / "logs"
-    return [java, f"-Xms256m", f"-Xmx{cfg.heap}", "-XX:+UseG1GC",
+    return [java, "-Xms256m", f"-Xmx{cfg.heap}", "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={logs}",
             f"-Dlog4j2.configurationFile={cfg.data_dir / 'log4j2.xml'}",

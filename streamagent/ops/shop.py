@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import orjson
 from confluent_kafka import Consumer
 
-from streamagent.core.catalog import Catalog
 from streamagent.core.simulator import DAY_MS, Shop, order_prob, order_profit
 from streamagent.errors import StreamagentError
 from streamagent.ops.produce import make_producer
@@ -152,25 +151,3 @@ class KafkaShop:
         res.realised_profit /= n
         res.seconds = time.monotonic() - t0
         return res
-
-
-def expected_reference(shop: Shop, catalog: Catalog) -> dict[str, float]:
-    """Long-run profit per user per day of the optimal, myopic-optimal and never policies."""
-    import numpy as np
-
-    from streamagent.core.mdp import average_reward, value_iteration
-    from streamagent.core.simulator import mdp
-
-    out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0}
-    n = len(shop.users)
-    for seg in shop.scenario.segments:
-        w = sum(u.segment is seg for u in shop.users) / n
-        if not w:
-            continue
-        m = mdp(shop.scenario, seg, catalog)
-        _, pi = value_iteration(m.P, m.R, 0.995)
-        _, pi0 = value_iteration(m.P, m.R, 0.0)
-        out["optimal"] += w * average_reward(m.P, m.R, pi)
-        out["myopic_optimal"] += w * average_reward(m.P, m.R, pi0)
-        out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
-    return out

@@ -3,7 +3,6 @@ is clearly best for each; after a bounded number of rounds the deciders' greedy 
 argmax of the Q-values they log) is right for both. This asserts learning, not speed."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import orjson

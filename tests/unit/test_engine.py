@@ -116,7 +116,7 @@ def test_snapshot_round_trip_is_weights_only(tmp_path):
     for k, v in snap.state_dict.items():
         assert torch.equal(v, back.state_dict[k])
     # a pickle that would run code is refused by weights_only loading
-    import io, pickle
+    import io
 
     class Evil:
         def __reduce__(self):
