@@ -181,7 +181,7 @@ def run_demo(args) -> int:
         report = write_report(out_dir, args, days, ref, dlq_reasons, bad_sent,
                               time.monotonic() - t_start)
         con.rule("report")
-        con.print(report)
+        con.print(report, markup=False, highlight=False)
         con.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'learning-curve.png'}")
     if args.keep_running:
         con.print(f"broker left running on {cfg.bootstrap} (data in {tmp}); stop it with: "
