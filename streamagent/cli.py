@@ -108,15 +108,14 @@ def cmd_bench_learning(args) -> int:
 def cmd_simulate(args) -> int:
     from streamagent.core.catalog import load_catalog
     from streamagent.core.simulator import Shop, optimum, scenario
-    from streamagent.ops.shop import KafkaShop
+    from streamagent.ops.shop import KafkaShop, shop_topics
     from streamagent.ops.topics import partition_count
 
     s = _settings()
     catalog = load_catalog(s.catalog_path)
     shop = Shop(scenario(args.scenario), catalog, args.users, seed=args.seed)
     ref = optimum(shop)
-    topics = {"user_events": s.topic_user_events, "conversions": s.topic_conversions,
-              "coupon_actions": s.topic_coupon_actions, "decision_log": s.topic_decision_log}
+    topics = shop_topics(s)
     n_parts = partition_count(s.kafka_bootstrap, s.topic_conversions, s.partitions)
     ks = KafkaShop(shop, s.kafka_bootstrap, topics, n_parts, decision_timeout_s=args.timeout)
     print(f"simulating {args.users} users for {args.days} days ({args.scenario}) against "

@@ -63,7 +63,7 @@ def run_demo(args) -> int:
     from streamagent.core.simulator import Shop, optimum, scenario
     from streamagent.ops.broker import BrokerConfig, start, stop
     from streamagent.ops.local import free_port, free_port_pair, terminate
-    from streamagent.ops.shop import KafkaShop
+    from streamagent.ops.shop import KafkaShop, shop_topics
     from streamagent.ops.topics import create_topics
 
     con = Console()
@@ -92,8 +92,7 @@ def run_demo(args) -> int:
     catalog = load_catalog()
     shop = Shop(scenario(args.scenario), catalog, args.users, seed=args.seed)
     ref = optimum(shop)
-    topics = {"user_events": s.topic_user_events, "conversions": s.topic_conversions,
-              "coupon_actions": s.topic_coupon_actions, "decision_log": s.topic_decision_log}
+    topics = shop_topics(s)
     kshop = KafkaShop(shop, cfg.bootstrap, topics, s.partitions, decision_timeout_s=120)
     dlq = Consumer({"bootstrap.servers": cfg.bootstrap, "group.id": f"demo-dlq-{time.time_ns()}",
                     "auto.offset.reset": "earliest", "enable.auto.commit": False})

@@ -26,15 +26,9 @@ from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.learner import LearnerParams, QLearner
 from streamagent.core.mdp import average_reward
 from streamagent.core.simulator import DAY_MS, Shop, mdp, order_prob, order_profit, scenario
-from streamagent.core.simulator import optimum as sim_optimum
+from streamagent.core.simulator import optimum
 
 HOUR = 3_600_000
-
-
-def optimum(sc, catalog: Catalog, shop: Shop, gamma: float = 0.995) -> dict:
-    """Optimal, myopic-optimal and never-send long-run profit per user per day (see
-    core.simulator.optimum)."""
-    return sim_optimum(shop, gamma)
 
 
 @dataclass
@@ -175,15 +169,13 @@ def _consume(out, learner: QLearner | None, bandit=None, contexts=None) -> None:
 
 def static_best(sc, catalog: Catalog, shop: Shop) -> int:
     """The single coupon (or none) with the best long-run profit if always sent (by the MDP)."""
-    best, arg = -1e9, 0
-    for a in range(catalog.n_actions):
-        v = 0.0
-        for u in shop.users:
-            m = mdp(sc, u.segment, catalog)
-            v += average_reward(m.P, m.R, np.full(sc.fatigue_levels, a))
-        if v > best:
-            best, arg = v, a
-    return arg
+    counts: dict = {}
+    for u in shop.users:
+        counts[u.segment] = counts.get(u.segment, 0) + 1
+    mdps = [(n, mdp(sc, seg, catalog)) for seg, n in counts.items()]
+    values = [sum(n * average_reward(m.P, m.R, np.full(sc.fatigue_levels, a)) for n, m in mdps)
+              for a in range(catalog.n_actions)]
+    return int(np.argmax(values))  # ties: the lowest index, "no coupon" first
 
 
 def add_arguments(p) -> None:
@@ -208,7 +200,7 @@ def add_arguments(p) -> None:
 def _one_seed(sname: str, seed: int, args, catalog: Catalog, overrides: dict, con) -> tuple:
     sc = scenario(sname)
     shop = Shop(sc, catalog, args.users, seed=seed)
-    opt = optimum(sc, catalog, shop)
+    opt = optimum(shop)
     con.print(f"[bold]{sname}[/], seed {seed}: optimum {opt['optimal']:.3f} profit/user/day "
               f"(myopic optimum {opt['myopic_optimal']:.3f}); optimal policy by fatigue level: "
               f"{opt['policies']}")

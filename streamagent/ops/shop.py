@@ -29,6 +29,12 @@ class ShopStalled(StreamagentError):
     """
 
 
+def shop_topics(s) -> dict[str, str]:
+    """The four topics the shop talks to, from the settings."""
+    return {"user_events": s.topic_user_events, "conversions": s.topic_conversions,
+            "coupon_actions": s.topic_coupon_actions, "decision_log": s.topic_decision_log}
+
+
 def partition_keys(n_partitions: int, prefix: str = "hb") -> list[str]:
     """One key per partition (by the Java client's murmur2), for per-partition heartbeats."""
     from aiokafka.partitioner import murmur2

@@ -8,7 +8,7 @@ import pytest
 from streamagent.bench import learning as B
 from streamagent.cli import main
 from streamagent.core.catalog import load_catalog
-from streamagent.core.simulator import Shop, scenario
+from streamagent.core.simulator import Shop, optimum, scenario
 
 CAT = load_catalog()
 
@@ -17,7 +17,7 @@ CAT = load_catalog()
 def test_the_optimal_policy_acted_out_in_the_simulator_earns_the_optimum(name):
     sc = scenario(name)
     shop = Shop(sc, CAT, 300, seed=5)
-    opt = B.optimum(sc, CAT, shop)
+    opt = optimum(shop)
     pol = {seg: [CAT.actions.index(a) for a in acts] for seg, acts in opt["policies"].items()}
     res = B.run("oracle", sc, CAT, 300, 80, 5, choose=lambda u, d: pol[u.segment.name][u.fatigue])
     longrun = np.mean(res.daily_profit[30:])  # past the start-up transient
