@@ -63,7 +63,8 @@ def cmd_learner(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from streamagent.ops.produce import read_jsonl, send_events, synthetic_events
+    from streamagent.ops.produce import read_jsonl, send_events
+    from streamagent.sim.synthetic import synthetic_events
 
     s = _settings()
     events = (read_jsonl(Path(args.file)) if args.file else
@@ -106,37 +107,15 @@ def cmd_bench_learning(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from streamagent.core.catalog import load_catalog
-    from streamagent.core.simulator import Shop, optimum, scenario
-    from streamagent.ops.shop import KafkaShop, shop_topics
-    from streamagent.ops.topics import partition_count
+    from streamagent.sim.kafka_shop import simulate
 
-    s = _settings()
-    catalog = load_catalog(s.catalog_path)
-    shop = Shop(scenario(args.scenario), catalog, args.users, seed=args.seed)
-    ref = optimum(shop)
-    topics = shop_topics(s)
-    n_parts = partition_count(s.kafka_bootstrap, s.topic_conversions, s.partitions)
-    ks = KafkaShop(shop, s.kafka_bootstrap, topics, n_parts, decision_timeout_s=args.timeout)
-    print(f"simulating {args.users} users for {args.days} days ({args.scenario}) against "
-          f"{s.kafka_bootstrap}; optimum {ref['optimal']:.3f}, never {ref['never']:.3f} "
-          f"profit/user/day", flush=True)
-    recent: list[float] = []
-    try:
-        for d in range(args.days):
-            r = ks.day(d)
-            recent = (recent + [r.expected_profit])[-7:]
-            print(f"day {d + 1:4}: profit/user {r.expected_profit:6.3f} (7-day mean "
-                  f"{sum(recent) / len(recent):6.3f}, {sum(recent) / len(recent) / ref['optimal']:5.1%} "
-                  f"of optimum), coupons {r.coupons}, orders {r.orders}, model "
-                  f"v{max(r.policy_versions)}, {r.seconds:.1f} s", flush=True)
-    finally:
-        ks.close()
+    simulate(_settings(), args.scenario, args.users, args.days, args.seed, args.timeout,
+             log=lambda m: print(m, flush=True))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from streamagent.demo import run_demo
+    from streamagent.sim.demo import run_demo
 
     return run_demo(args)
 

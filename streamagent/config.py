@@ -16,8 +16,7 @@ import json
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
+from streamagent.units import DAY_MS, HOUR_MS
 
 
 class Settings(BaseSettings):
@@ -89,6 +88,7 @@ class Settings(BaseSettings):
     grad_clip: float = Field(10.0, gt=0, description="Gradient norm clip.")
     advantage_alpha: float = Field(0.0, ge=0, lt=1, description="Advantage learning (Bellemare et al. 2016): widens the gap between the best action and the others so small errors in Q flip greedy choices less often. 0 = plain Q-learning.")
     n_step: int = Field(2, ge=1, le=32, description="n-step returns: a transition's target sums the rewards of the user's next n decisions before bootstrapping (each user's last n-1 transitions wait in the learner, checkpointed). 1 = one-step Q-learning. 2 measured best over seeds in the learning benchmark (docs/BENCHMARKS.md).")
+    n_step_max_users: int = Field(200_000, ge=1, description="Users whose last n-1 transitions may wait in the learner for their n-step return; beyond this, the longest-idle user's are stored with the shorter return they have (bounds the learner's memory).")
     publish_average: bool = Field(False, description="Publish the target network (a slow Polyak average of the online weights) instead of the online weights.")
     snapshot_every_updates: int = Field(200, ge=1, description="Publish a new model version after this many gradient steps...")
     snapshot_interval_s: float = Field(30.0, gt=0, description="...or after this many seconds with at least one step since the last version.")

@@ -10,7 +10,7 @@ import os
 import faust
 
 from streamagent.stream.app import faust_broker_url
-from streamagent.stream.tuning import set_fetch_max_wait
+from streamagent.stream.faust_internals import set_fetch_max_wait
 
 
 def make_app() -> faust.App:

@@ -9,6 +9,7 @@ truth per user per day; the optimum is value iteration on the simulator's own MD
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,15 +21,16 @@ from streamagent.bench.bandits import BANDITS
 from streamagent.bench.bandits import make as make_bandit
 from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
-from streamagent.core.constraints import BudgetState
-from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
-from streamagent.core.join import Joiner, JoinParams
-from streamagent.core.learner import LearnerParams, QLearner
-from streamagent.core.mdp import average_reward
-from streamagent.core.simulator import DAY_MS, Shop, mdp, order_prob, order_profit, scenario
-from streamagent.core.simulator import optimum
-
-HOUR = 3_600_000
+from streamagent.core.contracts import BudgetShare, Conversion
+from streamagent.core.engine import DecisionEngine, Model, initial_model
+from streamagent.core.join import Joiner
+from streamagent.core.learner import QLearner
+from streamagent.core.tables import JoinStore
+from streamagent.params import engine_params, join_params, learner_params, shipped
+from streamagent.sim.mdp import average_reward
+from streamagent.sim.report import moving_mean
+from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, scenario
+from streamagent.units import DAY_MS
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Result:
         d = np.array(self.daily_profit)
         k = max(1, int(len(d) * tail))
         longrun = float(d[-k:].mean())
-        smooth = np.convolve(d, np.ones(7) / 7, mode="valid") if len(d) >= 7 else d
+        smooth = moving_mean(d, 7)
+
         def reach(frac):
             hit = np.nonzero(smooth >= frac * opt)[0]
             return int((hit[0] + 7) * n_users * 2) if hit.size else None  # ~2 events/user/day
@@ -61,12 +64,10 @@ class Result:
 def bench_settings(**overrides):
     """The product's defaults (docs/CONFIGURATION.md), with caps and budget off: the optimum
     knows neither, so a fair race has neither. Benchmarked = shipped."""
-    from streamagent.config import Settings
-
     base = dict(cap_max_coupons=10_000, cap_min_gap_hours=0, budget_per_period=1e12,
                 attribution_window_hours=24, allowed_lateness_minutes=1,
                 transition_horizon_days=3)
-    return Settings(**{**base, **overrides})
+    return shipped(**{**base, **overrides})
 
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
@@ -79,19 +80,16 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     learning = gamma is not None
     joining = learning or bandit is not None
     contexts: dict = {}  # decision_id -> (features, action, probability) awaiting its reward
-    ep = replace(EngineParams.from_settings(s, 1), app_id="bench",
+    ep = replace(engine_params(s, 1), app_id="bench",
                  exploration=s.exploration if learning else "greedy")
     eng = DecisionEngine(catalog, ep, initial_model(catalog, tuple(s.hidden_sizes), s.seed))
     store: dict = {}
-    joiner = Joiner(catalog, JoinParams(window_ms=int(s.attribution_window_hours * HOUR),
-                                        lateness_ms=int(s.allowed_lateness_minutes * 60_000),
-                                        horizon_ms=int(s.transition_horizon_days * DAY_MS),
-                                        margin=sc.margin), store)
-    lp = replace(LearnerParams.from_settings(s), gamma=gamma or 0.0, seed=seed)
+    joiner = Joiner(catalog, replace(join_params(s), margin=sc.margin), JoinStore(store))
+    lp = replace(learner_params(s), gamma=gamma or 0.0, seed=seed)
     learner = QLearner(catalog.actions, F.FEATURE_NAMES, tuple(s.hidden_sizes), lp) \
         if learning else None
     states: dict = {}
-    budget = BudgetState()
+    budget = BudgetShare()
     daily, spend, orders, decisions, realised = [], 0.0, 0, 0, 0.0
     t0 = time.perf_counter()
     last_snap = 0
@@ -116,18 +114,17 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                 states[u.user_id] = r.state
                 if r.decision:
                     decision = r.decision
-            a = decision["action_index"]
+            a = decision.action_index
             if bandit is not None:
-                contexts[decision["decision_id"]] = (np.asarray(decision["features"], np.float32),
-                                                     a, decision["propensity"])
+                contexts[decision.decision_id] = (np.asarray(decision.features, np.float32),
+                                                  a, decision.propensity)
             decisions += 1
             if joining:
                 _consume(joiner.on_decision(0, decision), learner, bandit, contexts)
             # Report the expected profit of (true state, action), not the sampled one: the
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
-            profit_today += (order_prob(sc, u.segment, catalog, u.fatigue, a)
-                             * order_profit(sc, u.segment, catalog, a)[0])
-            order = shop.respond(u, a, decision["ts"], decision["decision_id"])
+            profit_today += expected_profit(sc, u.segment, catalog, u.fatigue, a)
+            order = shop.respond(u, a, decision.ts, decision.decision_id)
             if order:
                 orders += 1
                 realised += order["_profit"]
@@ -139,13 +136,13 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             r = eng.step(orjson.dumps(ev), o["user_id"].encode(), states.get(o["user_id"]), budget)
             states[o["user_id"]] = r.state
             if joining:
-                conv = {k: v for k, v in o.items() if not k.startswith("_")}
+                conv = Conversion.from_doc({k: v for k, v in o.items() if not k.startswith("_")})
                 _consume(joiner.on_conversion(0, conv), learner, bandit, contexts)
         if joining:
             # end of day: event time moves on for the conversions input as well
-            _consume(joiner.on_conversion(0, {"order_id": f"hb-{day}", "user_id": "hb",
-                                              "ts": shop.start_ts + (day + 1) * DAY_MS,
-                                              "amount": 0.0, "heartbeat": True}),
+            _consume(joiner.on_conversion(0, Conversion(order_id=f"hb-{day}", user_id="hb",
+                                                        ts=shop.start_ts + (day + 1) * DAY_MS,
+                                                        amount=0.0, heartbeat=True)),
                      learner, bandit, contexts)
         if learning:
             if learner.train_steps - last_snap >= s.snapshot_every_updates:
@@ -163,8 +160,8 @@ def _consume(out, learner: QLearner | None, bandit=None, contexts=None) -> None:
             learner.learn_one(t)
     if bandit is not None:
         for r in out.rewards:
-            x, a, prob = contexts.pop(r["decision_id"])
-            bandit.learn(x, a, r["reward"], prob)
+            x, a, prob = contexts.pop(r.decision_id)
+            bandit.learn(x, a, r.reward, prob)
 
 
 def static_best(sc, catalog: Catalog, shop: Shop) -> int:
@@ -178,14 +175,21 @@ def static_best(sc, catalog: Catalog, shop: Shop) -> int:
     return int(np.argmax(values))  # ties: the lowest index, "no coupon" first
 
 
+DEFAULT_SEEDS = "1,2,3,4,5"
+FIXED = ("never", "static")  # the simple rules a shop would otherwise use
+# two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom (normal beyond)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--days", type=int, default=120)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds (population and learner): the table shows means "
-                        "and the range of the fraction of the optimum; curves show the first")
-    p.add_argument("--scenarios", default="fatigue,no-fatigue")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help="comma-separated seeds (population and learner); the table shows means, "
+                        "the worst seed and a 95%% interval; curves show the first seed")
+    p.add_argument("--quick", action="store_true", help="one seed (--seed) instead of five")
+    p.add_argument("--seed", type=int, default=1, help="the seed of --quick")
+    p.add_argument("--scenarios", default="fatigue,no-fatigue,pulse")
     p.add_argument("--policies", default="random,never,static,oracle,river_linucb,"
                    "river_eps_greedy,vw_cb_adf,q_myopic,q_gamma",
                    help="comma-separated; bandits need river / vowpalwabbit (the bench extra)")
@@ -194,55 +198,76 @@ def add_arguments(p) -> None:
                         "--set explore_run_mean=5 (names as in docs/CONFIGURATION.md, lower case)")
     p.add_argument("--gamma", type=float, default=None,
                    help="discount of q_gamma (default: the product's STREAMAGENT_GAMMA)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs in parallel, one process each (default: one per core)")
     p.add_argument("--out", default="bench-results/learning.json")
 
 
-def _one_seed(sname: str, seed: int, args, catalog: Catalog, overrides: dict, con) -> tuple:
+def _run_one(task: tuple) -> dict:
+    """One policy on one scenario and seed: a worker process's unit of work."""
+    sname, seed, pname, users, days, gamma, overrides = task
+    import torch
+
+    # One thread: the network is small, and several runs (or a run and a broker) on a 2-core
+    # machine with torch's default threads spend their time spinning.
+    torch.set_num_threads(1)
+    catalog = load_catalog()
     sc = scenario(sname)
-    shop = Shop(sc, catalog, args.users, seed=seed)
+    shop = Shop(sc, catalog, users, seed=seed)
     opt = optimum(shop)
-    con.print(f"[bold]{sname}[/], seed {seed}: optimum {opt['optimal']:.3f} profit/user/day "
-              f"(myopic optimum {opt['myopic_optimal']:.3f}); optimal policy by fatigue level: "
-              f"{opt['policies']}")
-    rng = np.random.default_rng(seed + 99)
-    static = static_best(sc, catalog, shop)
-    pol_by_seg = {name: [catalog.actions.index(a) for a in acts]
-                  for name, acts in opt["policies"].items()}
-    choosers = {
-        "random": lambda u, d: int(rng.integers(catalog.n_actions)),
-        "never": lambda u, d: 0,
-        "static": lambda u, d: static,
-        # the optimum acted out with the true latent fatigue: checks simulator and MDP agree
-        "oracle": lambda u, d: pol_by_seg[u.segment.name][u.fatigue],
-    }
-    rows, curves = [], {}
-    for pname in [p.strip() for p in args.policies.split(",") if p.strip()]:
-        con.print(f"  running {pname} ...")
-        if pname in ("q_myopic", "q_gamma"):
-            g = 0.0 if pname == "q_myopic" else args.gamma
-            res = run(pname, sc, catalog, args.users, args.days, seed, gamma=g, log=con.print,
-                      settings=bench_settings(**overrides))
-        elif pname in BANDITS:
-            b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, seed)
-            res = run(pname, sc, catalog, args.users, args.days, seed, bandit=b, log=con.print)
-        elif pname in choosers:
-            res = run(pname, sc, catalog, args.users, args.days, seed, choose=choosers[pname])
-        else:
-            raise SystemExit(f"unknown policy {pname!r}; choose from random, never, static, "
-                             f"oracle, {', '.join(BANDITS)}, q_myopic, q_gamma")
-        rows.append({**res.summary(opt["optimal"], args.users), "seed": seed})
-        curves[pname] = res.daily_profit
-    return opt, catalog.actions[static], rows, curves
+    if pname in ("q_myopic", "q_gamma"):
+        res = run(pname, sc, catalog, users, days, seed,
+                  gamma=0.0 if pname == "q_myopic" else gamma,
+                  settings=bench_settings(**overrides))
+    elif pname in BANDITS:
+        b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, seed)
+        res = run(pname, sc, catalog, users, days, seed, bandit=b)
+    else:
+        rng = np.random.default_rng(seed + 99)
+        static = static_best(sc, catalog, shop)
+        pol_by_seg = {name: [catalog.actions.index(a) for a in acts]
+                      for name, acts in opt["policies"].items()}
+        choosers = {
+            "random": lambda u, d: int(rng.integers(catalog.n_actions)),
+            "never": lambda u, d: 0,
+            "static": lambda u, d: static,
+            # the optimum acted out with the true latent state: checks simulator and MDP agree
+            "oracle": lambda u, d: pol_by_seg[u.segment.name][u.fatigue],
+        }
+        res = run(pname, sc, catalog, users, days, seed, choose=choosers[pname])
+    return {"scenario": sname, "row": {**res.summary(opt["optimal"], users), "seed": seed},
+            "curve": res.daily_profit}
+
+
+def _check_policies(names: list[str]) -> None:
+    known = ("random", "never", "static", "oracle", *BANDITS, "q_myopic", "q_gamma")
+    for n in names:
+        if n not in known:
+            raise SystemExit(f"unknown policy {n!r}; choose from {', '.join(known)}")
+
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """Student-t 95% interval of the mean (a point when there is one value)."""
+    v = np.asarray(values, float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m
+    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+    h = t * float(v.std(ddof=1)) / np.sqrt(len(v))
+    return m - h, m + h
 
 
 def _aggregate(rows: list[dict]) -> list[dict]:
-    """One row per policy: means over seeds, and the range of the fraction of the optimum."""
+    """One row per policy: means over seeds, the worst seed and a 95% interval of the
+    fraction of the optimum."""
     out = []
     for pname in dict.fromkeys(r["policy"] for r in rows):
-        rs = [r for r in rows if r["policy"] == pname]
+        rs = sorted((r for r in rows if r["policy"] == pname), key=lambda r: r["seed"])
         fr = [r["fraction_of_optimum"] for r in rs]
+        lo, hi = interval95(fr)
         agg = {"policy": pname, "seeds": [r["seed"] for r in rs], "fraction_min": min(fr),
-               "fraction_max": max(fr)}
+               "fraction_max": max(fr), "fraction_ci95": [lo, hi],
+               "fraction_by_seed": fr}
         for k in ("profit_per_user_day", "fraction_of_optimum", "coupon_spend_per_user_day",
                   "conversion_rate", "realised_profit_per_user_day", "seconds"):
             agg[k] = float(np.mean([r[k] for r in rs]))
@@ -254,55 +279,79 @@ def _aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fixed_policy_check(rows: list[dict], policy: str = "q_gamma",
+                       tolerance: float = 0.01) -> dict | None:
+    """Per seed: is ``policy`` at least the best fixed rule (never / best static coupon) minus
+    ``tolerance`` (as a fraction of the optimum)?"""
+    by_seed: dict = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["policy"]] = r["fraction_of_optimum"]
+    seeds = {}
+    for seed, fr in sorted(by_seed.items()):
+        fixed = [fr[f] for f in FIXED if f in fr]
+        if policy not in fr or not fixed:
+            return None
+        seeds[seed] = fr[policy] - max(fixed)
+    return {"policy": policy, "tolerance": tolerance, "margin_by_seed": seeds,
+            "worst_margin": min(seeds.values()),
+            "passed": all(m >= -tolerance for m in seeds.values())}
+
+
 def main(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     import sys
+    from concurrent.futures import ProcessPoolExecutor
 
-    import torch
+    from rich.console import Console
 
-    # One thread: the network is small, and two benchmark processes (or a benchmark and a
-    # broker) on a 2-core machine with torch's default threads spend their time spinning.
-    torch.set_num_threads(1)
     # a wide table even when piped to a file (rich would otherwise truncate to 80 columns)
-    con = Console() if sys.stdout.isatty() else Console(width=150)
+    con = Console() if sys.stdout.isatty() else Console(width=160)
     catalog = load_catalog()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.gamma is None:
         args.gamma = bench_settings().gamma
-    seeds = [int(x) for x in str(args.seeds or args.seed).split(",") if x.strip()]
+    seeds = [args.seed] if args.quick else [int(x) for x in str(args.seeds).split(",") if x.strip()]
+    snames = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    pnames = [x.strip() for x in args.policies.split(",") if x.strip()]
+    _check_policies(pnames)
     report: dict = {"users": args.users, "days": args.days, "seeds": seeds,
                     "settings_overrides": overrides, "scenarios": {}}
-    curves: dict = {}
-    for sname in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
-        rows, per_seed = [], []
+    per_seed: dict = {sn: [] for sn in snames}
+    for sn in snames:
         for seed in seeds:
-            opt, static, rs, cs = _one_seed(sname, seed, args, catalog, overrides, con)
-            rows += rs
-            per_seed.append({"seed": seed, "optimum": opt, "static_coupon": static})
+            shop = Shop(scenario(sn), catalog, args.users, seed=seed)
+            opt = optimum(shop)
+            per_seed[sn].append({"seed": seed, "optimum": opt,
+                                 "static_coupon": catalog.actions[static_best(shop.scenario,
+                                                                              catalog, shop)]})
             if seed == seeds[0]:
-                curves.update({(sname, k): v for k, v in cs.items()})
+                con.print(f"[bold]{sn}[/]: optimum {opt['optimal']:.3f} profit/user/day (myopic "
+                          f"optimum {opt['myopic_optimal']:.3f}, never {opt['never']:.3f}); "
+                          f"optimal policy by hidden level: {opt['policies']}")
+    tasks = [(sn, seed, pn, args.users, args.days, args.gamma, overrides)
+             for sn in snames for seed in seeds for pn in pnames]
+    con.print(f"{len(tasks)} runs ({len(snames)} scenarios x {len(seeds)} seeds x "
+              f"{len(pnames)} policies), {args.jobs} at a time ...")
+    results: list[dict] = []
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for task, res in zip(tasks, pool.map(_run_one, tasks)):
+            results.append(res)
+            r = res["row"]
+            con.print(f"  [{len(results)}/{len(tasks)}, {time.monotonic() - t0:5.0f} s] "
+                      f"{task[0]:10} seed {task[1]} {task[2]:16} {r['fraction_of_optimum']:6.1%} "
+                      f"of optimum")
+    curves: dict = {}
+    for sn in snames:
+        rows = [res["row"] for res in results if res["scenario"] == sn]
+        for res in results:
+            if res["scenario"] == sn and res["row"]["seed"] == seeds[0]:
+                curves[(sn, res["row"]["policy"])] = res["curve"]
         agg = _aggregate(rows)
-        report["scenarios"][sname] = {"optimum": per_seed[0]["optimum"], "per_seed": per_seed,
-                                      "results": agg, "runs": rows}
-        multi = len(seeds) > 1
-        title = (f"learning benchmark: {sname} ({args.users} users, {args.days} days"
-                 + (f", mean of seeds {','.join(map(str, seeds))})" if multi else ")"))
-        table = Table(title=title)
-        cols = ["policy", "profit/user/day", "of optimum"] + (["range"] if multi else []) + [
-            "spend/user/day", "conv. rate", "events to 90%", "events to 95%", "seconds"]
-        for col in cols:
-            table.add_column(col, justify="right")
-        for r in agg:
-            cells = [r["policy"], f"{r['profit_per_user_day']:.3f}", f"{r['fraction_of_optimum']:.1%}"]
-            if multi:
-                cells.append(f"{r['fraction_min']:.0%}–{r['fraction_max']:.0%}")
-            cells += [f"{r['coupon_spend_per_user_day']:.3f}", f"{r['conversion_rate']:.1%}",
-                      str(r["events_to_90pct"] or "-"), str(r["events_to_95pct"] or "-"),
-                      f"{r['seconds']:.1f}"]
-            table.add_row(*cells)
-        con.print(table)
+        check = fixed_policy_check(rows)
+        report["scenarios"][sn] = {"optimum": per_seed[sn][0]["optimum"],
+                                   "per_seed": per_seed[sn], "results": agg, "runs": rows,
+                                   "fixed_policy_check": check}
+        _print_table(con, sn, args, seeds, agg, check)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -310,6 +359,36 @@ def main(args) -> int:
     _plot(curves, report, png)
     con.print(f"wrote {out} and {png}")
     return 0
+
+
+def _print_table(con, sname: str, args, seeds: list[int], agg: list[dict],
+                 check: dict | None) -> None:
+    from rich.table import Table
+
+    multi = len(seeds) > 1
+    title = (f"learning benchmark: {sname} ({args.users} users, {args.days} days"
+             + (f", mean of seeds {','.join(map(str, seeds))})" if multi else ")"))
+    table = Table(title=title)
+    cols = ["policy", "profit/user/day", "of optimum"] + (["worst seed", "95% interval"]
+                                                          if multi else []) + [
+        "spend/user/day", "conv. rate", "events to 90%", "events to 95%", "seconds"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in agg:
+        cells = [r["policy"], f"{r['profit_per_user_day']:.3f}", f"{r['fraction_of_optimum']:.1%}"]
+        if multi:
+            lo, hi = r["fraction_ci95"]
+            cells += [f"{r['fraction_min']:.1%}", f"{lo:.1%}–{hi:.1%}"]
+        cells += [f"{r['coupon_spend_per_user_day']:.3f}", f"{r['conversion_rate']:.1%}",
+                  str(r["events_to_90pct"] or "-"), str(r["events_to_95pct"] or "-"),
+                  f"{r['seconds']:.1f}"]
+        table.add_row(*cells)
+    con.print(table)
+    if check:
+        worst = min(check["margin_by_seed"], key=check["margin_by_seed"].get)
+        con.print(f"  {check['policy']} >= best fixed rule - {check['tolerance']:.0%} on every "
+                  f"seed: [bold]{'yes' if check['passed'] else 'NO'}[/] (worst: seed {worst}, "
+                  f"{check['worst_margin']:+.1%})")
 
 
 def _plot(curves: dict, report: dict, path: Path) -> None:
@@ -325,7 +404,7 @@ def _plot(curves: dict, report: dict, path: Path) -> None:
             if s != sname:
                 continue
             d = np.array(d)
-            smooth = np.convolve(d, np.ones(7) / 7, mode="valid") if len(d) >= 7 else d
+            smooth = moving_mean(d, 7)
             ax.plot(np.arange(len(smooth)) + 7, smooth, label=pname)
         ax.axhline(report["scenarios"][sname]["optimum"]["optimal"], color="black", ls="--",
                    label="optimum (value iteration)")

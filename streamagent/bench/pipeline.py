@@ -49,10 +49,10 @@ def add_arguments(p) -> None:
 def _create(bootstrap: str, names: list[str], partitions: int) -> None:
     from confluent_kafka.admin import NewTopic
 
-    from streamagent.ops.topics import admin
+    from streamagent.ops.kafka import make_admin
 
     cfg = {"message.timestamp.type": "LogAppendTime"}
-    a = admin(bootstrap)  # keep a reference: the futures die with the client
+    a = make_admin(bootstrap)  # keep a reference: the futures die with the client
     futs = a.create_topics(
         [NewTopic(n, num_partitions=partitions, replication_factor=1, config=cfg) for n in names])
     for f in futs.values():
@@ -62,9 +62,9 @@ def _create(bootstrap: str, names: list[str], partitions: int) -> None:
 def _end_offsets(bootstrap: str, topic: str) -> int:
     from confluent_kafka import TopicPartition
 
-    from streamagent.ops.tail import consumer
+    from streamagent.ops.kafka import make_consumer
 
-    c = consumer(bootstrap)
+    c = make_consumer(bootstrap)
     try:
         md = c.list_topics(topic, timeout=10)
         total = 0
@@ -119,7 +119,7 @@ def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitio
 
 
 def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
-    from streamagent.ops.produce import synthetic_events
+    from streamagent.sim.synthetic import synthetic_events
 
     out = []
     for ev in synthetic_events(n, users=users, seed=seed):
@@ -129,7 +129,7 @@ def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
 
 
 def _produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0.0) -> None:
-    from streamagent.ops.produce import make_producer
+    from streamagent.ops.kafka import make_producer, send
 
     p = make_producer(bootstrap, **({"linger.ms": 0} if rate else {}))
     t0 = time.perf_counter()
@@ -140,12 +140,7 @@ def _produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0.0) 
                 p.poll(0)
                 if due - now > 0.002:
                     time.sleep(0.001)
-        while True:
-            try:
-                p.produce(topic, key=ev["user_id"].encode(), value=orjson.dumps(ev))
-                break
-            except BufferError:
-                p.poll(0.01)
+        send(p, topic, ev["user_id"].encode(), orjson.dumps(ev))
     p.flush(60)
 
 

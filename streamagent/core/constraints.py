@@ -5,38 +5,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamagent.core.contracts import BudgetShare
 from streamagent.core.state import UserState, coupons_in_window
 
 
 @dataclass(frozen=True)
 class CapParams:
-    max_coupons: int = 2
-    window_ms: int = 7 * 86_400_000
-    min_gap_ms: int = 86_400_000
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetState:
-    """Spend of one partition's share of the budget in one event-time period."""
-
-    period: int = -1
-    spent: float = 0.0
+    max_coupons: int
+    window_ms: int
+    min_gap_ms: int
 
 
 def period_of(ts: int, period_ms: int) -> int:
     return ts // period_ms
 
 
-def budget_remaining(b: BudgetState, period: int, share: float) -> float:
+def budget_remaining(b: BudgetShare, period: int, share: float) -> float:
     # a new period starts with the full share; a late event from an older period is
     # judged against the current period's spend (budgets never reopen the past)
     return share if period > b.period else share - b.spent
 
 
-def budget_spend(b: BudgetState, period: int, cost: float) -> BudgetState:
+def budget_spend(b: BudgetShare, period: int, cost: float) -> BudgetShare:
     if period > b.period:
-        return BudgetState(period, cost)
-    return BudgetState(b.period, b.spent + cost)
+        return BudgetShare(period, cost)
+    return BudgetShare(b.period, b.spent + cost)
 
 
 def action_mask(state: UserState, ts: int, costs: list[float], caps: CapParams,

@@ -3,11 +3,15 @@
 Decoding is the only door into the core: raw bytes -> JSON -> schema check -> a frozen
 record. Anything that fails raises :class:`InvalidMessage` with a bounded ``reason`` that the
 wiring turns into a dead-letter record and a metric.
+
+Every record that crosses a topic or a table is a frozen dataclass here. ``to_doc()`` gives
+the JSON document, ``from_doc(doc)`` the record back. A record's field order is the key order
+of its document, and the bytes on a topic depend on it: do not reorder fields.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,8 +52,72 @@ def validator(name: str):
     return fastjsonschema.compile(load_schema(name))
 
 
+@lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _plain(value):
+    """A field value as JSON data: a nested record as its document, a tuple as a list."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, _Record):
+        return value.to_doc()
+    return value
+
+
+def _frozen(value, record=None):
+    """A JSON value as a field value: a list as a tuple (records are immutable), a nested
+    document (or a list of them) as the given record type."""
+    if isinstance(value, list):
+        return tuple(_frozen(v, record) for v in value)
+    if record is not None and value is not None:
+        return record.from_doc(value)
+    return value
+
+
+class _Record:
+    """to_doc(): every field, in field order; from_doc(doc): the record, lists as tuples.
+
+    Values are taken as they are (no float() of an int): a record re-encodes to the bytes it
+    was decoded from.
+    """
+
+    __slots__ = ()
+    _nested: dict = {}  # field name -> record type of the documents it holds
+
+    def to_doc(self) -> dict:
+        return {name: _plain(getattr(self, name)) for name in _field_names(type(self))}
+
+    @classmethod
+    def from_doc(cls, doc: dict):
+        return cls(**{name: _frozen(doc[name], cls._nested.get(name))
+                      for name in _field_names(cls) if name in doc})
+
+
+class _InputRecord(_Record):
+    """A record producers write: fields at their defaults are left out of the document
+    (absent means the default), and null means absent."""
+
+    __slots__ = ()
+
+    def to_doc(self) -> dict:
+        doc = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.default is MISSING or value != f.default:
+                doc[f.name] = _plain(value)
+        return doc
+
+    @classmethod
+    def _present(cls, doc: dict) -> dict:
+        return {name: _frozen(doc[name]) for name in _field_names(cls)
+                if doc.get(name) is not None}
+
+
+# ------------------------------------------------------------------ topic records: inputs
 @dataclass(frozen=True, slots=True)
-class UserEvent:
+class UserEvent(_InputRecord):
     event_id: str
     user_id: str
     type: str
@@ -66,9 +134,19 @@ class UserEvent:
     tags: tuple[str, ...] | None = None
     schema_version: int = 1
 
+    @classmethod
+    def from_doc(cls, doc: dict) -> "UserEvent":
+        kw = cls._present(doc)
+        for name in ("price", "amount"):
+            if name in kw:
+                kw[name] = float(kw[name])
+        return cls(**kw)
+
 
 @dataclass(frozen=True, slots=True)
-class Conversion:
+class Conversion(_InputRecord):
+    """An order; or, with heartbeat=True, only a sign that event time has reached ts."""
+
     order_id: str
     user_id: str
     ts: int
@@ -79,9 +157,160 @@ class Conversion:
     heartbeat: bool | None = None
     schema_version: int = 1
 
+    @classmethod
+    def from_doc(cls, doc: dict) -> "Conversion":
+        kw = cls._present(doc)
+        kw["amount"] = float(kw["amount"])
+        return cls(**kw)
 
-_USER_EVENT_FIELDS = tuple(f.name for f in fields(UserEvent))
-_CONVERSION_FIELDS = tuple(f.name for f in fields(Conversion))
+
+# ------------------------------------------------------------------ topic records: outputs
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision(_Record):
+    """A decision-log record: every decision, 'no coupon' included."""
+
+    schema_version: int = 1
+    decision_id: str
+    user_id: str
+    ts: int
+    action: str
+    action_index: int
+    propensity: float
+    explored: bool
+    exploration: str
+    epsilon: float | None = None
+    policy_version: int
+    trigger_event_id: str
+    trigger_type: str
+    q_values: tuple[float, ...]
+    allowed: tuple[bool, ...]
+    blocked_by: tuple[str, ...]
+    features: tuple[float, ...]
+    cost: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CouponOffer(_Record):
+    """The coupon of a coupon action."""
+
+    id: str
+    kind: str
+    value: float
+    min_spend: float
+    expires_ts: int
+    code: str
+    conditions: dict | None = None  # in the schema; never set by the engine, left out if None
+
+    def to_doc(self) -> dict:
+        doc = _Record.to_doc(self)
+        if self.conditions is None:
+            del doc["conditions"]
+        return doc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CouponAction(_Record):
+    """A coupon-actions record: a coupon to deliver to a user."""
+
+    schema_version: int = 1
+    decision_id: str
+    user_id: str
+    ts: int
+    coupon: CouponOffer
+    policy_version: int
+    trigger_event_id: str
+    _nested = {"coupon": CouponOffer}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reward(_Record):
+    """A rewards record: exactly one per decision, when its attribution window closes."""
+
+    schema_version: int = 1
+    decision_id: str
+    user_id: str
+    ts: int
+    closed_at: int
+    reward: float
+    converted: bool
+    orders: int
+    amount: float
+    discount: float
+    outcome: str  # converted | default
+    action_index: int
+    policy_version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transition(_Record):
+    """A transitions record: (s, a, r, s', dt) of one decision; done: no next decision."""
+
+    schema_version: int = 1
+    decision_id: str
+    user_id: str
+    ts: int
+    features: tuple[float, ...]
+    action_index: int
+    reward: float
+    propensity: float
+    policy_version: int
+    next_features: tuple[float, ...] | None
+    next_allowed: tuple[bool, ...] | None
+    next_ts: int | None
+    dt_ms: int | None
+    done: bool
+
+
+# ------------------------------------------------------------------ table records
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingDecision(_Record):
+    """A decision in the reward join, from arrival until its transition is out."""
+
+    decision_id: str
+    ts: int
+    deadline: int  # end of the attribution window
+    action_index: int
+    propensity: float
+    features: tuple[float, ...]
+    policy_version: int
+    allowed: tuple[bool, ...] | None
+    closed: bool = False  # the window has closed and the reward is out
+    reward: float = 0.0
+    orders: int = 0  # attributed conversions
+    amount: float = 0.0
+    discount: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PendingConversion(_Record):
+    """A conversion in the reward join, waiting for the watermark to reach its ts."""
+
+    order_id: str
+    ts: int
+    amount: float
+    discount: float | None
+    decision_id: str | None  # the decision it names (by decision_id or coupon code), if any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinRecord(_Record):
+    """One user's record in the reward join. Kept even with nothing pending: the order and
+    decision ids remembered are the duplicate memory."""
+
+    user_id: str
+    decisions: tuple[PendingDecision, ...] = ()  # sorted by (ts, decision_id)
+    conversions: tuple[PendingConversion, ...] = ()
+    orders: tuple[str, ...] = ()  # order ids seen, newest last
+    ids: tuple[str, ...] = ()  # decision ids seen, newest last
+    _nested = {"decisions": PendingDecision, "conversions": PendingConversion}
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetShare:
+    """Spend of one partition's share of the budget in one event-time period."""
+
+    period: int = -1
+    spent: float = 0.0
 
 
 def _parse(raw: bytes | None, schema: str) -> dict:
@@ -115,34 +344,24 @@ def _check_key(key: bytes | None, user_id: str) -> None:
 def decode_user_event(raw: bytes | None, key=...) -> UserEvent:
     doc = _parse(raw, "user-event")
     _check_key(key, doc["user_id"])
-    tags = doc.get("tags")
-    kw = {k: doc[k] for k in _USER_EVENT_FIELDS if k in doc and doc[k] is not None}
-    if tags is not None:
-        kw["tags"] = tuple(tags)
-    if "price" in kw:
-        kw["price"] = float(kw["price"])
-    if "amount" in kw:
-        kw["amount"] = float(kw["amount"])
-    return UserEvent(**kw)
+    return UserEvent.from_doc(doc)
 
 
 def decode_conversion(raw: bytes | None, key=...) -> Conversion:
     doc = _parse(raw, "conversion")
     _check_key(key, doc["user_id"])
-    kw = {k: doc[k] for k in _CONVERSION_FIELDS if k in doc and doc[k] is not None}
-    kw["amount"] = float(kw["amount"])
-    return Conversion(**kw)
+    return Conversion.from_doc(doc)
 
 
-def decode_decision(raw: bytes | None, key=...) -> dict:
+def decode_decision(raw: bytes | None, key=...) -> Decision:
     """A decision-log record, validated (the joiner trusts nothing it consumes)."""
     doc = _parse(raw, "decision-log")
     _check_key(key, doc["user_id"])
-    return doc
+    return Decision.from_doc(doc)
 
 
-def decode_transition(raw: bytes | None) -> dict:
-    return _parse(raw, "transition")
+def decode_transition(raw: bytes | None) -> Transition:
+    return Transition.from_doc(_parse(raw, "transition"))
 
 
 def encode(doc: dict) -> bytes:

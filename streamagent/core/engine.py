@@ -11,51 +11,41 @@ import numpy as np
 
 from streamagent.core import features as F
 from streamagent.core.catalog import Catalog
-from streamagent.core.constraints import (BudgetState, CapParams, action_mask, budget_remaining,
-                                          budget_spend, period_of)
-from streamagent.core.contracts import UserEvent, decode_user_event
+from streamagent.core.constraints import (CapParams, action_mask, budget_remaining, budget_spend,
+                                          period_of)
+from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
+                                        UserEvent, decode_user_event)
 from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
                                     record_decision)
 from streamagent.errors import ConfigError, InvalidMessage
-
-DAY_MS = 86_400_000
+from streamagent.units import DAY_MS
 
 
 @dataclass(frozen=True)
 class EngineParams:
-    app_id: str = "streamagent"
-    trigger_types: tuple[str, ...] = ("session_start", "add_to_cart")
-    exploration: str = "epsilon"
-    epsilon_start: float = 0.2
-    epsilon_end: float = 0.05
-    epsilon_decay_steps: int = 50_000
-    temperature: float = 0.5
+    """Built from Settings by streamagent.params.engine_params (no defaults of its own)."""
+
+    app_id: str
+    trigger_types: tuple[str, ...]
+    exploration: str
+    epsilon_start: float
+    epsilon_end: float
+    epsilon_decay_steps: int
+    temperature: float
     # Temporally extended epsilon-greedy (Dabney et al. 2021): an exploratory action is kept
     # for a run of the user's next decisions, of geometric length with this mean. Coupon
     # fatigue builds and fades over days; one-day detours never show the learner what a week
     # without coupons (or with many) does. 1 = classic epsilon-greedy.
-    explore_run_mean: float = 1.0
-    seed: int = 7
-    caps: CapParams = CapParams()
-    state: StateParams = StateParams()
-    budget_per_period: float = 5000.0
-    budget_period_ms: int = DAY_MS
-    n_partitions: int = 1
-    max_future_skew_ms: int = 30 * DAY_MS
-
-    @classmethod
-    def from_settings(cls, s, n_partitions: int) -> "EngineParams":
-        return cls(app_id=s.app_id, trigger_types=tuple(s.trigger_types),
-                   exploration=s.exploration, epsilon_start=s.epsilon_start,
-                   epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
-                   temperature=s.softmax_temperature, seed=s.seed,
-                   explore_run_mean=s.explore_run_mean,
-                   caps=CapParams(s.cap_max_coupons, s.cap_window_ms, s.cap_min_gap_ms),
-                   state=StateParams(int(s.interest_half_life_days * DAY_MS), s.cap_window_ms),
-                   budget_per_period=s.budget_per_period, budget_period_ms=s.budget_period_ms,
-                   n_partitions=n_partitions, max_future_skew_ms=s.max_future_skew_ms)
+    explore_run_mean: float
+    seed: int
+    caps: CapParams
+    state: StateParams
+    budget_per_period: float
+    budget_period_ms: int
+    n_partitions: int
+    max_future_skew_ms: int
 
     @property
     def budget_share(self) -> float:
@@ -68,10 +58,10 @@ class EngineParams:
 @dataclass
 class StepResult:
     state: UserState
-    budget: BudgetState
+    budget: BudgetShare
     event: UserEvent
-    decision: dict | None = None
-    coupon_action: dict | None = None
+    decision: Decision | None = None
+    coupon_action: CouponAction | None = None
     replayed: bool = False  # the event had been applied before (crash replay)
 
 
@@ -127,7 +117,7 @@ class DecisionEngine:
         self.model = model
 
     def step(self, raw: bytes | None, key: bytes | None, state: UserState | None,
-             budget: BudgetState, partition: int = -1, offset: int = -1,
+             budget: BudgetShare, partition: int = -1, offset: int = -1,
              policy=None) -> StepResult:
         """Validate, fold into state, and decide if the event is a trigger.
 
@@ -152,7 +142,7 @@ class DecisionEngine:
             return StepResult(state, budget, ev)
         return self._decide(state, ev, budget, policy)
 
-    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetState,
+    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetShare,
                 policy=None) -> StepResult:
         p, ts = self.p, ev.ts
         model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
@@ -188,31 +178,31 @@ class DecisionEngine:
                 left = int(np.log1p(-u) / np.log1p(-1.0 / p.explore_run_mean))
             state = replace(state, explore_action=a, explore_left=left)
         cost = self._costs[a]
-        decision = {
-            "schema_version": 1, "decision_id": did, "user_id": ev.user_id, "ts": ts,
-            "action": self.catalog.actions[a], "action_index": a,
-            "propensity": float(probs[a]), "explored": a != greedy,
-            "exploration": p.exploration, "epsilon": eps if p.exploration == "epsilon" else None,
-            "policy_version": model.version, "trigger_event_id": ev.event_id,
-            "trigger_type": ev.type, "q_values": [round(float(v), 6) for v in q],
-            "allowed": allowed.tolist(), "blocked_by": blocked,
-            "features": [round(float(v), 6) for v in x], "cost": cost,
-        }
+        decision = Decision(
+            decision_id=did, user_id=ev.user_id, ts=ts,
+            action=self.catalog.actions[a], action_index=a,
+            propensity=float(probs[a]), explored=a != greedy,
+            exploration=p.exploration, epsilon=eps if p.exploration == "epsilon" else None,
+            policy_version=model.version, trigger_event_id=ev.event_id,
+            trigger_type=ev.type, q_values=tuple(round(float(v), 6) for v in q),
+            allowed=tuple(allowed.tolist()), blocked_by=tuple(blocked),
+            features=tuple(round(float(v), 6) for v in x), cost=cost,
+        )
         if a:
             budget = budget_spend(budget, period, cost)
         state = record_decision(state, decision, a != 0, p.state)
         return StepResult(state, budget, ev, decision, self._action_for(decision))
 
-    def _action_for(self, decision: dict | None) -> dict | None:
-        if not decision or decision["action_index"] == 0:
+    def _action_for(self, decision: Decision | None) -> CouponAction | None:
+        if decision is None or decision.action_index == 0:
             return None
-        c = self.catalog.coupon(decision["action_index"])
-        did, ts = decision["decision_id"], decision["ts"]
-        return {
-            "schema_version": 1, "decision_id": did, "user_id": decision["user_id"], "ts": ts,
-            "coupon": {"id": c.id, "kind": c.kind, "value": c.value, "min_spend": c.min_spend,
-                       "expires_ts": ts + int(c.valid_days * DAY_MS), "code": f"C-{did}"},
-            "policy_version": decision["policy_version"],
-            "trigger_event_id": decision["trigger_event_id"],
-        }
+        c = self.catalog.coupon(decision.action_index)
+        did, ts = decision.decision_id, decision.ts
+        return CouponAction(
+            decision_id=did, user_id=decision.user_id, ts=ts,
+            coupon=CouponOffer(id=c.id, kind=c.kind, value=c.value, min_spend=c.min_spend,
+                               expires_ts=ts + int(c.valid_days * DAY_MS), code=f"C-{did}"),
+            policy_version=decision.policy_version,
+            trigger_event_id=decision.trigger_event_id,
+        )
 

@@ -14,8 +14,8 @@ import math
 import numpy as np
 
 from streamagent.core.state import N_CATEGORY_BUCKETS, UserState, coupons_in_window, decay
+from streamagent.units import DAY_MS, HOUR_MS
 
-DAY_MS = 86_400_000
 NEVER_DAYS = 365.0  # "never happened" is treated as a year ago, with a flag beside it
 TENURE_CAP_DAYS = 90.0
 # Recent coupon pressure: coupons within the cap window, each decayed with this half-life.
@@ -53,7 +53,7 @@ def encode(state: UserState, ts: int, trigger_type: str, half_life_ms: int,
     interest = state.interest
     total = sum(interest)
     shares = [x / total for x in interest] if total > 0 else [0.0] * N_CATEGORY_BUCKETS
-    hour = (ts % DAY_MS) / 3_600_000
+    hour = (ts % DAY_MS) / HOUR_MS
     ang = 2 * math.pi * hour / 24
     dev = state.device
     in_window = coupons_in_window(state, ts, cap_window_ms)

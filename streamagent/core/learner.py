@@ -14,56 +14,51 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamagent.core.contracts import Transition
 from streamagent.core.qnet import ModelSnapshot, init_network
+
+
+# proportional prioritised replay (Schaul et al. 2016), their published values
+PER_ALPHA = 0.6
+PER_BETA = 0.4
+PER_EPS = 1e-3
 
 
 @dataclass(frozen=True)
 class LearnerParams:
-    gamma: float = 0.9
-    gamma_unit_ms: int = 86_400_000  # gamma applies per day of event time between decisions
-    lr: float = 1e-4
-    batch_size: int = 64
-    buffer_size: int = 50_000
-    learning_starts: int = 256
-    train_every: int = 1  # gradient steps happen every this many transitions
-    target_update: str = "soft"  # soft | hard
-    tau: float = 0.01  # soft update rate
-    target_every: int = 500  # hard update period, in gradient steps
-    double_dqn: bool = True
+    """Built from Settings by streamagent.params.learner_params (no defaults of its own)."""
+
+    gamma: float
+    gamma_unit_ms: int  # gamma applies once per this much event time between decisions
+    lr: float
+    batch_size: int
+    buffer_size: int
+    learning_starts: int
+    train_every: int  # gradient steps happen every this many transitions
+    target_update: str  # soft | hard
+    tau: float  # soft update rate
+    target_every: int  # hard update period, in gradient steps
+    double_dqn: bool
     # Advantage learning (Bellemare et al. 2016): subtract alpha * (V(s) - Q(s, a)) from the
     # target. It widens the gap between the best action and the rest, so small errors in Q
     # (noisy rewards, function approximation) flip the greedy action less often. 0 = off.
-    advantage_alpha: float = 0.0
+    advantage_alpha: float
     # in reward units: with sparse rewards (mostly 0, sometimes a 20-unit profit) a delta of 1
     # makes the loss act like L1 and Q regress to the median (0) instead of the mean
-    huber_delta: float = 10.0
-    grad_clip: float = 10.0
+    huber_delta: float
+    grad_clip: float
     # Publish the target network (a slow moving average of the online weights) rather than
     # the online one: the online weights jitter from batch to batch, and with action gaps of
     # a few percent of Q that jitter flips deciders' greedy actions back and forth.
-    publish_average: bool = False
+    publish_average: bool
     # n-step returns: learn from the rewards of a user's next n decisions before bootstrapping.
     # A coupon's cost (fatigue, lost full-price orders) shows in the rewards of the following
     # days; one-step targets must carry it through a noisy estimate of V(s'), n-step ones see
     # it directly. Transitions of a user wait (at most n - 1 of them) until n are in.
-    n_step: int = 1
-    n_step_max_users: int = 200_000  # users with waiting transitions; beyond, the oldest flush
-    prioritized: bool = False
-    alpha: float = 0.6
-    beta: float = 0.4
-    priority_eps: float = 1e-3
-    seed: int = 7
-
-    @classmethod
-    def from_settings(cls, s) -> "LearnerParams":
-        return cls(gamma=s.gamma, gamma_unit_ms=int(s.gamma_unit_hours * 3_600_000),
-                   lr=s.learning_rate, batch_size=s.batch_size, buffer_size=s.replay_size,
-                   learning_starts=s.learning_starts, train_every=s.train_every,
-                   target_update=s.target_update, tau=s.tau, target_every=s.target_every,
-                   double_dqn=s.double_dqn, prioritized=s.prioritized_replay,
-                   grad_clip=s.grad_clip, huber_delta=s.huber_delta,
-                   advantage_alpha=s.advantage_alpha, publish_average=s.publish_average,
-                   n_step=s.n_step, seed=s.seed)
+    n_step: int
+    n_step_max_users: int  # users with waiting transitions; beyond, the oldest flush
+    prioritized: bool
+    seed: int
 
 
 class Replay:
@@ -135,7 +130,7 @@ class QLearner:
         self.target = init_network(nf, na, hidden, params.seed)
         self.target.load_state_dict(self.online.state_dict())
         self.opt = torch.optim.Adam(self.online.parameters(), lr=params.lr)
-        self.replay = Replay(params.buffer_size, nf, na, params.prioritized, params.alpha, self.rng)
+        self.replay = Replay(params.buffer_size, nf, na, params.prioritized, PER_ALPHA, self.rng)
         self.version = initial.version if initial else 0
         self.train_steps = initial.train_steps if initial else 0
         self.seen = 0
@@ -149,18 +144,17 @@ class QLearner:
             return 0.0
         return float(self.p.gamma ** (max(0.0, dt_ms) / self.p.gamma_unit_ms))
 
-    def learn_one(self, t: dict) -> dict | None:
-        """Store one transition; take a gradient step when one is due. Does not mutate ``t``."""
+    def learn_one(self, t: Transition) -> dict | None:
+        """Store one transition; take a gradient step when one is due."""
         na = len(self.actions)
-        s = np.asarray(t["features"], np.float32)
-        done = bool(t["done"])
-        s2 = np.asarray(t["next_features"], np.float32) if not done else np.zeros_like(s)
-        mask2 = np.asarray(t.get("next_allowed") or [True] * na, bool)
-        item = (s, int(t["action_index"]), float(t["reward"]), s2,
-                self.discount(t.get("dt_ms"), done), mask2)
+        s = np.asarray(t.features, np.float32)
+        done = bool(t.done)
+        s2 = np.asarray(t.next_features, np.float32) if not done else np.zeros_like(s)
+        mask2 = np.asarray(t.next_allowed or [True] * na, bool)
+        item = (s, int(t.action_index), float(t.reward), s2, self.discount(t.dt_ms, done), mask2)
         if self.p.n_step <= 1:
             return self._store(*item)
-        user = str(t.get("user_id", ""))
+        user = str(t.user_id)
         q = self.pending.pop(user, [])  # re-inserted last: the dict stays in recency order
         q.append(item)
         out = None
@@ -204,7 +198,7 @@ class QLearner:
 
     def update(self) -> dict:
         p = self.p
-        idx, w = self.replay.sample(p.batch_size, p.beta)
+        idx, w = self.replay.sample(p.batch_size, PER_BETA)
         rb = self.replay
         s, a, r = torch.from_numpy(rb.s[idx]), torch.from_numpy(rb.a[idx]), torch.from_numpy(rb.r[idx])
         s2, disc = torch.from_numpy(rb.s2[idx]), torch.from_numpy(rb.disc[idx])
@@ -229,7 +223,7 @@ class QLearner:
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
         self.opt.step()
         self.train_steps += 1
-        rb.update(idx, (td_target - q).detach().numpy(), p.priority_eps)
+        rb.update(idx, (td_target - q).detach().numpy(), PER_EPS)
         self._sync_target()
         self.last_loss = float(loss.detach())
         self.last_max_q = float(q2_target.max(1).values.mean())

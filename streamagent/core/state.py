@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import orjson
 
-from streamagent.core.contracts import UserEvent
+from streamagent.core.contracts import Decision, UserEvent
 
 N_CATEGORY_BUCKETS = 8
 RECENT_DECISIONS = 4  # decisions kept for re-emission when a crash replays their triggers
@@ -20,8 +20,8 @@ RECENT_DECISIONS = 4  # decisions kept for re-emission when a crash replays thei
 
 @dataclass(frozen=True)
 class StateParams:
-    half_life_ms: int = 14 * 86_400_000
-    cap_window_ms: int = 7 * 86_400_000
+    half_life_ms: int
+    cap_window_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,18 +60,20 @@ class UserState:
     # an exploration run in progress: its action, and how many more decisions it lasts
     explore_action: int = 0
     explore_left: int = 0
-    # recent decisions (decision-log documents), newest last
-    decisions: tuple[dict, ...] = field(default=())
+    # recent decisions, newest last (stored as their decision-log documents)
+    decisions: tuple[Decision, ...] = field(default=())
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({name: getattr(self, name) for name in self.__slots__})
+        doc = {name: getattr(self, name) for name in self.__slots__}
+        doc["decisions"] = [d.to_doc() for d in self.decisions]
+        return orjson.dumps(doc)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "UserState":
         doc = orjson.loads(raw)
         doc["interest"] = tuple(doc["interest"])
         doc["coupon_ts"] = tuple(doc["coupon_ts"])
-        doc["decisions"] = tuple(doc["decisions"])
+        doc["decisions"] = tuple(Decision.from_doc(d) for d in doc["decisions"])
         return cls(**doc)
 
 
@@ -149,10 +151,10 @@ def coupons_in_window(state: UserState, ts: int, window_ms: int) -> int:
     return sum(1 for c in state.coupon_ts if ts - window_ms < c <= ts)
 
 
-def record_decision(state: UserState, decision: dict, coupon_issued: bool,
+def record_decision(state: UserState, decision: Decision, coupon_issued: bool,
                     p: StateParams) -> UserState:
     """Remember a decision (and the coupon it issued) in the user's state."""
-    ts = decision["ts"]
+    ts = decision.ts
     coupon_ts = state.coupon_ts
     changes: dict = {"decisions": (state.decisions + (decision,))[-RECENT_DECISIONS:]}
     if coupon_issued:
@@ -162,8 +164,8 @@ def record_decision(state: UserState, decision: dict, coupon_issued: bool,
     return replace(state, **changes)
 
 
-def find_decision(state: UserState, trigger_event_id: str) -> dict | None:
+def find_decision(state: UserState, trigger_event_id: str) -> Decision | None:
     for d in reversed(state.decisions):
-        if d["trigger_event_id"] == trigger_event_id:
+        if d.trigger_event_id == trigger_event_id:
             return d
     return None

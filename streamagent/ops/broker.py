@@ -188,7 +188,7 @@ def _read_pid(cfg: BrokerConfig) -> int | None:
 
 def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
     """True when the broker answers a metadata request (not merely an open port)."""
-    from confluent_kafka.admin import AdminClient
+    from streamagent.ops.kafka import make_admin
 
     host, _, port = bootstrap.split(",")[0].rpartition(":")
     try:  # a cheap TCP probe first: librdkafka logs every refused connection loudly
@@ -197,7 +197,7 @@ def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
     except OSError:
         return False
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        md = make_admin(bootstrap).list_topics(timeout=timeout)
     except Exception:
         return False
     return bool(md.brokers)

@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import time
-import uuid
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import KafkaError
 
-
-def consumer(bootstrap: str, group: str | None = None, **extra) -> Consumer:
-    conf = {"bootstrap.servers": bootstrap, "group.id": group or f"streamagent-tail-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest", "enable.auto.commit": False,
-            "enable.partition.eof": False}
-    conf.update(extra)
-    return Consumer(conf)
+from streamagent.ops.kafka import make_consumer
 
 
 def read_all(bootstrap: str, topic: str, idle: float = 3.0, limit: int | None = None,
              max_wait: float = 60.0) -> list:
     """Every message on ``topic`` until none has come for ``idle`` seconds (or ``limit``)."""
-    c = consumer(bootstrap)
+    c = make_consumer(bootstrap)
     c.subscribe([topic])
     out = []
     last = time.monotonic()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
 from streamagent.config import Settings
 from streamagent.errors import BrokerError
-
-DAY_MS = 86_400_000
+from streamagent.ops.kafka import make_admin
+from streamagent.units import DAY_MS, HOUR_MS
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         # reads all versions in order
         TopicSpec(s.topic_model_updates, 1, {"cleanup.policy": "compact",
                                              "max.message.bytes": str(16 * 1024 * 1024),
-                                             "segment.ms": str(3_600_000)}),
+                                             "segment.ms": str(HOUR_MS)}),
     ]
     for src in (s.topic_user_events, s.topic_conversions, s.topic_decision_log,
                 s.topic_transitions):
@@ -41,14 +41,10 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
     return specs
 
 
-def admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap})
-
-
 def create_topics(s: Settings, specs: list[TopicSpec] | None = None, log=print) -> list[str]:
     """Create missing topics; existing ones are left alone. Returns the names created."""
     specs = specs if specs is not None else topic_specs(s)
-    a = admin(s.kafka_bootstrap)
+    a = make_admin(s.kafka_bootstrap)
     try:
         existing = set(a.list_topics(timeout=10).topics)
     except Exception as exc:
@@ -69,7 +65,7 @@ def create_topics(s: Settings, specs: list[TopicSpec] | None = None, log=print) 
 
 def partition_count(bootstrap: str, topic: str, default: int) -> int:
     try:
-        md = admin(bootstrap).list_topics(topic, timeout=10)
+        md = make_admin(bootstrap).list_topics(topic, timeout=10)
         t = md.topics.get(topic)
         if t is not None and t.error is None and t.partitions:
             return len(t.partitions)

@@ -6,7 +6,6 @@ message with no key or a key other than its user_id is dead-lettered (reason key
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -18,37 +17,24 @@ from aiokafka.partitioner import murmur2
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
-from streamagent.core.constraints import BudgetState, budget_remaining, period_of
-from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
-from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
-from streamagent.core.join import Joiner, JoinParams
+from streamagent.core.constraints import budget_remaining, period_of
+from streamagent.core.contracts import (BudgetShare, decode_conversion, decode_decision,
+                                        dlq_envelope, encode)
+from streamagent.core.engine import DecisionEngine, Model, initial_model
+from streamagent.core.join import Joiner
 from streamagent.core.outbox import Outbox
 from streamagent.core.qnet import ModelSnapshot
-from streamagent.core.state import UserState
+from streamagent.core.tables import BudgetShares, JoinStore, UserCounts, UserStates
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
-from streamagent.stream.tuning import set_fetch_max_wait
+from streamagent.params import engine_params, join_params
+from streamagent.stream.faust_internals import read_offsets, set_fetch_max_wait
 
 log = logging.getLogger("streamagent.decide")
 
 
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
-
-
-def _budget_key(partition: int) -> bytes:
-    return f"p{partition}".encode()
-
-
-def _budget_from(raw: bytes | None) -> BudgetState:
-    if not raw:
-        return BudgetState()
-    period, spent = raw.decode().split(":")
-    return BudgetState(int(period), float(spent))
-
-
-def _budget_to(b: BudgetState) -> bytes:
-    return f"{b.period}:{b.spent!r}".encode()
 
 
 def _check_partition(msg, n_parts: int) -> None:
@@ -71,14 +57,6 @@ class Wiring:
     settings: Settings
 
 
-def join_params(s: Settings) -> JoinParams:
-    return JoinParams(window_ms=int(s.attribution_window_hours * 3_600_000),
-                      lateness_ms=int(s.allowed_lateness_minutes * 60_000),
-                      horizon_ms=int(s.transition_horizon_days * 86_400_000),
-                      reward=s.reward, margin=s.margin, default_reward=s.default_reward,
-                      attribution=s.attribution_rule)
-
-
 def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = None) -> Model:
     """The model to start with: a file if configured, else the newest published snapshot
     (passed in by the worker), else a fresh network from the seed (version 0)."""
@@ -95,7 +73,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     s = settings or Settings()
     catalog = load_catalog(s.catalog_path)
     n_parts = n_partitions or s.partitions
-    engine = DecisionEngine(catalog, EngineParams.from_settings(s, n_parts),
+    engine = DecisionEngine(catalog, engine_params(s, n_parts),
                             load_model(s, catalog, snapshot))
     m = metrics or Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
                            actions=catalog.actions)
@@ -103,7 +81,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     m.model_age.set_function(lambda: max(0.0, time.time() - engine.model.snapshot.created_at))
     m.epsilon.set_function(engine.epsilon)
     params = engine.p
-    budget_by_part: dict[int, BudgetState] = {}
+    budget_by_part: dict[int, BudgetShare] = {}
     users_by_part: dict[int, int] = {}
     pending_by_part: dict[int, int] = {}
 
@@ -154,7 +132,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
                            value_type=bytes)
-    joiner = Joiner(catalog, join_params(s), join_state)
+    user_states = UserStates(users)
+    budget_shares, user_counts = BudgetShares(budgets), UserCounts(budgets)
+    joiner = Joiner(catalog, join_params(s), JoinStore(join_state))
     outbox = Outbox(join_state)
 
     async def dead_letter(msg, reason: str, detail: str) -> None:
@@ -177,11 +157,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             t0 = time.perf_counter()
             key = msg.key
             try:
-                prev = users.get(key) if key else None
-                bkey = _budget_key(msg.partition)
-                budget = _budget_from(budgets.get(bkey))
-                r = engine.step(msg.value, key, UserState.from_bytes(prev) if prev else None,
-                                budget, msg.partition, msg.offset)
+                prev = user_states.get(key) if key else None
+                budget = budget_shares.get(msg.partition)
+                r = engine.step(msg.value, key, prev, budget, msg.partition, msg.offset)
             except InvalidMessage as exc:
                 await dead_letter(msg, exc.reason, exc.detail)
                 continue
@@ -192,11 +170,11 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 continue
             p_ = msg.partition
             if p_ not in users_by_part:  # first event of a partition here: read its counters
-                users_by_part[p_] = int(budgets.get(b"users:%d" % p_) or 0)
+                users_by_part[p_] = user_counts.get(p_)
             budget_by_part[p_] = r.budget
             if prev is None and not r.replayed:
                 users_by_part[p_] += 1
-                budgets[b"users:%d" % p_] = str(users_by_part[p_]).encode()
+                user_counts.put(p_, users_by_part[p_])
                 m.users.set(sum(users_by_part.values()))
             update_budget_gauges(r.event.ts)
             if r.replayed:
@@ -205,17 +183,17 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                     m.replay_missing.inc()
             else:
                 m.events.labels(r.event.type).inc()
-                users[key] = r.state.to_bytes()
+                user_states.put(key, r.state)
                 if r.budget != budget:
-                    budgets[bkey] = _budget_to(r.budget)
+                    budget_shares.put(p_, r.budget)
             d = r.decision
             if d is not None:
                 if r.coupon_action is not None:
-                    await coupon_actions.send(key=key, value=encode(r.coupon_action))
-                await decision_log.send(key=key, value=encode(d))
+                    await coupon_actions.send(key=key, value=encode(r.coupon_action.to_doc()))
+                await decision_log.send(key=key, value=encode(d.to_doc()))
                 if not r.replayed:
-                    m.decisions.labels(d["action"], "true" if d["explored"] else "false").inc()
-                    for b in d["blocked_by"]:
+                    m.decisions.labels(d.action, "true" if d.explored else "false").inc()
+                    for b in d.blocked_by:
                         m.blocks.labels(b).inc()
                     if msg.timestamp:
                         m.e2e.observe(max(0.0, time.time() - msg.timestamp))
@@ -237,7 +215,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 if msg.topic == s.topic_decision_log:
                     out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key))
                 else:
-                    conv = dataclasses.asdict(decode_conversion(msg.value, msg.key))
+                    conv = decode_conversion(msg.value, msg.key)
                     _check_partition(msg, n_parts)
                     out = joiner.on_conversion(msg.partition, conv)
             except InvalidMessage as exc:
@@ -249,15 +227,15 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
                 continue
             outbox.record(msg.topic, msg.partition, msg.offset,
-                          [("rewards", r["user_id"], r) for r in out.rewards]
-                          + [("transitions", t["user_id"], t) for t in out.transitions])
+                          [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
+                          + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
             for r in out.rewards:
-                await rewards.send(key=r["user_id"].encode(), value=encode(r))
-                m.rewards.observe(r["reward"])
-                m.reward_sum.inc(r["reward"])
+                await rewards.send(key=r.user_id.encode(), value=encode(r.to_doc()))
+                m.rewards.observe(r.reward)
+                m.reward_sum.inc(r.reward)
             for t in out.transitions:
-                await transitions.send(key=t["user_id"].encode(), value=encode(t))
-                m.transitions.labels("true" if t["done"] else "false").inc()
+                await transitions.send(key=t.user_id.encode(), value=encode(t.to_doc()))
+                m.transitions.labels("true" if t.done else "false").inc()
             for outcome, n in out.counts.items():
                 m.join_events.labels(outcome).inc(n)
             for delay in out.delays_ms:
@@ -271,9 +249,10 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         try:
             consumer = app.consumer
             lag: dict[str, int] = {}
+            offsets = read_offsets(consumer)
             for tp in consumer.assignment():
                 hw = consumer.highwater(tp)
-                read = consumer._read_offset.get(tp)  # Faust keeps no public accessor for it
+                read = offsets.get(tp)
                 if hw is None:
                     continue
                 behind = hw - (read + 1 if read is not None else 0)

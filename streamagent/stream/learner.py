@@ -11,23 +11,21 @@ import logging
 import signal
 import time
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import decode_transition, dlq_envelope, encode
 from streamagent.core.features import FEATURE_NAMES
-from streamagent.core.learner import LearnerParams, QLearner
+from streamagent.core.learner import QLearner
 from streamagent.core.policy import epsilon_at
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
+from streamagent.ops.kafka import make_consumer, make_producer, send
+from streamagent.params import learner_params
 
 log = logging.getLogger("streamagent.learner")
-
-
-def learner_params(s: Settings) -> LearnerParams:
-    return LearnerParams.from_settings(s)
 
 
 class LearnerService:
@@ -47,11 +45,8 @@ class LearnerService:
             self.offsets = {int(k): int(v) for k, v in extra.get("offsets", {}).items()}
             log.info("resumed from %s: model v%d, %d steps, offsets %s", s.checkpoint_path,
                      self.learner.version, self.learner.train_steps, self.offsets)
-        self.producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "linger.ms": 5, "partitioner": "murmur2_random",
-                                  "message.max.bytes": 16 * 1024 * 1024})
-        self.consumer = Consumer({"bootstrap.servers": s.kafka_bootstrap,
-                                  "group.id": f"{s.app_id}-learner", "enable.auto.commit": False,
-                                  "auto.offset.reset": "earliest"})
+        self.producer = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
+        self.consumer = make_consumer(s.kafka_bootstrap, f"{s.app_id}-learner")
         md = self.consumer.list_topics(s.topic_transitions, timeout=10)
         parts = sorted(md.topics[s.topic_transitions].partitions)
         self.consumer.assign([TopicPartition(s.topic_transitions, p, self.offsets.get(p, 0))
@@ -101,7 +96,7 @@ class LearnerService:
                            offset=msg.offset(), key=msg.key(), value=msg.value(),
                            reason=exc.reason, detail=exc.detail,
                            failed_at_ms=int(time.time() * 1000), worker="learner")
-        self.producer.produce(self.s.dlq(msg.topic()), key=msg.key(), value=encode(env))
+        send(self.producer, self.s.dlq(msg.topic()), msg.key(), encode(env))
 
     def poll_once(self, timeout: float = 0.5) -> int:
         n = 0
@@ -116,10 +111,10 @@ class LearnerService:
             except InvalidMessage as exc:
                 self._dead_letter(msg, exc)
                 continue
-            if t["decision_id"] in self._recent:
+            if t.decision_id in self._recent:
                 self.m.learn_duplicates.inc()
                 continue
-            self._recent[t["decision_id"]] = None
+            self._recent[t.decision_id] = None
             if len(self._recent) > 200_000:
                 del self._recent[next(iter(self._recent))]
             try:

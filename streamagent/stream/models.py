@@ -15,14 +15,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamagent.core.engine import Model
 from streamagent.core.qnet import ModelSnapshot
+from streamagent.ops.kafka import make_consumer
 
 log = logging.getLogger("streamagent.models")
 
 
 def _consumer(bootstrap: str) -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": "streamagent-model-follower",
-                     "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                     "fetch.message.max.bytes": 16 * 1024 * 1024})
+    return make_consumer(bootstrap, "streamagent-model-follower",
+                         **{"fetch.message.max.bytes": 16 * 1024 * 1024})
 
 
 def _watermarks(c: Consumer, topic: str, timeout: float) -> tuple[int, int]:

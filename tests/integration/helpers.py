@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Producer
 
+from streamagent.ops.kafka import make_consumer, make_producer
 from streamagent.ops.local import terminate
 from streamagent.ops.tail import read_all
 
@@ -59,8 +59,7 @@ class WorkerProcess:
 
 
 def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
-    # murmur2 like the Java client and aiokafka: the keying contract (see README)
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "partitioner": "murmur2_random"})
+    p = make_producer(bootstrap)
     for key, value in items:
         p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0
@@ -86,9 +85,7 @@ class TopicReader:
     """A persistent reader of one topic (from the beginning), for tests that go in rounds."""
 
     def __init__(self, bootstrap: str, topic: str):
-        from streamagent.ops.tail import consumer
-
-        self.c = consumer(bootstrap)
+        self.c = make_consumer(bootstrap)
         self.c.subscribe([topic])
 
     def read(self, count: int, timeout: float = 60.0) -> list[dict]:

@@ -8,13 +8,13 @@ import signal
 import orjson
 import pytest
 
+from streamagent.units import HOUR_MS
 from tests.conftest import topic_env
 from tests.integration.helpers import TopicReader, WorkerProcess, event, produce, read_json
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 T0 = 1_767_225_600_000
-HOUR = 3_600_000
 
 
 def test_sigkill_mid_stream_loses_and_double_counts_nothing(kafka, tmp_path, run_id):
@@ -29,7 +29,7 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(kafka, tmp_path, run
     reader = TopicReader(kafka, env["STREAMAGENT_TOPIC_DECISION_LOG"])
     try:
         for r in range(rounds + 1):
-            ts = T0 + r * 3 * HOUR if r < rounds else T0 + 100 * HOUR  # the last closes all
+            ts = T0 + r * 3 * HOUR_MS if r < rounds else T0 + 100 * HOUR_MS  # the last closes all
             items = []
             for u in users:
                 items.append(event(f"{u}-{r}", u, "session_start", ts))
@@ -53,7 +53,7 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(kafka, tmp_path, run
             if r < rounds:  # a third of the users buy half an hour after every session
                 produce(kafka, env["STREAMAGENT_TOPIC_CONVERSIONS"], [
                     (u.encode(), orjson.dumps({"order_id": f"o-{u}-{r}", "user_id": u,
-                                              "ts": ts + HOUR // 2, "amount": 50.0}))
+                                              "ts": ts + HOUR_MS // 2, "amount": 50.0}))
                     for u in users if int(u.split("-")[1]) % 3 == 0])
         log = read_json(kafka, env["STREAMAGENT_TOPIC_DECISION_LOG"], n_triggers, max_wait=120)
         rewards = read_json(kafka, env["STREAMAGENT_TOPIC_REWARDS"], len(users) * rounds,

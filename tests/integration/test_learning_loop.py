@@ -8,13 +8,13 @@ import orjson
 import pytest
 
 from streamagent.core.contracts import validator
+from streamagent.units import HOUR_MS
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, event, produce, read_json
 
 pytestmark = pytest.mark.kafka
 
 T0 = 1_767_225_600_000
-HOUR = 3_600_000
 
 LOOP_SETTINGS = dict(
     STREAMAGENT_ATTRIBUTION_WINDOW_HOURS="2", STREAMAGENT_ALLOWED_LATENESS_MINUTES="1",
@@ -37,7 +37,7 @@ def test_rewards_transitions_and_hot_swapped_models_flow_through_kafka(kafka, tm
         rounds = 0
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and not seen_new_version:
-            ts = T0 + rounds * 3 * HOUR
+            ts = T0 + rounds * 3 * HOUR_MS
             produce(kafka, env["STREAMAGENT_TOPIC_USER_EVENTS"],
                     [event(f"{u}-r{rounds}", u, "session_start", ts) for u in users])
             log = read_json(kafka, env["STREAMAGENT_TOPIC_DECISION_LOG"], len(users) * (rounds + 1))
@@ -48,7 +48,7 @@ def test_rewards_transitions_and_hot_swapped_models_flow_through_kafka(kafka, tm
                 if int(d["user_id"].split("-")[1]) % 2 == 0:
                     convs.append((d["user_id"].encode(), orjson.dumps({
                         "order_id": f"o-{d['decision_id']}", "user_id": d["user_id"],
-                        "ts": d["ts"] + HOUR // 2, "amount": 80.0, "decision_id": d["decision_id"]})))
+                        "ts": d["ts"] + HOUR_MS // 2, "amount": 80.0, "decision_id": d["decision_id"]})))
             produce(kafka, env["STREAMAGENT_TOPIC_CONVERSIONS"], convs)
             seen_new_version = any(d["policy_version"] >= 1 for d in log)
             rounds += 1
@@ -78,6 +78,6 @@ def test_rewards_transitions_and_hot_swapped_models_flow_through_kafka(kafka, tm
         else:
             assert r["reward"] == 0.0 and r["outcome"] == "default"
     linked = [t for t in transitions if not t["done"]]
-    assert linked and all(t["dt_ms"] == 3 * HOUR for t in linked)
+    assert linked and all(t["dt_ms"] == 3 * HOUR_MS for t in linked)
     versions = [d["policy_version"] for d in sorted(decisions, key=lambda d: d["ts"])]
     assert versions == sorted(versions) or max(versions) >= 1

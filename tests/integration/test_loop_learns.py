@@ -9,13 +9,13 @@ import orjson
 import pytest
 
 from streamagent.core.catalog import load_catalog
+from streamagent.units import HOUR_MS
 from tests.conftest import topic_env
 from tests.integration.helpers import TopicReader, WorkerProcess, event, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 T0 = 1_767_225_600_000
-HOUR = 3_600_000
 CAT = load_catalog()
 BEST = {"mobile": "amt5_min30", "desktop": "freeship"}  # each kind buys only with its coupon
 
@@ -38,7 +38,7 @@ def test_greedy_choice_becomes_right_for_both_kinds_of_user(kafka, tmp_path, run
     good = {}
     try:
         for rnd in range(60):
-            ts = T0 + rnd * 2 * HOUR
+            ts = T0 + rnd * 2 * HOUR_MS
             produce(kafka, env["STREAMAGENT_TOPIC_USER_EVENTS"],
                     [event(f"{u}-{rnd}", u, "session_start", ts, device=d) for u, d in users.items()])
             decisions = reader.read(len(users))

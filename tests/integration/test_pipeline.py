@@ -7,13 +7,13 @@ import orjson
 import pytest
 
 from streamagent.core.contracts import validator
+from streamagent.units import DAY_MS
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, event, produce, read_json
 
 pytestmark = pytest.mark.kafka
 
 T0 = 1_767_225_600_000  # 2026-01-01
-HOUR = 3_600_000
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_bad_messages_go_to_dlq_and_good_ones_keep_flowing(kafka, worker):
         items.append(event(f"{u}-s", u, "session_start", T0 + i))
         items.append(item)
     # an event absurdly far ahead of the same user's history
-    items.append(event("far-1", "flow-0", "page_view", T0 + 400 * 24 * HOUR))
+    items.append(event("far-1", "flow-0", "page_view", T0 + 400 * DAY_MS))
     produce(kafka, topic, items)
 
     dlq = read_json(kafka, topic + ".dlq", len(BAD) + 1)
@@ -110,7 +110,7 @@ def test_bad_messages_go_to_dlq_and_good_ones_keep_flowing(kafka, worker):
     for name, (_, value) in BAD.items():
         assert value in got, f"{name} missing from DLQ"
         assert got[value] == expected_reason.get(name, "schema"), name
-    far = event("far-1", "flow-0", "page_view", T0 + 400 * 24 * HOUR)[1]
+    far = event("far-1", "flow-0", "page_view", T0 + 400 * DAY_MS)[1]
     assert got[far] == "ts_too_far_ahead"
 
     log = read_json(kafka, env["STREAMAGENT_TOPIC_DECISION_LOG"], len(BAD))

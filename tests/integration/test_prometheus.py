@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from streamagent.ops.local import free_port, terminate
+from streamagent.units import HOUR_MS
 from tests.conftest import topic_env
 from tests.integration.helpers import TopicReader, WorkerProcess, event, produce
 
@@ -30,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 T0 = 1_767_225_600_000
-HOUR = 3_600_000
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
@@ -115,7 +115,7 @@ def test_every_dashboard_query_and_recording_rule_returns_data(kafka, tmp_path, 
         rnd = 0
         # traffic for long enough that rates over [1m] have several scrapes (every 5 s)
         while time.monotonic() - start < 45 or rnd < 6:
-            ts = T0 + rnd * 2 * HOUR
+            ts = T0 + rnd * 2 * HOUR_MS
             items = []
             for u in users:
                 items.append(event(f"{u}-{rnd}", u, "session_start", ts, device="mobile"))

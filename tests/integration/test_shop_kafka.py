@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from streamagent.core.catalog import load_catalog
-from streamagent.core.simulator import Shop, scenario
-from streamagent.ops.shop import KafkaShop, partition_keys
+from streamagent.sim.shop import Shop, scenario
+from streamagent.sim.kafka_shop import KafkaShop, partition_keys
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, read_json
 

@@ -10,7 +10,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from streamagent.config import Settings
-from streamagent.core.state import UserState
+from streamagent.core.tables import UserStates
 from streamagent.metrics import Metrics
 from streamagent.stream.app import create_app
 
@@ -55,8 +55,8 @@ def test_agent_updates_state_decides_on_triggers_and_dead_letters_bad_input(tmp_
     assert ("coupon-actions" in topics) == (decision["action"] != "none")
     dlq = next(v for t, _, v in sent if t == "user-events.dlq")
     assert dlq["reason"] == "bad_json" and dlq["source_topic"] == "user-events"
-    state = UserState.from_bytes(w.app.streamagent_users[b"u1"])
-    assert state.n_events == 3 and state.decisions[-1]["decision_id"] == decision["decision_id"]
+    state = UserStates(w.app.streamagent_users).get(b"u1")
+    assert state.n_events == 3 and state.decisions[-1].decision_id == decision["decision_id"]
     get = reg.get_sample_value
     assert get("streamagent_ingest_events_total", {"type": "page_view"}) == 1
     assert get("streamagent_ingest_dead_letters_total", {"topic": "user-events", "reason": "bad_json"}) == 1

@@ -8,12 +8,12 @@ import pytest
 from streamagent.bench import learning as B
 from streamagent.cli import main
 from streamagent.core.catalog import load_catalog
-from streamagent.core.simulator import Shop, optimum, scenario
+from streamagent.sim.shop import SCENARIOS, Shop, optimum, scenario
 
 CAT = load_catalog()
 
 
-@pytest.mark.parametrize("name", ["fatigue", "no-fatigue"])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_the_optimal_policy_acted_out_in_the_simulator_earns_the_optimum(name):
     sc = scenario(name)
     shop = Shop(sc, CAT, 300, seed=5)
@@ -29,7 +29,8 @@ def test_the_optimal_policy_acted_out_in_the_simulator_earns_the_optimum(name):
 def test_smoke_run_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "learning.json"
     assert main(["bench", "learning", "--users", "40", "--days", "12", "--scenarios", "fatigue",
-                 "--policies", "never,oracle,vw_cb_adf,river_linucb,q_gamma", "--out", str(out)]) == 0
+                 "--policies", "never,oracle,vw_cb_adf,river_linucb,q_gamma", "--quick", "--jobs", "2",
+                 "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     rows = {r["policy"]: r for r in doc["scenarios"]["fatigue"]["results"]}
     assert set(rows) == {"never", "oracle", "vw_cb_adf", "river_linucb", "q_gamma"}
@@ -37,3 +38,16 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert all(0 <= r["conversion_rate"] <= 1 for r in rows.values())
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interval_and_fixed_policy_check():
+    lo, hi = B.interval95([0.9, 0.92, 0.94])
+    assert lo < 0.92 < hi and hi - 0.92 == pytest.approx(0.92 - lo)
+    assert B.interval95([0.5]) == (0.5, 0.5)
+    rows = [{"seed": s, "policy": p, "fraction_of_optimum": f}
+            for s, p, f in [(1, "never", 0.95), (1, "static", 0.90), (1, "q_gamma", 0.945),
+                            (2, "never", 0.95), (2, "static", 0.97), (2, "q_gamma", 0.95)]]
+    check = B.fixed_policy_check(rows)
+    assert check["margin_by_seed"][1] == pytest.approx(-0.005)  # within the 1-point tolerance
+    assert check["margin_by_seed"][2] == pytest.approx(-0.02)  # static was better on seed 2
+    assert not check["passed"] and check["worst_margin"] == pytest.approx(-0.02)

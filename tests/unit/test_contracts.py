@@ -19,7 +19,16 @@ def test_schema_is_valid_and_example_validates(name):
     C.validator(name)(example)  # the fast validator the workers use agrees
 
 
-@pytest.mark.parametrize("name,model", [("user-event", C.UserEvent), ("conversion", C.Conversion)])
+INPUTS = [("user-event", C.UserEvent), ("conversion", C.Conversion)]
+OUTPUTS = [("decision-log", C.Decision), ("coupon-action", C.CouponAction),
+           ("reward", C.Reward), ("transition", C.Transition)]
+
+
+def example(name: str) -> dict:
+    return orjson.loads((C.schemas_dir() / "examples" / C.SCHEMA_FILES[name]).read_bytes())
+
+
+@pytest.mark.parametrize("name,model", INPUTS)
 def test_models_agree_with_schemas(name, model):
     schema = C.load_schema(name)
     fields = {f.name for f in dataclasses.fields(model)}
@@ -27,6 +36,50 @@ def test_models_agree_with_schemas(name, model):
     required = {f.name for f in dataclasses.fields(model)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     assert required == set(schema["required"])
+
+
+@pytest.mark.parametrize("name,model", OUTPUTS)
+def test_output_records_agree_with_schemas(name, model):
+    schema = C.load_schema(name)
+    assert {f.name for f in dataclasses.fields(model)} == set(schema["properties"])
+    # the engine and the join write every field, so every field is in the document
+    assert set(schema["required"]) <= set(C._field_names(model))
+
+
+def test_coupon_offer_agrees_with_the_schema():
+    coupon = C.load_schema("coupon-action")["properties"]["coupon"]
+    assert {f.name for f in dataclasses.fields(C.CouponOffer)} == set(coupon["properties"])
+
+
+@pytest.mark.parametrize("name,model", INPUTS + OUTPUTS)
+def test_records_round_trip_the_examples(name, model):
+    doc = example(name)
+    record = model.from_doc(doc)
+    assert record.to_doc() == doc
+    # the same bytes on the topic: the field order is the document's key order
+    assert C.encode(record.to_doc()) == orjson.dumps(doc)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.user_id = "someone else"
+
+
+def test_decoders_return_records():
+    d = C.decode_decision(orjson.dumps(example("decision-log")), b"u-42")
+    assert isinstance(d, C.Decision) and d.features == (0.0, 1.0, 0.5)
+    t = C.decode_transition(orjson.dumps(example("transition")))
+    assert isinstance(t, C.Transition) and t.next_allowed == (True, False, False)
+    c = C.decode_conversion(orjson.dumps({"order_id": "o", "user_id": "u", "ts": 1_767_225_600_000,
+                                          "amount": 3, "heartbeat": None}), b"u")
+    assert c == C.Conversion("o", "u", 1_767_225_600_000, 3.0)
+    assert c.to_doc() == {"order_id": "o", "user_id": "u", "ts": 1_767_225_600_000, "amount": 3.0}
+
+
+def test_table_records_round_trip():
+    pd = C.PendingDecision(decision_id="d", ts=1, deadline=2, action_index=1, propensity=0.5,
+                           features=(0.1, 0.2), policy_version=3, allowed=(True, False))
+    pc = C.PendingConversion(order_id="o", ts=2, amount=9.5, discount=None, decision_id="d")
+    rec = C.JoinRecord(user_id="u", decisions=(pd,), conversions=(pc,), orders=("o",), ids=("d",))
+    assert C.JoinRecord.from_doc(orjson.loads(orjson.dumps(rec.to_doc()))) == rec
+    assert list(rec.to_doc()) == ["user_id", "decisions", "conversions", "orders", "ids"]
 
 
 def test_event_types_match_schema():
@@ -81,7 +134,8 @@ def test_dlq_envelope_validates():
 def test_learning_core_imports_no_kafka_or_faust():
     code = ("import sys, streamagent.core.engine, streamagent.core.features, "
             "streamagent.core.policy, streamagent.core.state, streamagent.core.qnet, "
-            "streamagent.core.catalog, streamagent.core.constraints, streamagent.core.contracts\n"
+            "streamagent.core.catalog, streamagent.core.constraints, streamagent.core.contracts, "
+            "streamagent.core.join, streamagent.core.tables\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('faust', 'aiokafka', 'confluent_kafka', 'mode')]\n"
             "assert not bad, bad")

@@ -7,19 +7,24 @@ import torch
 
 from streamagent.core import features as F
 from streamagent.core.catalog import load_catalog
-from streamagent.core.constraints import BudgetState, CapParams
-from streamagent.core.contracts import validator
-from streamagent.core.engine import DecisionEngine, EngineParams, Model, initial_model
+from streamagent.core.constraints import CapParams
+from streamagent.core.contracts import BudgetShare, validator
+from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.errors import ConfigError, InvalidMessage
+from streamagent.params import engine_params, shipped
 
 T0 = 1_767_225_600_000
 DAY = 86_400_000
 CAT = load_catalog()
 
 
+SHIPPED = engine_params(shipped(), 1)
+
+
 def engine(**kw):
-    return DecisionEngine(CAT, EngineParams(**kw), initial_model(CAT, (64, 64), 7))
+    """The shipped engine, with only what a test is about overridden."""
+    return DecisionEngine(CAT, dataclasses.replace(SHIPPED, **kw), initial_model(CAT, (64, 64), 7))
 
 
 def raw(eid, user, typ, ts, **kw):
@@ -27,7 +32,7 @@ def raw(eid, user, typ, ts, **kw):
 
 
 def run(eng, events, partition=0):
-    states, budget, out = {}, BudgetState(), []
+    states, budget, out = {}, BudgetShare(), []
     for off, (eid, user, typ, ts) in enumerate(events):
         r = eng.step(raw(eid, user, typ, ts), user.encode(), states.get(user), budget, partition, off)
         states[user], budget = r.state, r.budget
@@ -48,12 +53,12 @@ def test_decisions_only_on_triggers_and_outputs_validate():
     for r in out:
         assert (r.decision is not None) == (r.event.type in ("session_start", "add_to_cart"))
         if r.decision:
-            check_d(r.decision)
-            assert len(r.decision["features"]) == F.N_FEATURES
-            assert (r.coupon_action is not None) == (r.decision["action"] != "none")
+            check_d(r.decision.to_doc())
+            assert len(r.decision.features) == F.N_FEATURES
+            assert (r.coupon_action is not None) == (r.decision.action != "none")
             if r.coupon_action:
-                check_a(r.coupon_action)
-                assert r.coupon_action["coupon"]["id"] == r.decision["action"]
+                check_a(r.coupon_action.to_doc())
+                assert r.coupon_action.coupon.id == r.decision.action
 
 
 def test_same_input_same_decisions_whatever_the_partitioning():
@@ -64,24 +69,24 @@ def test_same_input_same_decisions_whatever_the_partitioning():
     b = [e for e in evs if int(e[1][1:]) % 2 == 1]
     _, _, two_a = run(engine(n_partitions=2), a, partition=0)
     _, _, two_b = run(engine(n_partitions=2), b, partition=1)
-    key = lambda rs: {r.decision["decision_id"]: (r.decision["action"], r.decision["propensity"])
+    key = lambda rs: {r.decision.decision_id: (r.decision.action, r.decision.propensity)
                       for r in rs if r.decision}
     assert key(one) == key(two_a) | key(two_b)
 
 
 def test_budget_is_never_overspent():
     share = 40.0
-    eng = engine(budget_per_period=share, caps=dataclasses.replace(EngineParams().caps, min_gap_ms=0, max_coupons=100),
+    eng = engine(budget_per_period=share, caps=dataclasses.replace(SHIPPED.caps, min_gap_ms=0, max_coupons=100),
                  exploration="epsilon", epsilon_start=1.0, epsilon_end=1.0)
     _, _, out = run(eng, [(f"e{i}", f"u{i}", "session_start", T0 + i) for i in range(200)])
-    spent = sum(r.decision["cost"] for r in out if r.decision)
+    spent = sum(r.decision.cost for r in out if r.decision)
     assert 0 < spent <= share
-    assert any("budget" in r.decision["blocked_by"] for r in out)
+    assert any("budget" in r.decision.blocked_by for r in out)
 
 
 def test_a_replayed_trigger_re_emits_the_same_decision_and_changes_nothing():
     eng = engine()
-    r1 = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetState(), 0, 5)
+    r1 = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetShare(), 0, 5)
     r2 = eng.step(raw("e1", "u", "session_start", T0), b"u", r1.state, r1.budget, 0, 5)
     assert r2.replayed and r2.decision == r1.decision and r2.state == r1.state
     assert r2.coupon_action == r1.coupon_action
@@ -89,7 +94,7 @@ def test_a_replayed_trigger_re_emits_the_same_decision_and_changes_nothing():
 
 def test_an_event_far_ahead_of_the_users_history_is_rejected():
     eng = engine()
-    r = eng.step(raw("e1", "u", "page_view", T0), b"u", None, BudgetState())
+    r = eng.step(raw("e1", "u", "page_view", T0), b"u", None, BudgetShare())
     with pytest.raises(InvalidMessage) as ei:
         eng.step(raw("e2", "u", "page_view", T0 + 400 * 86_400_000), b"u", r.state, r.budget)
     assert ei.value.reason == "ts_too_far_ahead"
@@ -138,7 +143,7 @@ def test_a_model_for_another_catalog_is_refused():
     net = init_network(F.N_FEATURES, 3, (8,), 1)
     snap = ModelSnapshot.from_network(net, 1, 0, ("none", "a", "b"), F.FEATURE_NAMES)
     with pytest.raises(ConfigError, match="catalog"):
-        DecisionEngine(CAT, EngineParams(), Model(snap))
+        DecisionEngine(CAT, SHIPPED, Model(snap))
 
 
 def test_swap_model_takes_effect_on_the_next_decision():
@@ -147,17 +152,17 @@ def test_swap_model_takes_effect_on_the_next_decision():
     with torch.no_grad():
         net.net[-1].bias.copy_(torch.tensor([0, 0, 0, 9.0, 0, 0]))
     eng.swap_model(Model(ModelSnapshot.from_network(net, 5, 0, CAT.actions, F.FEATURE_NAMES)))
-    r = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetState())
-    assert r.decision["policy_version"] == 5 and r.decision["action_index"] == 3
+    r = eng.step(raw("e1", "u", "session_start", T0), b"u", None, BudgetShare())
+    assert r.decision.policy_version == 5 and r.decision.action_index == 3
 
 
 def test_an_untrained_agent_sends_no_coupons_but_explores():
     # a fresh network has a zero output layer: all Q equal, ties go to "none"
     _, _, out = run(engine(exploration="greedy", caps=CapParams(1000, 7 * DAY, 0)), stream())
-    assert {r.decision["action"] for r in out if r.decision} == {"none"}
+    assert {r.decision.action for r in out if r.decision} == {"none"}
     _, _, out = run(engine(epsilon_start=0.5, caps=CapParams(1000, 7 * DAY, 0)), stream())
     acts = [r.decision for r in out if r.decision]
-    assert any(d["action"] != "none" and d["explored"] for d in acts)
+    assert any(d.action != "none" and d.explored for d in acts)
 
 
 def _daily_sessions(eng, days=60, users=6):
@@ -166,7 +171,7 @@ def _daily_sessions(eng, days=60, users=6):
     _, _, out = run(eng, evs)
     by_user: dict = {}
     for r in out:
-        by_user.setdefault(r.decision["user_id"], []).append(r.decision)
+        by_user.setdefault(r.decision.user_id, []).append(r.decision)
     return by_user
 
 
@@ -181,13 +186,13 @@ def test_exploration_runs_repeat_the_explored_action_for_a_while():
         for ds in by_user.values():
             n, prev = 0, None
             for d in ds:
-                if d["explored"] and d["action"] == prev:
+                if d.explored and d.action == prev:
                     n += 1
                 else:
                     if n:
                         streaks.append(n)
-                    n = 1 if d["explored"] else 0
-                prev = d["action"] if d["explored"] else None
+                    n = 1 if d.explored else 0
+                prev = d.action if d.explored else None
             if n:
                 streaks.append(n)
         return np.mean(streaks)
@@ -195,9 +200,9 @@ def test_exploration_runs_repeat_the_explored_action_for_a_while():
     assert mean_explored_streak(runs) > 2 * mean_explored_streak(plain)
     for ds in runs.values():
         for prev, d in zip(ds, ds[1:]):
-            if d["propensity"] == 1.0 and d["explored"]:
+            if d.propensity == 1.0 and d.explored:
                 # inside a run: the same action as the decision before, logged with probability 1
-                assert d["action"] == prev["action"]
+                assert d.action == prev.action
 
 
 def test_exploration_runs_are_deterministic_per_decision():
@@ -209,17 +214,17 @@ def test_exploration_runs_are_deterministic_per_decision():
 
 def test_an_external_policy_acts_and_the_state_remembers_its_coupons():
     eng = engine(caps=CapParams(1000, 7 * DAY, 0))
-    states, budget = {}, BudgetState()
+    states, budget = {}, BudgetShare()
     for d in range(3):
         r = eng.step(raw(f"x{d}", "w", "session_start", T0 + d * DAY), b"w", states.get("w"),
                      budget, policy=lambda x, allowed: (2, 0.25))
         states["w"], budget = r.state, r.budget
-        assert r.decision["action_index"] == 2 and r.decision["propensity"] == 0.25
-        assert r.coupon_action["coupon"]["id"] == CAT.actions[2]
+        assert r.decision.action_index == 2 and r.decision.propensity == 0.25
+        assert r.coupon_action.coupon.id == CAT.actions[2]
     assert states["w"].n_coupons == 3
     # a policy may not pick what caps or budget forbid (the default caps allow 2 a week)
     capped = engine()
-    st, b = None, BudgetState()
+    st, b = None, BudgetShare()
     for d in range(2):
         r = capped.step(raw(f"c{d}", "z", "session_start", T0 + d * DAY), b"z", st, b,
                         policy=lambda x, allowed: (1, 1.0))

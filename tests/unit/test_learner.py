@@ -1,9 +1,12 @@
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 
-from streamagent.core.learner import LearnerParams, QLearner
+from streamagent.core.contracts import Transition
+from streamagent.core.learner import QLearner
+from streamagent.params import learner_params, shipped
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -24,12 +27,15 @@ DAY = 86_400_000
 def learner(**kw):
     base = dict(batch_size=32, learning_starts=32, lr=5e-3, buffer_size=5000, seed=3)
     base.update(kw)
-    return QLearner(ACTIONS, FEATS, (32,), LearnerParams(**base))
+    return QLearner(ACTIONS, FEATS, (32,), dataclasses.replace(learner_params(shipped()), **base))
 
 
-def t(s, a, r, s2=None, dt=None, done=True, allowed=None):
-    return {"features": s, "action_index": a, "reward": r, "next_features": s2, "dt_ms": dt,
-            "done": done, "next_allowed": allowed}
+def t(s, a, r, s2=None, dt=None, done=True, allowed=None, user=""):
+    return Transition(decision_id=f"d{a}", user_id=user, ts=0, features=tuple(s), action_index=a,
+                      reward=r, propensity=1.0, policy_version=0,
+                      next_features=tuple(s2) if s2 is not None else None,
+                      next_allowed=tuple(allowed) if allowed is not None else None,
+                      next_ts=dt, dt_ms=dt, done=done)
 
 
 A, B = [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]
@@ -54,7 +60,8 @@ def test_bootstraps_through_time_with_gamma_per_day():
     (gamma 0) prefer the 1."""
     S0, S1 = [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]
     for gamma, best in ((0.9, 1), (0.0, 0)):
-        L = learner(gamma=gamma, target_update="soft", tau=0.05)
+        # one-step targets, a step per transition: what this test is about
+        L = learner(gamma=gamma, target_update="soft", tau=0.05, n_step=1, train_every=1)
         rng = np.random.default_rng(1)
         for _ in range(4000):
             a = int(rng.integers(2))
@@ -77,7 +84,8 @@ def test_discount_follows_event_time_gaps():
 
 
 def test_masked_next_actions_are_not_bootstrapped_from():
-    L = learner(gamma=0.9, double_dqn=False, learning_starts=1, batch_size=1)
+    L = learner(gamma=0.9, double_dqn=False, learning_starts=1, batch_size=1, n_step=1,
+                train_every=1)
     with __import__("torch").no_grad():
         L.target.net[-1].bias.copy_(__import__("torch").tensor([0.0, 0.0, 100.0]))
         L.target.net[-1].weight.zero_()
@@ -98,12 +106,12 @@ def test_learn_one_does_not_mutate_its_input_and_is_seeded():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    L = learner(learning_starts=8, batch_size=8)
+    L = learner(learning_starts=8, batch_size=8, train_every=1)
     for i in range(50):
         L.learn_one(t(A, i % 3, float(i % 2)))
     snap = L.snapshot()
     L.save_checkpoint(tmp_path / "ck.pt", extra={"offsets": {"0": 50}})
-    M = learner(learning_starts=8, batch_size=8)
+    M = learner(learning_starts=8, batch_size=8, train_every=1)
     extra = M.load_checkpoint(tmp_path / "ck.pt")
     assert extra == {"offsets": {"0": 50}}
     assert (M.version, M.train_steps, len(M.replay)) == (snap.version, L.train_steps, 50)
@@ -128,8 +136,8 @@ def _chain(user, rewards, last_done=False):
     out = []
     for k, r in enumerate(rewards):
         done = last_done and k == len(rewards) - 1
-        out.append({**t([1.0, float(k), 0.0], k % 3, r, None if done else [1.0, float(k + 1), 0.0],
-                        None if done else DAY, done), "user_id": user})
+        out.append(t([1.0, float(k), 0.0], k % 3, r, None if done else [1.0, float(k + 1), 0.0],
+                     None if done else DAY, done, user=user))
     return out
 
 

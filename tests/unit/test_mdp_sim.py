@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from streamagent.core.catalog import load_catalog
-from streamagent.core.mdp import average_reward, policy_evaluation, value_iteration
-from streamagent.core.simulator import SCENARIOS, Shop, mdp, order_prob, scenario
+from streamagent.sim.mdp import average_reward, policy_evaluation, value_iteration
+from streamagent.sim.shop import SCENARIOS, Shop, mdp, optimum, order_prob, scenario
 
 CAT = load_catalog()
 
@@ -81,3 +81,24 @@ def test_the_shop_is_seeded_and_reacts_to_coupons():
     for _ in range(3):
         a.respond(u, 3, 0, "x")
     assert u.fatigue == 3  # three coupons in a row: fully fatigued
+
+
+def test_pulse_optimum_times_its_coupons_and_types_show_only_through_behaviour():
+    sc = scenario("pulse")
+    pulsing = 0
+    for seg in sc.segments:
+        m = mdp(sc, seg, CAT)
+        _, pi = value_iteration(m.P, m.R, 0.995)
+        _, myopic = value_iteration(m.P, m.R, 0.0)
+        if pi[0] != 0 and all(a == 0 for a in pi[1:]):
+            pulsing += 1  # a coupon only to an unconditioned user
+            assert any(a != 0 for a in myopic[1:])  # the myopic optimum keeps conditioning
+    assert pulsing >= 2
+    shop = Shop(sc, CAT, 200, seed=3)
+    ref = optimum(shop)
+    assert ref["never"] < 0.85 * ref["optimal"] and ref["myopic_optimal"] < ref["never"]
+    # one session does not give the type away: categories and devices are noisy
+    off_type = sum(ev.get("category") not in (None, u.segment.category)
+                   or ev["device"] != u.segment.device
+                   for u in shop.users for ev in shop.session_events(0, u, 0))
+    assert off_type > 0

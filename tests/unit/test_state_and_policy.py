@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamagent.core.constraints import (BudgetState, CapParams, action_mask, budget_remaining,
-                                          budget_spend)
-from streamagent.core.contracts import UserEvent
+from streamagent.core.constraints import CapParams, action_mask, budget_remaining, budget_spend
+from streamagent.core.contracts import BudgetShare, Decision, UserEvent
 from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
+from streamagent.params import shipped, state_params
 from streamagent.core.state import StateParams, UserState, apply, is_replay, record_decision
 
 P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000)
@@ -16,6 +16,15 @@ T0 = 1_767_225_600_000
 
 def ev(i, typ="page_view", ts=T0, **kw):
     return UserEvent(event_id=f"e{i}", user_id="u", type=typ, ts=ts, **kw)
+
+
+def decided(ts, trigger_event_id, action_index=1):
+    """A decision as the state remembers it (only ts and trigger matter to the state)."""
+    return Decision(decision_id=f"d-{trigger_event_id}", user_id="u", ts=ts, action="c",
+                    action_index=action_index, propensity=1.0, explored=False,
+                    exploration="greedy", policy_version=0, trigger_event_id=trigger_event_id,
+                    trigger_type="session_start", q_values=(0.0, 1.0), allowed=(True, True),
+                    blocked_by=(), features=(0.5,), cost=1.0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -60,7 +69,7 @@ def test_replayed_offsets_are_recognised():
 
 def test_state_round_trips_through_bytes():
     s = apply(UserState("u"), ev(1, category="shoes", device="mobile"), P, 0, 1)
-    s = record_decision(s, {"ts": T0, "trigger_event_id": "e1", "action_index": 1}, True, P)
+    s = record_decision(s, decided(T0, "e1"), True, P)
     assert UserState.from_bytes(s.to_bytes()) == s
 
 
@@ -70,10 +79,10 @@ def test_frequency_cap_min_gap_and_budget_masks():
     s = UserState("u")
     allowed, blocked = action_mask(s, T0, costs, caps, remaining=10.0)
     assert allowed.tolist() == [True, True, False] and blocked == ["budget"]
-    s = record_decision(s, {"ts": T0, "trigger_event_id": "a"}, True, P)
+    s = record_decision(s, decided(T0, "a"), True, P)
     allowed, blocked = action_mask(s, T0 + 3_600_000, costs, caps, 100.0)
     assert allowed.tolist() == [True, False, False] and blocked == ["min_gap"]
-    s = record_decision(s, {"ts": T0 + 2 * 86_400_000, "trigger_event_id": "b"}, True, P)
+    s = record_decision(s, decided(T0 + 2 * 86_400_000, "b"), True, P)
     allowed, blocked = action_mask(s, T0 + 4 * 86_400_000, costs, caps, 100.0)
     assert blocked == ["frequency_cap"] and allowed.tolist() == [True, False, False]
     # the window rolls: after 7 days the first coupon no longer counts
@@ -82,11 +91,11 @@ def test_frequency_cap_min_gap_and_budget_masks():
 
 
 def test_budget_rolls_over_with_the_event_time_period():
-    b = budget_spend(BudgetState(), 10, 30.0)
+    b = budget_spend(BudgetShare(), 10, 30.0)
     assert budget_remaining(b, 10, 100.0) == 70.0
     assert budget_remaining(b, 11, 100.0) == 100.0
     assert budget_remaining(b, 9, 100.0) == 70.0  # a late event cannot reopen an old period
-    assert budget_spend(b, 11, 5.0) == BudgetState(11, 5.0)
+    assert budget_spend(b, 11, 5.0) == BudgetShare(11, 5.0)
 
 
 @pytest.mark.parametrize("strategy", ["epsilon", "softmax", "greedy"])
@@ -127,7 +136,7 @@ def test_epsilon_schedule():
 
 
 def _user_with_history(days: int, start_day: int = 0) -> UserState:
-    p = StateParams()
+    p = state_params(shipped())
     s = UserState("u")
     day = 86_400_000
     for d in range(start_day, start_day + days):
@@ -135,8 +144,7 @@ def _user_with_history(days: int, start_day: int = 0) -> UserState:
             s = apply(s, UserEvent(f"e{d}-{k}", "u", typ, T0 + d * day + k * 1000,
                                    category="books", price=20.0, amount=40.0), p)
         if d % 3 == 0:
-            s = record_decision(s, {"ts": T0 + d * day + 5000, "trigger_event_id": f"e{d}-0",
-                                    "action_index": 1}, True, p)
+            s = record_decision(s, decided(T0 + d * day + 5000, f"e{d}-0"), True, p)
     return s
 
 
@@ -147,8 +155,8 @@ def test_features_are_bounded_and_do_not_grow_with_a_users_age():
     young = _user_with_history(120, start_day=880)  # the same last 120 days...
     old = _user_with_history(1000)  # ...after 880 more days of the same habits
     ts = T0 + 1000 * day + 10_000
-    fy = encode(young, ts, "session_start", StateParams().half_life_ms, 7 * day)
-    fo = encode(old, ts, "session_start", StateParams().half_life_ms, 7 * day)
+    fy = encode(young, ts, "session_start", state_params(shipped()).half_life_ms, 7 * day)
+    fo = encode(old, ts, "session_start", state_params(shipped()).half_life_ms, 7 * day)
     assert np.all(fo >= -1.0) and np.all(fo <= 1.5), dict(zip(FEATURE_NAMES, fo))
     # nothing counts a lifetime: a 3-year-old user looks like a 4-month-old with the same
     # habits. The one exception by design: the redemption rate is an estimate (Beta(1, 1)
@@ -163,12 +171,12 @@ def test_coupon_pressure_builds_with_coupons_and_fades_without():
 
     day = 86_400_000
     i = FEATURE_NAMES.index("coupon_pressure")
-    p = StateParams()
+    p = state_params(shipped())
     s = UserState("u")
     s = apply(s, UserEvent("e0", "u", "session_start", T0), p)
     seen = []
     for d in range(4):
-        s = record_decision(s, {"ts": T0 + d * day, "trigger_event_id": f"c{d}"}, True, p)
+        s = record_decision(s, decided(T0 + d * day, f"c{d}"), True, p)
         seen.append(encode(s, T0 + d * day + 1, "session_start", p.half_life_ms, 7 * day)[i])
     assert seen == sorted(seen) and seen[-1] > seen[0]
     later = [encode(s, T0 + (3 + k) * day, "session_start", p.half_life_ms, 7 * day)[i]

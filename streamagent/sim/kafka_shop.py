@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-from confluent_kafka import Consumer
-
-from streamagent.core.simulator import DAY_MS, Shop, order_prob, order_profit
+from streamagent.sim.shop import Shop, expected_profit
+from streamagent.units import DAY_MS
 from streamagent.errors import StreamagentError
-from streamagent.ops.produce import make_producer
+from streamagent.ops.kafka import make_consumer, make_producer, send
 
 
 class ShopStalled(StreamagentError):
@@ -62,15 +61,22 @@ class DayResult:
     seconds: float = 0.0
 
 
+def purchase_event(order: dict) -> dict:
+    """The user event of a simulated order."""
+    ev = {"event_id": order["order_id"], "user_id": order["user_id"], "type": "purchase",
+          "ts": order["ts"], "amount": order["amount"]}
+    if order.get("coupon_code"):
+        ev["coupon_code"] = order["coupon_code"]
+    return ev
+
+
 class KafkaShop:
     def __init__(self, shop: Shop, bootstrap: str, topics: dict[str, str], n_partitions: int,
                  decision_timeout_s: float = 120.0):
         self.shop, self.catalog = shop, shop.catalog
         self.topics, self.timeout = topics, decision_timeout_s
         self.producer = make_producer(bootstrap, **{"linger.ms": 5})
-        self.consumer = Consumer({"bootstrap.servers": bootstrap,
-                                  "group.id": f"streamagent-shop-{time.time_ns()}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self.consumer = make_consumer(bootstrap, f"streamagent-shop-{time.time_ns()}")
         self.consumer.subscribe([topics["decision_log"], topics["coupon_actions"]])
         self.hb_keys = partition_keys(n_partitions)
         self.decisions: dict[str, dict] = {}  # trigger_event_id -> decision-log entry
@@ -83,13 +89,7 @@ class KafkaShop:
         self.consumer.close()
 
     def _send(self, topic: str, key: str, doc: dict) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, key=key.encode(), value=orjson.dumps(doc))
-                break
-            except BufferError:  # local queue full: let it drain
-                self.producer.poll(0.05)
-        self.producer.poll(0)
+        send(self.producer, topic, key.encode(), orjson.dumps(doc))
 
     def _poll(self, wanted: set[str], deadline: float) -> None:
         """Read decisions and coupon actions until every wanted trigger has its answer."""
@@ -135,8 +135,7 @@ class KafkaShop:
             res.coupons += a != 0
             res.explored += bool(d["explored"])
             res.policy_versions.add(d["policy_version"])
-            res.expected_profit += (order_prob(shop.scenario, u.segment, cat, u.fatigue, a)
-                                    * order_profit(shop.scenario, u.segment, cat, a)[0])
+            res.expected_profit += expected_profit(shop.scenario, u.segment, cat, u.fatigue, a)
             o = shop.respond(u, a, d["ts"], d["decision_id"])
             if o:
                 res.orders += 1
@@ -144,8 +143,12 @@ class KafkaShop:
                 res.discount += o["discount"]
                 orders.append(o)
         for o in sorted(orders, key=lambda o: o["ts"]):
+            # a shop streams the purchase as a user event (the user's state and features see
+            # it, as in the learning benchmark) and the order as a conversion (the reward)
+            self._send(self.topics["user_events"], o["user_id"], purchase_event(o))
             doc = {k: v for k, v in o.items() if not k.startswith("_") and v is not None}
             self._send(self.topics["conversions"], o["user_id"], doc)
+        self.events_sent += len(orders)
         # the day is over on every partition, orders or not: heartbeats move event time on
         end = shop.start_ts + (day + 1) * DAY_MS
         for k in self.hb_keys:
@@ -157,3 +160,32 @@ class KafkaShop:
         res.realised_profit /= n
         res.seconds = time.monotonic() - t0
         return res
+
+
+def simulate(s, scenario_name: str, users: int, days: int, seed: int, timeout: float,
+             log=print) -> list[DayResult]:
+    """`streamagent simulate`: play the shop against a running worker, a line per day."""
+    from streamagent.core.catalog import load_catalog
+    from streamagent.ops.topics import partition_count
+    from streamagent.sim.shop import optimum, scenario
+
+    catalog = load_catalog(s.catalog_path)
+    shop = Shop(scenario(scenario_name), catalog, users, seed=seed)
+    ref = optimum(shop)
+    n_parts = partition_count(s.kafka_bootstrap, s.topic_conversions, s.partitions)
+    ks = KafkaShop(shop, s.kafka_bootstrap, shop_topics(s), n_parts, decision_timeout_s=timeout)
+    log(f"simulating {users} users for {days} days ({scenario_name}) against "
+        f"{s.kafka_bootstrap}; optimum {ref['optimal']:.3f}, never {ref['never']:.3f} "
+        f"profit/user/day")
+    out: list[DayResult] = []
+    try:
+        for d in range(days):
+            r = ks.day(d)
+            out.append(r)
+            week = sum(x.expected_profit for x in out[-7:]) / len(out[-7:])
+            log(f"day {d + 1:4}: profit/user {r.expected_profit:6.3f} (7-day mean {week:6.3f}, "
+                f"{week / ref['optimal']:5.1%} of optimum), coupons {r.coupons}, orders "
+                f"{r.orders}, model v{max(r.policy_versions)}, {r.seconds:.1f} s")
+    finally:
+        ks.close()
+    return out

@@ -21,10 +21,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamagent.core.catalog import Catalog
+from streamagent.sim.mdp import average_reward, value_iteration
+from streamagent.units import DAY_MS, HOUR_MS
 
-DAY_MS = 86_400_000
+
 CATEGORIES = ("shoes", "books", "electronics", "grocery", "toys", "beauty", "garden", "sports")
 DEVICES = ("mobile", "desktop", "tablet")
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a latent type shows in its sessions, noisily: it has to be inferred from many."""
+
+    views: float  # mean page views per session after the first (Poisson)
+    searches: float  # mean searches per session (Poisson)
+    focus: float  # chance a view or search is in the type's own category (else any category)
+    device_loyalty: float  # chance a session is on the type's usual device (else any device)
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,9 @@ class Segment:
     category: str
     device: str
     geo: str
+    # None: one page view in the segment's category on its device, every session (the type
+    # can be read off a single session)
+    behaviour: Behaviour | None = None
 
 
 @dataclass(frozen=True)
@@ -65,15 +80,37 @@ SEGMENTS = (
 )
 
 
+# Pulse: the optimum times its coupons. Every coupon conditions a user (one level up), a
+# coupon-free day lowers conditioning by one level with probability `recovery`; conditioning
+# costs full-price orders and wears a coupon's effect down almost entirely (wear 0.9). A coupon
+# pays only to an unconditioned user, so for three of the four types the optimum sends one,
+# rests the user until conditioning is gone, and sends again; the myopic optimum keeps them
+# conditioned. Types show only through noisy behaviour (categories, searches, devices, orders).
+PULSE_SEGMENTS = (
+    Segment("regular", 0.20, base=0.15, basket=60.0, sensitivity=0.3, category="grocery",
+            device="desktop", geo="urban", behaviour=Behaviour(1.5, 0.3, 0.5, 0.6)),
+    Segment("deal_seeker", 0.40, base=0.03, basket=50.0, sensitivity=3.0, category="toys",
+            device="mobile", geo="suburban", behaviour=Behaviour(2.0, 2.0, 0.4, 0.7)),
+    Segment("big_spender", 0.20, base=0.06, basket=120.0, sensitivity=1.5,
+            category="electronics", device="desktop", geo="urban",
+            behaviour=Behaviour(0.8, 0.8, 0.5, 0.7)),
+    Segment("occasional", 0.20, base=0.06, basket=35.0, sensitivity=1.2, category="books",
+            device="tablet", geo="rural", behaviour=Behaviour(0.5, 0.3, 0.3, 0.6)),
+)
+
+
 def scenario(name: str) -> Scenario:
     if name == "fatigue":
         return Scenario("fatigue", SEGMENTS)
     if name == "no-fatigue":
         return Scenario("no-fatigue", SEGMENTS, conditioning=0.0, wear=0.0, fatigue=False)
-    raise ValueError(f"unknown scenario {name!r}; choose fatigue or no-fatigue")
+    if name == "pulse":
+        return Scenario("pulse", PULSE_SEGMENTS, fatigue_levels=4, conditioning=0.6, wear=0.9,
+                        recovery=0.5)
+    raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
 
 
-SCENARIOS = ("fatigue", "no-fatigue")
+SCENARIOS = ("fatigue", "no-fatigue", "pulse")
 
 
 def uplift(seg: Segment, catalog: Catalog, action: int) -> float:
@@ -97,6 +134,12 @@ def order_profit(sc: Scenario, seg: Segment, catalog: Catalog, action: int) -> t
     c = catalog.coupon(action)
     discount = c.discount_on(seg.basket, catalog.shipping_cost) if c else 0.0
     return sc.margin * seg.basket - discount, discount
+
+
+def expected_profit(sc: Scenario, seg: Segment, catalog: Catalog, f: int, action: int) -> float:
+    """Expected profit of one decision: what the benchmarks and the demo report. It ranks
+    policies like sampled profit does, with far less noise (an order is 0 or a whole basket)."""
+    return order_prob(sc, seg, catalog, f, action) * order_profit(sc, seg, catalog, action)[0]
 
 
 def next_fatigue_probs(sc: Scenario, f: int, action: int) -> dict[int, float]:
@@ -158,13 +201,39 @@ class Shop:
 
     def session_events(self, day: int, u: SimUser, i: int) -> list[dict]:
         """The events of a user's session on a day; the first one triggers a decision."""
-        ts = self.start_ts + day * DAY_MS + int(self.rng.integers(8 * 3_600_000, 20 * 3_600_000))
+        ts = self.start_ts + day * DAY_MS + int(self.rng.integers(8 * HOUR_MS, 20 * HOUR_MS))
         seg = u.segment
+        if seg.behaviour is not None:
+            return self._noisy_session(day, u, ts, seg.behaviour)
         base = {"user_id": u.user_id, "device": seg.device, "geo": seg.geo}
         evs = [{**base, "event_id": f"{u.user_id}-d{day}-s", "type": "session_start", "ts": ts}]
         evs.append({**base, "event_id": f"{u.user_id}-d{day}-v", "type": "page_view",
                     "ts": ts + 30_000, "category": seg.category,
                     "price": round(seg.basket / 2, 2), "item_id": f"{seg.category}-1"})
+        return evs
+
+    def _noisy_session(self, day: int, u: SimUser, ts: int, b: Behaviour) -> list[dict]:
+        # Only the first event triggers a decision (no add_to_cart, a trigger type): what the
+        # session shows informs the user's later decisions, as in a shop.
+        seg, rng = u.segment, self.rng
+        device = seg.device if rng.random() < b.device_loyalty else DEVICES[rng.integers(3)]
+        base = {"user_id": u.user_id, "device": device, "geo": seg.geo}
+
+        def category() -> str:
+            return seg.category if rng.random() < b.focus else CATEGORIES[rng.integers(8)]
+
+        evs = [{**base, "event_id": f"{u.user_id}-d{day}-s", "type": "session_start", "ts": ts}]
+        n_views, n_searches = 1 + rng.poisson(b.views), rng.poisson(b.searches)
+        for k in range(n_views + n_searches):
+            t = ts + 30_000 * (k + 1)
+            if k < n_searches:
+                evs.append({**base, "event_id": f"{u.user_id}-d{day}-q{k}", "type": "search",
+                            "ts": t, "query": category(), "category": category()})
+            else:
+                cat = category()
+                evs.append({**base, "event_id": f"{u.user_id}-d{day}-v{k}", "type": "page_view",
+                            "ts": t, "category": cat, "item_id": f"{cat}-{rng.integers(50)}",
+                            "price": round(float(seg.basket * rng.uniform(0.3, 0.8)), 2)})
         return evs
 
     def respond(self, u: SimUser, action: int, decision_ts: int, decision_id: str) -> dict | None:
@@ -175,7 +244,7 @@ class Shop:
         if self.rng.random() < p:
             profit, discount = order_profit(sc, seg, self.catalog, action)
             delay = float(np.exp(np.log(sc.delay_median_h) + sc.delay_sigma * self.rng.normal()))
-            ts = decision_ts + int(min(delay, 60.0) * 3_600_000)
+            ts = decision_ts + int(min(delay, 60.0) * HOUR_MS)
             order = {"order_id": f"o-{decision_id}", "user_id": u.user_id, "ts": ts,
                      "amount": seg.basket, "discount": discount,
                      "decision_id": decision_id if action else None,
@@ -191,8 +260,6 @@ def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
     """Long-run profit per user per day of this population under the optimal policy (value
     iteration per segment, gamma near 1 for the average-reward optimum), the myopic optimum
     (gamma 0) and "never send"; and the optimal action per segment and fatigue level."""
-    from streamagent.core.mdp import average_reward, value_iteration
-
     sc, catalog = shop.scenario, shop.catalog
     counts: dict[str, int] = {}
     for u in shop.users:

@@ -1,0 +1,150 @@
+"""Typed access to the tables: one small adapter per table, the only place that knows its keys
+and encodings.
+
+Each adapter wraps any MutableMapping: a Faust table in production, a dict in tests. The core
+reads and writes records through them and never sees a key prefix or a byte.
+
+- user-state (key: the user id as bytes): :class:`UserStates`.
+- budget (bytes keys): :class:`BudgetShares` (each partition's share of the budget) and, beside
+  it, :class:`UserCounts` (users seen per partition, for the users gauge).
+- join-state (str keys): :class:`JoinStore` (the reward join's per-user records, watermarks,
+  due-time index and pending counter); :class:`streamagent.core.outbox.Outbox` keeps its own
+  ``ob:`` keys in the same table.
+"""
+from __future__ import annotations
+
+from typing import MutableMapping
+
+import orjson
+
+from streamagent.core.contracts import BudgetShare, JoinRecord
+from streamagent.core.state import UserState
+
+
+class UserStates:
+    """The user-state table: user id (bytes) -> UserState (its to_bytes blob)."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes]):
+        self.table = table
+
+    def get(self, key: bytes) -> UserState | None:
+        raw = self.table.get(key)
+        return UserState.from_bytes(raw) if raw else None
+
+    def put(self, key: bytes, state: UserState) -> None:
+        self.table[key] = state.to_bytes()
+
+
+class BudgetShares:
+    """The budget table's spend records: partition -> BudgetShare, stored as "period:spent"."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes]):
+        self.table = table
+
+    @staticmethod
+    def _key(partition: int) -> bytes:
+        return f"p{partition}".encode()
+
+    def get(self, partition: int) -> BudgetShare:
+        raw = self.table.get(self._key(partition))
+        if not raw:
+            return BudgetShare()
+        period, spent = raw.decode().split(":")
+        return BudgetShare(int(period), float(spent))
+
+    def put(self, partition: int, share: BudgetShare) -> None:
+        self.table[self._key(partition)] = f"{share.period}:{share.spent!r}".encode()
+
+
+class UserCounts:
+    """Users seen per partition, kept in the budget table (it moves with the partition)."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes]):
+        self.table = table
+
+    @staticmethod
+    def _key(partition: int) -> bytes:
+        return b"users:%d" % partition
+
+    def get(self, partition: int) -> int:
+        return int(self.table.get(self._key(partition)) or 0)
+
+    def put(self, partition: int, n: int) -> None:
+        self.table[self._key(partition)] = str(n).encode()
+
+
+class JoinStore:
+    """The reward join's table.
+
+    Keys: ``u:<user>`` the user's JoinRecord (orjson of its document); ``wm:<partition>`` the
+    partition's watermark, ``wmd:<partition>`` / ``wmc:<partition>`` those of the decision and
+    conversion inputs; ``due:<partition>:<bucket>`` the users with something due in that time
+    bucket; ``pending:<partition>`` the count of open decisions.
+    """
+
+    INPUTS = {"decisions": "wmd", "conversions": "wmc"}
+
+    def __init__(self, table: MutableMapping[str, bytes]):
+        self.table = table
+
+    # ---------------------------------------------------------------- per-user records
+    def record(self, user: str) -> JoinRecord:
+        """The user's record; an empty one for a user not seen before."""
+        raw = self.table.get("u:" + user)
+        return JoinRecord.from_doc(orjson.loads(raw)) if raw else JoinRecord(user_id=user)
+
+    def put_record(self, rec: JoinRecord) -> None:
+        self.table["u:" + rec.user_id] = orjson.dumps(rec.to_doc())
+
+    # ---------------------------------------------------------------- watermarks
+    def watermark(self, partition: int) -> int | None:
+        """The partition's watermark (None before both inputs have been seen)."""
+        return self._int(f"wm:{partition}")
+
+    def set_watermark(self, partition: int, wm: int) -> None:
+        self.table[f"wm:{partition}"] = str(wm).encode()
+
+    def input_watermark(self, partition: int, input_: str) -> int | None:
+        """The watermark of one input ("decisions" or "conversions") on the partition."""
+        return self._int(f"{self.INPUTS[input_]}:{partition}")
+
+    def set_input_watermark(self, partition: int, input_: str, wm: int) -> None:
+        self.table[f"{self.INPUTS[input_]}:{partition}"] = str(wm).encode()
+
+    # ---------------------------------------------------------------- due-time index
+    def _due_key(self, partition: int, bucket: int) -> str:
+        return f"due:{partition}:{bucket}"
+
+    def add_due(self, partition: int, bucket: int, user: str) -> None:
+        key = self._due_key(partition, bucket)
+        users = orjson.loads(self.table.get(key) or b"[]")
+        if user not in users:
+            users.append(user)
+            self.table[key] = orjson.dumps(users)
+
+    def has_due(self, partition: int, bucket: int) -> bool:
+        return self._due_key(partition, bucket) in self.table
+
+    def take_due(self, partition: int, bucket: int) -> list[str]:
+        """The users indexed in the bucket; the bucket is removed (it must exist)."""
+        key = self._due_key(partition, bucket)
+        users = orjson.loads(self.table.get(key) or b"[]")
+        del self.table[key]
+        return users
+
+    def due_buckets(self, partition: int) -> list[int]:
+        """Every bucket of the partition with users in it, in time order (scans the keys)."""
+        prefix = f"due:{partition}:"
+        return sorted(int(k[len(prefix):]) for k in list(self.table.keys())
+                      if isinstance(k, str) and k.startswith(prefix))
+
+    # ---------------------------------------------------------------- pending counter
+    def pending(self, partition: int) -> int:
+        return self._int(f"pending:{partition}") or 0
+
+    def set_pending(self, partition: int, n: int) -> None:
+        self.table[f"pending:{partition}"] = str(n).encode()
+
+    def _int(self, key: str) -> int | None:
+        raw = self.table.get(key)
+        return int(raw) if raw else None

@@ -1,0 +1,61 @@
+"""Every parameter object of the core, built from the one Settings object.
+
+The core's parameter dataclasses carry no defaults of their own: the shipped defaults live in
+streamagent/config.py only, so what is tested, benchmarked and deployed is the same thing.
+Tests start from ``Settings()`` (or ``shipped()``) and override only what they are about.
+"""
+from __future__ import annotations
+
+from streamagent.config import Settings
+from streamagent.core.constraints import CapParams
+from streamagent.core.engine import EngineParams
+from streamagent.core.join import JoinParams
+from streamagent.core.learner import LearnerParams
+from streamagent.core.state import StateParams
+from streamagent.units import DAY_MS, HOUR_MS, MINUTE_MS
+
+
+def shipped(**overrides) -> Settings:
+    """The shipped defaults, ignoring the environment and any .env file, with overrides."""
+    return Settings(_env_file=None, **overrides)
+
+
+def state_params(s: Settings) -> StateParams:
+    return StateParams(half_life_ms=int(s.interest_half_life_days * DAY_MS),
+                       cap_window_ms=s.cap_window_ms)
+
+
+def cap_params(s: Settings) -> CapParams:
+    return CapParams(max_coupons=s.cap_max_coupons, window_ms=s.cap_window_ms,
+                     min_gap_ms=s.cap_min_gap_ms)
+
+
+def engine_params(s: Settings, n_partitions: int) -> EngineParams:
+    return EngineParams(app_id=s.app_id, trigger_types=tuple(s.trigger_types),
+                        exploration=s.exploration, epsilon_start=s.epsilon_start,
+                        epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
+                        temperature=s.softmax_temperature, explore_run_mean=s.explore_run_mean,
+                        seed=s.seed, caps=cap_params(s), state=state_params(s),
+                        budget_per_period=s.budget_per_period,
+                        budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
+                        max_future_skew_ms=s.max_future_skew_ms)
+
+
+def join_params(s: Settings) -> JoinParams:
+    return JoinParams(window_ms=int(s.attribution_window_hours * HOUR_MS),
+                      lateness_ms=int(s.allowed_lateness_minutes * MINUTE_MS),
+                      horizon_ms=int(s.transition_horizon_days * DAY_MS),
+                      reward=s.reward, margin=s.margin, default_reward=s.default_reward,
+                      attribution=s.attribution_rule)
+
+
+def learner_params(s: Settings) -> LearnerParams:
+    return LearnerParams(gamma=s.gamma, gamma_unit_ms=int(s.gamma_unit_hours * HOUR_MS),
+                         lr=s.learning_rate, batch_size=s.batch_size, buffer_size=s.replay_size,
+                         learning_starts=s.learning_starts, train_every=s.train_every,
+                         target_update=s.target_update, tau=s.tau, target_every=s.target_every,
+                         double_dqn=s.double_dqn, advantage_alpha=s.advantage_alpha,
+                         huber_delta=s.huber_delta, grad_clip=s.grad_clip,
+                         publish_average=s.publish_average, n_step=s.n_step,
+                         n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
+                         seed=s.seed)

@@ -1,0 +1,88 @@
+"""The Faust/aiokafka private API streamagent relies on (streamagent/stream/faust_internals.py).
+
+An upgrade that takes it away fails here, naming the pin, instead of silently bringing back
+1.5 s fetch waits or a lag gauge stuck at zero. No broker needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import tomllib
+from collections.abc import MutableMapping
+from importlib.metadata import version
+from pathlib import Path
+
+import aiokafka
+import faust
+from faust.transport.consumer import Consumer
+from faust.transport.drivers import aiokafka as drv
+from faust.types import TP
+
+from streamagent.stream.faust_internals import read_offsets, set_fetch_max_wait
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def changed(what: str) -> str:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    pin = next(d for d in deps if d.startswith("faust-streaming"))
+    return (f"streamagent is pinned to {pin} (pyproject.toml); installed are faust-streaming "
+            f"{version('faust-streaming')} and aiokafka {version('aiokafka')}, where {what}. "
+            f"Fix streamagent/stream/faust_internals.py for this version or keep the pin.")
+
+
+def with_consumer(check) -> None:
+    """Await ``check(consumer)`` on the Faust consumer of a throwaway app (built, never started)."""
+    async def main():
+        app = faust.App("faust-internals-test", broker="kafka://127.0.0.1:1", store="memory://",
+                        web_enabled=False)
+        await check(app.consumer)
+
+    asyncio.run(main())
+
+
+def test_aiokafka_fetcher_reads_fetch_max_wait_from_the_consumer():
+    async def main():
+        c = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1234)
+        try:
+            assert getattr(c, "_fetch_max_wait_ms", None) == 1234, changed(
+                "AIOKafkaConsumer no longer keeps fetch_max_wait_ms in _fetch_max_wait_ms")
+        finally:
+            await c.stop()
+
+    asyncio.run(main())
+    assert re.search(r"fetch_max_wait_ms\s*=\s*self\._fetch_max_wait_ms",
+                     inspect.getsource(aiokafka.AIOKafkaConsumer.start)), changed(
+        "AIOKafkaConsumer.start no longer hands _fetch_max_wait_ms to its fetcher")
+
+
+def test_set_fetch_max_wait_reaches_the_worker_consumer():
+    assert callable(getattr(drv.AIOKafkaConsumerThread, "_create_worker_consumer", None)), changed(
+        "AIOKafkaConsumerThread._create_worker_consumer, which builds the worker's aiokafka "
+        "consumer (with fetch_max_wait_ms=1500 hard-coded), is gone")
+    set_fetch_max_wait(7)
+
+    async def check(consumer):
+        built = consumer._thread._create_worker_consumer(consumer.transport)
+        assert isinstance(built, aiokafka.AIOKafkaConsumer), changed(
+            f"_create_worker_consumer returns a {type(built).__name__}, not an aiokafka consumer")
+        await built.stop()
+        assert built._fetch_max_wait_ms == 7
+
+    with_consumer(check)
+
+
+def test_read_offsets_come_from_the_mapping_faust_updates():
+    assert re.search(r"self\._read_offset(\[|\.__setitem__)", inspect.getsource(Consumer)), changed(
+        "faust.transport.consumer.Consumer no longer records read offsets in _read_offset")
+
+    async def check(consumer):
+        offsets = getattr(consumer, "_read_offset", None)
+        assert isinstance(offsets, MutableMapping), changed(
+            f"the Faust consumer's _read_offset is {offsets!r}, not a mapping of TP to offset")
+        offsets[TP("t", 0)] = 41
+        offsets[TP("t", 1)] = None  # Faust's value for a partition with nothing read yet
+        assert read_offsets(consumer) == {TP("t", 0): 41}
+
+    with_consumer(check)

@@ -1,0 +1,55 @@
+"""The table adapters: typed records in and out, and the stored bytes they keep.
+
+The stored formats are pinned here because a worker upgraded in place reads what the previous
+version wrote into its tables (RocksDB and the changelog topics).
+"""
+from streamagent.core.contracts import BudgetShare, JoinRecord, PendingConversion
+from streamagent.core.state import UserState
+from streamagent.core.tables import BudgetShares, JoinStore, UserCounts, UserStates
+
+
+def test_user_states_store_the_state_blob():
+    table: dict = {}
+    states = UserStates(table)
+    assert states.get(b"u1") is None
+    s = UserState(user_id="u1", n_events=3)
+    states.put(b"u1", s)
+    assert table[b"u1"] == s.to_bytes() and states.get(b"u1") == s
+
+
+def test_budget_shares_and_user_counts_share_the_budget_table():
+    table: dict = {}
+    shares, counts = BudgetShares(table), UserCounts(table)
+    assert shares.get(3) == BudgetShare() and counts.get(3) == 0
+    shares.put(3, BudgetShare(20_000, 12.5))
+    counts.put(3, 7)
+    assert table == {b"p3": b"20000:12.5", b"users:3": b"7"}  # the format of earlier versions
+    assert shares.get(3) == BudgetShare(20_000, 12.5) and counts.get(3) == 7
+    assert shares.get(4) == BudgetShare() and counts.get(4) == 0
+
+
+def test_join_store_keys_and_records():
+    table: dict = {}
+    js = JoinStore(table)
+    assert js.record("u") == JoinRecord(user_id="u")
+    rec = JoinRecord(user_id="u", orders=("o1",), conversions=(
+        PendingConversion(order_id="o1", ts=5, amount=10.0, discount=None, decision_id=None),))
+    js.put_record(rec)
+    assert js.record("u") == rec
+    assert js.watermark(0) is None and js.input_watermark(0, "decisions") is None
+    js.set_input_watermark(0, "decisions", 100)
+    js.set_input_watermark(0, "conversions", 90)
+    js.set_watermark(0, 90)
+    assert (js.watermark(0), js.input_watermark(0, "decisions"),
+            js.input_watermark(0, "conversions")) == (90, 100, 90)
+    js.add_due(0, 7, "u")
+    js.add_due(0, 7, "u")
+    js.add_due(0, 2, "v")
+    js.add_due(1, 1, "w")
+    assert js.due_buckets(0) == [2, 7] and js.has_due(0, 7) and not js.has_due(0, 3)
+    assert js.take_due(0, 7) == ["u"] and js.due_buckets(0) == [2]
+    assert js.pending(0) == 0
+    js.set_pending(0, 4)
+    assert js.pending(0) == 4
+    assert set(table) == {"u:u", "wm:0", "wmd:0", "wmc:0", "due:0:2", "due:1:1", "pending:0"}
+    assert table["wm:0"] == b"90" and table["due:0:2"] == b'["v"]'
