@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     budget_per_period: float = Field(5000.0, ge=0, description="Coupon budget (currency) per budget period, shared by all partitions.")
     budget_period_hours: float = Field(24.0, gt=0, description="Length of a budget period, in hours of event time (periods are aligned to the epoch, UTC).")
     interest_half_life_days: float = Field(14.0, gt=0, description="Half-life of per-category interest and of decayed frequency/monetary aggregates.")
-    max_future_skew_days: float = Field(30.0, gt=0, description="An event this far ahead of the user's latest event time is rejected to the DLQ as absurd.")
+    max_future_skew_days: float = Field(7.0, gt=0, description="A record (user event, conversion, heartbeat, decision) more than this far ahead of its partition's event time (the median of the partition's recent timestamps, which no single record can move) is dead-lettered as ts_too_far_ahead. Any gap in a user's own history is legal. See docs/DECISIONS.md, event time.")
+    max_past_skew_days: float = Field(30.0, gt=0, description="A user event more than this far behind its partition's event time is dead-lettered as ts_too_far_behind (later ones are applied: state is order-independent). Late conversions and decisions follow the join's lateness rules instead.")
+    max_wall_clock_skew_minutes: float = Field(0.0, ge=0, description="For live traffic: a record more than this far ahead of the worker's wall clock is dead-lettered as ts_too_far_ahead. 0 = off (replays and the simulator run ahead of the wall clock).")
 
     # --- Rewards (the join) --------------------------------------------------------------
     attribution_window_hours: float = Field(72.0, gt=0, description="A conversion within this much event time after a decision can be attributed to it.")
@@ -127,9 +129,6 @@ class Settings(BaseSettings):
     def budget_period_ms(self) -> int:
         return int(self.budget_period_hours * HOUR_MS)
 
-    @cached_property
-    def max_future_skew_ms(self) -> int:
-        return int(self.max_future_skew_days * DAY_MS)
 
     def dlq(self, topic: str) -> str:
         return topic + self.dlq_suffix

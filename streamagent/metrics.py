@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from streamagent.core.contracts import EVENT_TYPES
 
 DLQ_REASONS = ("bad_json", "not_an_object", "schema", "key_mismatch", "ts_too_far_ahead",
-               "wrong_partition", "processing_error")
+               "ts_too_far_behind", "wrong_partition", "processing_error")
 JOIN_OUTCOMES = ("decisions", "conversions", "attributed_conversion", "unmatched_conversion",
                  "late_conversion", "duplicate_conversion", "duplicate_decision", "late_decision",
                  "rewarded", "defaulted", "replayed_input", "heartbeat")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from streamagent.config import Settings
 from streamagent.core.constraints import CapParams
 from streamagent.core.engine import EngineParams
+from streamagent.core.eventtime import TimeBounds
 from streamagent.core.join import JoinParams
 from streamagent.core.learner import LearnerParams
 from streamagent.core.state import StateParams
@@ -30,6 +31,15 @@ def cap_params(s: Settings) -> CapParams:
                      min_gap_ms=s.cap_min_gap_ms)
 
 
+def time_bounds(s: Settings, past: bool) -> TimeBounds:
+    """Event-time bounds; ``past``: whether too-late records are dead-lettered (user events) or
+    left to the join's lateness rules (conversions, decisions)."""
+    wall = s.max_wall_clock_skew_minutes
+    return TimeBounds(future_ms=int(s.max_future_skew_days * DAY_MS),
+                      past_ms=int(s.max_past_skew_days * DAY_MS) if past else None,
+                      wall_future_ms=int(wall * MINUTE_MS) if wall > 0 else None)
+
+
 def engine_params(s: Settings, n_partitions: int) -> EngineParams:
     return EngineParams(app_id=s.app_id, trigger_types=tuple(s.trigger_types),
                         exploration=s.exploration, epsilon_start=s.epsilon_start,
@@ -38,7 +48,7 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
-                        max_future_skew_ms=s.max_future_skew_ms)
+                        time_bounds=time_bounds(s, past=True))
 
 
 def join_params(s: Settings) -> JoinParams:
@@ -46,7 +56,7 @@ def join_params(s: Settings) -> JoinParams:
                       lateness_ms=int(s.allowed_lateness_minutes * MINUTE_MS),
                       horizon_ms=int(s.transition_horizon_days * DAY_MS),
                       reward=s.reward, margin=s.margin, default_reward=s.default_reward,
-                      attribution=s.attribution_rule)
+                      attribution=s.attribution_rule, time_bounds=time_bounds(s, past=False))
 
 
 def learner_params(s: Settings) -> LearnerParams:

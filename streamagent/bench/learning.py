@@ -22,6 +22,7 @@ from streamagent.bench.bandits import make as make_bandit
 from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
 from streamagent.core.contracts import BudgetShare, Conversion
+from streamagent.core.eventtime import StreamClock
 from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.join import Joiner
 from streamagent.core.learner import QLearner
@@ -29,7 +30,7 @@ from streamagent.core.tables import JoinStore
 from streamagent.params import engine_params, join_params, learner_params, shipped
 from streamagent.sim.mdp import average_reward
 from streamagent.sim.report import moving_mean
-from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, scenario
+from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, purchase_event, scenario
 from streamagent.units import DAY_MS
 
 
@@ -93,6 +94,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     daily, spend, orders, decisions, realised = [], 0.0, 0, 0, 0.0
     t0 = time.perf_counter()
     last_snap = 0
+    clock = StreamClock()  # the one partition's event-time clock
     for day in range(days):
         profit_today = 0.0
         pending_orders = []
@@ -110,8 +112,8 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             for ev in evs:
                 # the engine keeps state (coupons received included) for whatever policy acts
                 r = eng.step(orjson.dumps(ev), u.user_id.encode(), states.get(u.user_id), budget,
-                             policy=policy)
-                states[u.user_id] = r.state
+                             policy=policy, clock=clock)
+                states[u.user_id], clock = r.state, r.clock
                 if r.decision:
                     decision = r.decision
             a = decision.action_index
@@ -131,10 +133,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                 spend += order["discount"]
                 pending_orders.append(order)
         for o in sorted(pending_orders, key=lambda o: o["ts"]):
-            ev = {"event_id": o["order_id"], "user_id": o["user_id"], "type": "purchase",
-                  "ts": o["ts"], "amount": o["amount"], "coupon_code": o["coupon_code"]}
-            r = eng.step(orjson.dumps(ev), o["user_id"].encode(), states.get(o["user_id"]), budget)
-            states[o["user_id"]] = r.state
+            r = eng.step(orjson.dumps(purchase_event(o)), o["user_id"].encode(),
+                         states.get(o["user_id"]), budget, clock=clock)
+            states[o["user_id"]], clock = r.state, r.clock
             if joining:
                 conv = Conversion.from_doc({k: v for k, v in o.items() if not k.startswith("_")})
                 _consume(joiner.on_conversion(0, conv), learner, bandit, contexts)

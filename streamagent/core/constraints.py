@@ -21,13 +21,13 @@ def period_of(ts: int, period_ms: int) -> int:
 
 
 def budget_remaining(b: BudgetShare, period: int, share: float) -> float:
-    # a new period starts with the full share; a late event from an older period is
-    # judged against the current period's spend (budgets never reopen the past)
-    return share if period > b.period else share - b.spent
+    # ``period`` is the partition's current period (of its robust stream time, never of one
+    # record's ts, see core/eventtime.py): another period than the stored one starts afresh
+    return share if period != b.period else share - b.spent
 
 
 def budget_spend(b: BudgetShare, period: int, cost: float) -> BudgetShare:
-    if period > b.period:
+    if period != b.period:
         return BudgetShare(period, cost)
     return BudgetShare(b.period, b.spent + cost)
 

@@ -15,11 +15,12 @@ from streamagent.core.constraints import (CapParams, action_mask, budget_remaini
                                           period_of)
 from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
                                         UserEvent, decode_user_event)
+from streamagent.core.eventtime import StreamClock, TimeBounds, admit
 from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
                                     record_decision)
-from streamagent.errors import ConfigError, InvalidMessage
+from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
 
 
@@ -45,7 +46,7 @@ class EngineParams:
     budget_per_period: float
     budget_period_ms: int
     n_partitions: int
-    max_future_skew_ms: int
+    time_bounds: TimeBounds  # what a user event's ts may be, against its partition's clock
 
     @property
     def budget_share(self) -> float:
@@ -59,6 +60,7 @@ class EngineParams:
 class StepResult:
     state: UserState
     budget: BudgetShare
+    clock: StreamClock  # the partition's event-time clock, having seen this event
     event: UserEvent
     decision: Decision | None = None
     coupon_action: CouponAction | None = None
@@ -118,37 +120,46 @@ class DecisionEngine:
 
     def step(self, raw: bytes | None, key: bytes | None, state: UserState | None,
              budget: BudgetShare, partition: int = -1, offset: int = -1,
-             policy=None) -> StepResult:
+             policy=None, clock: StreamClock | None = None,
+             now_ms: int | None = None) -> StepResult:
         """Validate, fold into state, and decide if the event is a trigger.
 
+        ``clock`` is the partition's event-time clock (core/eventtime.py; the caller keeps the
+        one the result carries, or the one an OutOfBounds error carries): the event's ts must
+        lie within the bounds around it, and the budget period follows it. ``now_ms`` is the
+        wall clock, for the optional wall-clock bound.
         ``policy(features, allowed) -> (action, propensity)`` replaces the Q-network's choice
         (the benchmark's baselines use it, so that state, caps and logs see their actions).
         Raises InvalidMessage for input that belongs on the dead-letter topic.
         """
         ev = decode_user_event(raw, key)
+        clock = clock or StreamClock()
         if state is None:
             state = UserState(user_id=ev.user_id)
-        elif state.n_events and ev.ts > state.last_ts + self.p.max_future_skew_ms:
-            raise InvalidMessage("ts_too_far_ahead",
-                                 f"ts {ev.ts} is more than {self.p.max_future_skew_ms} ms ahead "
-                                 f"of the user's latest event {state.last_ts}")
         if partition >= 0 and is_replay(state, partition, offset):
             # Already applied before a crash; re-send its decision (same id) in case the
             # outputs were lost with the uncommitted batch. Consumers dedupe by decision_id.
             prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
-            return StepResult(state, budget, ev, prior, self._action_for(prior), replayed=True)
+            return StepResult(state, budget, clock, ev, prior, self._action_for(prior),
+                              replayed=True)
+        # any gap in the user's own history is legal (a customer may return after a year):
+        # the bounds are against the partition's event time, never the user's
+        clock = admit(clock, ev.ts, self.p.time_bounds, now_ms)
         state = apply(state, ev, self.p.state, partition, offset)
         if ev.type not in self._triggers:
-            return StepResult(state, budget, ev)
-        return self._decide(state, ev, budget, policy)
+            return StepResult(state, budget, clock, ev)
+        return self._decide(state, ev, budget, clock, policy)
 
-    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetShare,
+    def _decide(self, state: UserState, ev: UserEvent, budget: BudgetShare, clock: StreamClock,
                 policy=None) -> StepResult:
         p, ts = self.p, ev.ts
         model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
         x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
         q = model.q(x)
-        period = period_of(ts, p.budget_period_ms)
+        # the budget period of the partition's robust event time, not of this one record (a
+        # record ahead of its partition must not open a later period's budget for everyone)
+        now = clock.stream_time if clock.stream_time is not None else ts
+        period = period_of(now, p.budget_period_ms)
         remaining = budget_remaining(budget, period, p.budget_share)
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
@@ -191,7 +202,7 @@ class DecisionEngine:
         if a:
             budget = budget_spend(budget, period, cost)
         state = record_decision(state, decision, a != 0, p.state)
-        return StepResult(state, budget, ev, decision, self._action_for(decision))
+        return StepResult(state, budget, clock, ev, decision, self._action_for(decision))
 
     def _action_for(self, decision: Decision | None) -> CouponAction | None:
         if decision is None or decision.action_index == 0:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from streamagent.core.catalog import Catalog
 from streamagent.core.contracts import (Conversion, Decision, JoinRecord, PendingConversion,
                                         PendingDecision, Reward, Transition)
+from streamagent.core.eventtime import OutOfBounds, TimeBounds, admit
 from streamagent.core.tables import JoinStore
 from streamagent.units import HOUR_MS
 
@@ -46,6 +47,7 @@ class JoinParams:
     margin: float
     default_reward: float
     attribution: str  # latest | code_only
+    time_bounds: TimeBounds  # what an input's ts may be, against its partition's clock
 
 
 @dataclass
@@ -117,11 +119,27 @@ class Joiner:
         self._index(partition, rec.user_id, self._next_due(rec))
 
     # ---------------------------------------------------------------- inputs
-    def on_decision(self, partition: int, d: Decision) -> JoinOutput:
+    def on_decision(self, partition: int, d: Decision, now_ms: int | None = None) -> JoinOutput:
+        """Raises OutOfBounds (an InvalidMessage) for a decision outside the event-time bounds."""
+        self._admit(partition, d.ts, now_ms)
         return self._counted(partition, self._on_decision(partition, d))
 
-    def on_conversion(self, partition: int, c: Conversion) -> JoinOutput:
+    def on_conversion(self, partition: int, c: Conversion,
+                      now_ms: int | None = None) -> JoinOutput:
+        """Raises OutOfBounds (an InvalidMessage) for a conversion or heartbeat outside the
+        event-time bounds: one record dated years ahead must not move the watermark."""
+        self._admit(partition, c.ts, now_ms)
         return self._counted(partition, self._on_conversion(partition, c))
+
+    def _admit(self, partition: int, ts: int, now_ms: int | None) -> None:
+        # One clock for both inputs of the partition: decisions may be sparse where orders and
+        # heartbeats are not (and the other way round); together they say where time is.
+        try:
+            clock = admit(self.store.clock(partition), ts, self.p.time_bounds, now_ms)
+        except OutOfBounds as exc:
+            self.store.put_clock(partition, exc.clock)
+            raise
+        self.store.put_clock(partition, clock)
 
     def _counted(self, partition: int, out: JoinOutput) -> JoinOutput:
         c = out.counts

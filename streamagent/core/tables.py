@@ -6,7 +6,8 @@ reads and writes records through them and never sees a key prefix or a byte.
 
 - user-state (key: the user id as bytes): :class:`UserStates`.
 - budget (bytes keys): :class:`BudgetShares` (each partition's share of the budget) and, beside
-  it, :class:`UserCounts` (users seen per partition, for the users gauge).
+  it, :class:`StreamClocks` (each partition's event-time clock) and :class:`UserCounts` (users
+  seen per partition, for the users gauge).
 - join-state (str keys): :class:`JoinStore` (the reward join's per-user records, watermarks,
   due-time index and pending counter); :class:`streamagent.core.outbox.Outbox` keeps its own
   ``ob:`` keys in the same table.
@@ -18,6 +19,7 @@ from typing import MutableMapping
 import orjson
 
 from streamagent.core.contracts import BudgetShare, JoinRecord
+from streamagent.core.eventtime import StreamClock
 from streamagent.core.state import UserState
 
 
@@ -56,6 +58,25 @@ class BudgetShares:
         self.table[self._key(partition)] = f"{share.period}:{share.spent!r}".encode()
 
 
+class StreamClocks:
+    """Each partition's event-time clock (core/eventtime.py), kept in the budget table (it moves
+    with the partition, and the budget period follows it)."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes]):
+        self.table = table
+
+    @staticmethod
+    def _key(partition: int) -> bytes:
+        return b"clock:%d" % partition
+
+    def get(self, partition: int) -> StreamClock:
+        raw = self.table.get(self._key(partition))
+        return StreamClock.from_doc(orjson.loads(raw)) if raw else StreamClock()
+
+    def put(self, partition: int, clock: StreamClock) -> None:
+        self.table[self._key(partition)] = orjson.dumps(clock.to_doc())
+
+
 class UserCounts:
     """Users seen per partition, kept in the budget table (it moves with the partition)."""
 
@@ -78,8 +99,9 @@ class JoinStore:
 
     Keys: ``u:<user>`` the user's JoinRecord (orjson of its document); ``wm:<partition>`` the
     partition's watermark, ``wmd:<partition>`` / ``wmc:<partition>`` those of the decision and
-    conversion inputs; ``due:<partition>:<bucket>`` the users with something due in that time
-    bucket; ``pending:<partition>`` the count of open decisions.
+    conversion inputs; ``clock:<partition>`` the event-time clock of both inputs;
+    ``due:<partition>:<bucket>`` the users with something due in that time bucket;
+    ``pending:<partition>`` the count of open decisions.
     """
 
     INPUTS = {"decisions": "wmd", "conversions": "wmc"}
@@ -110,6 +132,15 @@ class JoinStore:
 
     def set_input_watermark(self, partition: int, input_: str, wm: int) -> None:
         self.table[f"{self.INPUTS[input_]}:{partition}"] = str(wm).encode()
+
+    # ---------------------------------------------------------------- event-time clocks
+    def clock(self, partition: int) -> StreamClock:
+        """The partition's event-time clock, fed by both inputs."""
+        raw = self.table.get(f"clock:{partition}")
+        return StreamClock.from_doc(orjson.loads(raw)) if raw else StreamClock()
+
+    def put_clock(self, partition: int, clock: StreamClock) -> None:
+        self.table[f"clock:{partition}"] = orjson.dumps(clock.to_doc())
 
     # ---------------------------------------------------------------- due-time index
     def _due_key(self, partition: int, bucket: int) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-from streamagent.sim.shop import Shop, expected_profit
+from streamagent.sim.shop import Shop, expected_profit, purchase_event
 from streamagent.units import DAY_MS
 from streamagent.errors import StreamagentError
 from streamagent.ops.kafka import make_consumer, make_producer, send
@@ -59,15 +59,6 @@ class DayResult:
     policy_versions: set = field(default_factory=set)
     explored: int = 0
     seconds: float = 0.0
-
-
-def purchase_event(order: dict) -> dict:
-    """The user event of a simulated order."""
-    ev = {"event_id": order["order_id"], "user_id": order["user_id"], "type": "purchase",
-          "ts": order["ts"], "amount": order["amount"]}
-    if order.get("coupon_code"):
-        ev["coupon_code"] = order["coupon_code"]
-    return ev
 
 
 class KafkaShop:

@@ -256,6 +256,15 @@ class Shop:
         return order
 
 
+def purchase_event(order: dict) -> dict:
+    """The user event of a simulated order."""
+    ev = {"event_id": order["order_id"], "user_id": order["user_id"], "type": "purchase",
+          "ts": order["ts"], "amount": order["amount"]}
+    if order.get("coupon_code"):
+        ev["coupon_code"] = order["coupon_code"]
+    return ev
+
+
 def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
     """Long-run profit per user per day of this population under the optimal policy (value
     iteration per segment, gamma near 1 for the average-reward optimum), the myopic optimum

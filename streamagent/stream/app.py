@@ -24,7 +24,8 @@ from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.join import Joiner
 from streamagent.core.outbox import Outbox
 from streamagent.core.qnet import ModelSnapshot
-from streamagent.core.tables import BudgetShares, JoinStore, UserCounts, UserStates
+from streamagent.core.eventtime import OutOfBounds
+from streamagent.core.tables import BudgetShares, JoinStore, StreamClocks, UserCounts, UserStates
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
 from streamagent.params import engine_params, join_params
@@ -134,6 +135,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                            value_type=bytes)
     user_states = UserStates(users)
     budget_shares, user_counts = BudgetShares(budgets), UserCounts(budgets)
+    stream_clocks = StreamClocks(budgets)
     joiner = Joiner(catalog, join_params(s), JoinStore(join_state))
     outbox = Outbox(join_state)
 
@@ -159,7 +161,13 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             try:
                 prev = user_states.get(key) if key else None
                 budget = budget_shares.get(msg.partition)
-                r = engine.step(msg.value, key, prev, budget, msg.partition, msg.offset)
+                clock = stream_clocks.get(msg.partition)
+                r = engine.step(msg.value, key, prev, budget, msg.partition, msg.offset,
+                                clock=clock, now_ms=int(time.time() * 1000))
+            except OutOfBounds as exc:
+                stream_clocks.put(msg.partition, exc.clock)  # seen: a real jump is followed
+                await dead_letter(msg, exc.reason, exc.detail)
+                continue
             except InvalidMessage as exc:
                 await dead_letter(msg, exc.reason, exc.detail)
                 continue
@@ -176,7 +184,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 users_by_part[p_] += 1
                 user_counts.put(p_, users_by_part[p_])
                 m.users.set(sum(users_by_part.values()))
-            update_budget_gauges(r.event.ts)
+            update_budget_gauges(r.clock.stream_time or r.event.ts)
             if r.replayed:
                 m.replayed.inc()
                 if r.decision is None and r.event.type in s.trigger_types:
@@ -186,6 +194,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 user_states.put(key, r.state)
                 if r.budget != budget:
                     budget_shares.put(p_, r.budget)
+                stream_clocks.put(p_, r.clock)
             d = r.decision
             if d is not None:
                 if r.coupon_action is not None:
@@ -213,11 +222,12 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                 continue
             try:
                 if msg.topic == s.topic_decision_log:
-                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key))
+                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
+                                             now_ms=int(time.time() * 1000))
                 else:
                     conv = decode_conversion(msg.value, msg.key)
                     _check_partition(msg, n_parts)
-                    out = joiner.on_conversion(msg.partition, conv)
+                    out = joiner.on_conversion(msg.partition, conv, now_ms=int(time.time() * 1000))
             except InvalidMessage as exc:
                 await dead_letter(msg, exc.reason, exc.detail)
                 continue
