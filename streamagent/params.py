@@ -48,6 +48,8 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
+                        confidence_z=s.confidence_z,
+                        explore_period_ms=int(s.explore_period_days * DAY_MS),
                         time_bounds=time_bounds(s, past=True))
 
 
@@ -68,4 +70,4 @@ def learner_params(s: Settings) -> LearnerParams:
                          huber_delta=s.huber_delta, grad_clip=s.grad_clip,
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
-                         seed=s.seed)
+                         seed=s.seed, heads=s.q_heads)

@@ -83,7 +83,8 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     contexts: dict = {}  # decision_id -> (features, action, probability) awaiting its reward
     ep = replace(engine_params(s, 1), app_id="bench",
                  exploration=s.exploration if learning else "greedy")
-    eng = DecisionEngine(catalog, ep, initial_model(catalog, tuple(s.hidden_sizes), s.seed))
+    eng = DecisionEngine(catalog, ep, initial_model(catalog, tuple(s.hidden_sizes), s.seed,
+                                                      s.q_heads))
     store: dict = {}
     joiner = Joiner(catalog, replace(join_params(s), margin=sc.margin), JoinStore(store))
     lp = replace(learner_params(s), gamma=gamma or 0.0, seed=seed)

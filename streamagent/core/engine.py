@@ -16,7 +16,8 @@ from streamagent.core.constraints import (CapParams, action_mask, budget_remaini
 from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
                                         UserEvent, decode_user_event)
 from streamagent.core.eventtime import StreamClock, TimeBounds, admit
-from streamagent.core.policy import action_probs, decision_id, epsilon_at, sample, uniform_from
+from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
+                                     head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
                                     record_decision)
@@ -46,6 +47,11 @@ class EngineParams:
     budget_per_period: float
     budget_period_ms: int
     n_partitions: int
+    # Q-heads (bootstrapped ensemble): a coupon is greedy only if its advantage over "no
+    # coupon" minus confidence_z standard deviations over the heads is positive
+    confidence_z: float
+    # thompson exploration: an exploring user follows one head for this much event time
+    explore_period_ms: int
     time_bounds: TimeBounds  # what a user event's ts may be, against its partition's clock
 
     @property
@@ -80,10 +86,10 @@ class Model:
         return self.snapshot.version
 
 
-def initial_model(catalog: Catalog, hidden: tuple[int, ...], seed: int) -> Model:
+def initial_model(catalog: Catalog, hidden: tuple[int, ...], seed: int, heads: int = 1) -> Model:
     import time
 
-    net = init_network(F.N_FEATURES, catalog.n_actions, hidden, seed)
+    net = init_network(F.N_FEATURES, catalog.n_actions, hidden, seed, heads)
     snap = ModelSnapshot.from_network(net, 0, 0, catalog.actions, F.FEATURE_NAMES)
     snap.created_at = time.time()
     return Model(snap)
@@ -101,20 +107,29 @@ def check_compatible(snapshot: ModelSnapshot, catalog: Catalog) -> None:
 
 class DecisionEngine:
     def __init__(self, catalog: Catalog, params: EngineParams, model: Model):
+        self._check_heads(model.snapshot, params)
         check_compatible(model.snapshot, catalog)
         self.catalog, self.p, self.model = catalog, params, model
         self._costs = catalog.costs()
         self._triggers = frozenset(params.trigger_types)
 
+    @staticmethod
+    def _check_heads(snapshot: ModelSnapshot, p: EngineParams) -> None:
+        if p.exploration == "thompson" and snapshot.heads < 2:
+            raise ConfigError(f"thompson exploration needs a model with several Q-heads; model "
+                              f"v{snapshot.version} has {snapshot.heads}: set STREAMAGENT_Q_HEADS "
+                              f"> 1 (and start from a fresh model) or another exploration")
+
     def epsilon(self) -> float:
         p = self.p
-        if p.exploration != "epsilon":
+        if p.exploration not in ("epsilon", "thompson"):
             return 0.0
         return epsilon_at(self.model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
                           p.epsilon_decay_steps)
 
     def swap_model(self, model: Model) -> None:
         """Use new weights from the next decision on (one reference assignment: atomic)."""
+        self._check_heads(model.snapshot, self.p)
         check_compatible(model.snapshot, self.catalog)
         self.model = model
 
@@ -155,7 +170,8 @@ class DecisionEngine:
         p, ts = self.p, ev.ts
         model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
         x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
-        q = model.q(x)
+        q_heads = model.q.heads(x)
+        q = q_heads.mean(0)
         # the budget period of the partition's robust event time, not of this one record (a
         # record ahead of its partition must not open a later period's budget for everyone)
         now = clock.stream_time if clock.stream_time is not None else ts
@@ -164,7 +180,10 @@ class DecisionEngine:
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
                          p.epsilon_decay_steps)
-        probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature)
+        greedy = confident_greedy(q_heads, allowed, p.confidence_z)
+        head_greedy = head_choices(q_heads, allowed) if len(q_heads) > 1 else None
+        probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature, greedy,
+                                     head_greedy)
         did = decision_id(p.app_id, ev.event_id)
         run = p.exploration == "epsilon" and p.explore_run_mean > 1.0
         if policy is not None:
@@ -173,6 +192,15 @@ class DecisionEngine:
                 raise ValueError(f"the external policy chose masked action {a}")
             probs = np.zeros(len(q))
             probs[a] = prop
+        elif p.exploration == "thompson":
+            # Deep exploration (bootstrapped DQN): an exploring user follows one head for a
+            # whole period, so a rest (or a run of coupons) lasts long enough to show what it
+            # does. Both draws come from (user, period), uniformly: the logged propensity
+            # (epsilon x share of heads choosing a, + 1 - epsilon if a is greedy) is exact.
+            key = f"{ev.user_id}|{ts // p.explore_period_ms}"
+            pool = thompson_pool(head_greedy, allowed)
+            explore = uniform_from(p.seed, key) < eps
+            a = int(pool[int(uniform_from(p.seed + 1, key) * len(pool))]) if explore else greedy
         elif run and state.explore_left > 0 and allowed[state.explore_action]:
             # inside a run the action is fixed by the user's state: the behaviour policy gives
             # it probability 1, and that is what the log says
@@ -193,7 +221,8 @@ class DecisionEngine:
             decision_id=did, user_id=ev.user_id, ts=ts,
             action=self.catalog.actions[a], action_index=a,
             propensity=float(probs[a]), explored=a != greedy,
-            exploration=p.exploration, epsilon=eps if p.exploration == "epsilon" else None,
+            exploration=p.exploration,
+            epsilon=eps if p.exploration in ("epsilon", "thompson") else None,
             policy_version=model.version, trigger_event_id=ev.event_id,
             trigger_type=ev.type, q_values=tuple(round(float(v), 6) for v in q),
             allowed=tuple(allowed.tolist()), blocked_by=tuple(blocked),

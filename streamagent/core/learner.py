@@ -22,6 +22,7 @@ from streamagent.core.qnet import ModelSnapshot, init_network
 PER_ALPHA = 0.6
 PER_BETA = 0.4
 PER_EPS = 1e-3
+BOOTSTRAP_P = 0.5  # chance that a transition is in one head's bootstrap sample
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,17 @@ class LearnerParams:
     n_step_max_users: int  # users with waiting transitions; beyond, the oldest flush
     prioritized: bool
     seed: int
+    # Bootstrapped DQN (Osband et al. 2016): Q-heads on a shared torso, each trained on its own
+    # bootstrap sample of the transitions (each transition is in a head's sample with
+    # probability BOOTSTRAP_P). 1 = one plain Q-network.
+    heads: int
 
 
 class Replay:
     """A ring buffer of transitions; proportional prioritised sampling when alpha > 0."""
 
     def __init__(self, capacity: int, n_features: int, n_actions: int, prioritized: bool,
-                 alpha: float, rng: np.random.Generator):
+                 alpha: float, rng: np.random.Generator, heads: int = 1):
         self.capacity, self.prioritized, self.alpha, self.rng = capacity, prioritized, alpha, rng
         self.s = np.zeros((capacity, n_features), np.float32)
         self.s2 = np.zeros((capacity, n_features), np.float32)
@@ -74,16 +79,18 @@ class Replay:
         self.disc = np.zeros(capacity, np.float32)  # gamma^(dt/unit), 0 when terminal
         self.mask2 = np.ones((capacity, n_actions), bool)
         self.prio = np.zeros(capacity, np.float64)
+        self.boot = np.ones((capacity, heads), np.float32)  # which heads learn from it
         self.n = 0
         self.pos = 0
 
     def __len__(self) -> int:
         return self.n
 
-    def add(self, s, a, r, s2, disc, mask2) -> None:
+    def add(self, s, a, r, s2, disc, mask2, boot=None) -> None:
         i = self.pos
         self.s[i], self.a[i], self.r[i], self.s2[i], self.disc[i] = s, a, r, s2, disc
         self.mask2[i] = mask2
+        self.boot[i] = 1.0 if boot is None else boot
         # new transitions get the largest priority seen, so each is replayed at least once soon
         self.prio[i] = self.prio[: self.n].max() if self.n else 1.0
         self.pos = (i + 1) % self.capacity
@@ -108,12 +115,14 @@ class Replay:
                 "a": torch.from_numpy(self.a[:n].copy()), "r": torch.from_numpy(self.r[:n].copy()),
                 "disc": torch.from_numpy(self.disc[:n].copy()),
                 "mask2": torch.from_numpy(self.mask2[:n].copy()),
-                "prio": torch.from_numpy(self.prio[:n].copy()), "pos": self.pos}
+                "prio": torch.from_numpy(self.prio[:n].copy()),
+                "boot": torch.from_numpy(self.boot[:n].copy()), "pos": self.pos}
 
     def load(self, st: dict) -> None:
         n = len(st["a"])
-        for name in ("s", "s2", "a", "r", "disc", "mask2", "prio"):
-            getattr(self, name)[:n] = st[name].numpy()
+        for name in ("s", "s2", "a", "r", "disc", "mask2", "prio", "boot"):
+            if name in st:  # checkpoints from before the heads have no "boot": all ones
+                getattr(self, name)[:n] = st[name].numpy()
         self.n, self.pos = n, int(st["pos"])
 
 
@@ -126,11 +135,19 @@ class QLearner:
         torch.manual_seed(params.seed)  # torch's global generator drives nothing else here
         self.rng = np.random.default_rng(params.seed)
         nf, na = len(feature_names), len(actions)
-        self.online = initial.network() if initial else init_network(nf, na, hidden, params.seed)
-        self.target = init_network(nf, na, hidden, params.seed)
+        if initial is not None and initial.heads != params.heads:
+            from streamagent.errors import ConfigError
+
+            raise ConfigError(f"model v{initial.version} has {initial.heads} Q-heads but "
+                              f"STREAMAGENT_Q_HEADS is {params.heads}; set it to match or start "
+                              f"from a fresh model")
+        k = params.heads
+        self.online = initial.network() if initial else init_network(nf, na, hidden, params.seed, k)
+        self.target = init_network(nf, na, hidden, params.seed, k)
         self.target.load_state_dict(self.online.state_dict())
         self.opt = torch.optim.Adam(self.online.parameters(), lr=params.lr)
-        self.replay = Replay(params.buffer_size, nf, na, params.prioritized, PER_ALPHA, self.rng)
+        self.replay = Replay(params.buffer_size, nf, na, params.prioritized, PER_ALPHA, self.rng,
+                             heads=k)
         self.version = initial.version if initial else 0
         self.train_steps = initial.train_steps if initial else 0
         self.seen = 0
@@ -190,43 +207,51 @@ class QLearner:
         return out
 
     def _store(self, s, a, r, s2, disc, mask2) -> dict | None:
-        self.replay.add(s, a, r, s2, disc, mask2)
+        boot = None
+        if self.p.heads > 1:  # (one head: no draw, so the replay's random stream is as before)
+            boot = (self.rng.random(self.p.heads) < BOOTSTRAP_P).astype(np.float32)
+        self.replay.add(s, a, r, s2, disc, mask2, boot)
         self.seen += 1
         if len(self.replay) < self.p.learning_starts or self.seen % self.p.train_every:
             return None
         return self.update()
 
     def update(self) -> dict:
+        """One gradient step of every head on a minibatch (each on its bootstrap share)."""
         p = self.p
         idx, w = self.replay.sample(p.batch_size, PER_BETA)
         rb = self.replay
         s, a, r = torch.from_numpy(rb.s[idx]), torch.from_numpy(rb.a[idx]), torch.from_numpy(rb.r[idx])
         s2, disc = torch.from_numpy(rb.s2[idx]), torch.from_numpy(rb.disc[idx])
-        mask2 = torch.from_numpy(rb.mask2[idx])
+        mask2 = torch.from_numpy(rb.mask2[idx])[:, None, :]  # (batch, 1, actions)
+        boot = torch.from_numpy(rb.boot[idx])  # (batch, heads)
+        a_h = a[:, None, None].expand(-1, p.heads, 1)  # the taken action, per head
         with torch.no_grad():
-            q2_target = self.target(s2).masked_fill(~mask2, -1e9)
+            q2_target = self.target.forward_heads(s2).masked_fill(~mask2, -1e9)
             if p.double_dqn:
-                a2 = self.online(s2).masked_fill(~mask2, -1e9).argmax(1, keepdim=True)
-                q2 = q2_target.gather(1, a2).squeeze(1)
+                a2 = self.online.forward_heads(s2).masked_fill(~mask2, -1e9).argmax(-1, keepdim=True)
+                q2 = q2_target.gather(-1, a2).squeeze(-1)
             else:
-                q2 = q2_target.max(1).values
+                q2 = q2_target.max(-1).values
             # disc is 0 for terminal transitions, so they do not bootstrap
-            td_target = r + disc * q2
+            td_target = r[:, None] + disc[:, None] * q2  # (batch, heads)
             if p.advantage_alpha:
-                q_s = self.target(s)
-                td_target -= p.advantage_alpha * (q_s.max(1).values - q_s.gather(1, a.unsqueeze(1)).squeeze(1))
-        q = self.online(s).gather(1, a.unsqueeze(1)).squeeze(1)
-        loss = (torch.from_numpy(w) * nn.functional.huber_loss(
-            q, td_target, reduction="none", delta=p.huber_delta)).mean()
+                q_s = self.target.forward_heads(s)
+                td_target -= p.advantage_alpha * (q_s.max(-1).values - q_s.gather(-1, a_h).squeeze(-1))
+        q = self.online.forward_heads(s).gather(-1, a_h).squeeze(-1)  # (batch, heads)
+        per_item = torch.from_numpy(w)[:, None] * nn.functional.huber_loss(
+            q, td_target, reduction="none", delta=p.huber_delta) * boot
+        # the mean over the (transition, head) pairs in the heads' samples
+        loss = per_item.mean() * (boot.numel() / max(float(boot.sum()), 1.0))
         self.opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
         self.opt.step()
         self.train_steps += 1
-        rb.update(idx, (td_target - q).detach().numpy(), PER_EPS)
+        rb.update(idx, (td_target - q).detach().mean(-1).numpy(), PER_EPS)
         self._sync_target()
         self.last_loss = float(loss.detach())
-        self.last_max_q = float(q2_target.max(1).values.mean())
+        self.last_max_q = float(q2_target.max(-1).values.mean())
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
 
     def _sync_target(self) -> None:

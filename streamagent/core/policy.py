@@ -27,17 +27,55 @@ def epsilon_at(train_steps: int, start: float, end: float, decay_steps: int) -> 
     return start + (end - start) * train_steps / decay_steps
 
 
+def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float) -> int:
+    """The greedy action of the ensemble's mean, except that a coupon must beat 'no coupon'
+    (action 0) with confidence: the mean advantage over the heads minus ``z`` standard
+    deviations must be positive. With one head (or z = 0) it is the plain masked argmax."""
+    q = q_heads.mean(0)
+    best = int(np.argmax(np.where(allowed, q, -np.inf)))  # ties go to the lowest: 'none'
+    if best == 0 or z <= 0 or q_heads.shape[0] < 2:
+        return best
+    adv = q_heads[:, best] - q_heads[:, 0]
+    return best if adv.mean() - z * adv.std(ddof=1) > 0 else 0
+
+
+def head_choices(q_heads: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Each head's masked greedy action."""
+    return np.argmax(np.where(allowed[None, :], q_heads, -np.inf), axis=1)
+
+
+def thompson_pool(head_greedy: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """What an exploring user may follow: each head's greedy action, and each allowed action
+    once. The heads carry the model's uncertainty (where they disagree); the allowed actions
+    keep every action tried even where the heads agree, as they all do before any training."""
+    return np.concatenate([head_greedy, np.flatnonzero(allowed)])
+
+
 def action_probs(q: np.ndarray, allowed: np.ndarray, strategy: str, epsilon: float,
-                 temperature: float) -> tuple[np.ndarray, int]:
-    """Probabilities over all actions (0 where not allowed) and the greedy action."""
+                 temperature: float, greedy: int | None = None,
+                 head_greedy: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Probabilities over all actions (0 where not allowed) and the greedy action.
+
+    ``greedy`` overrides the masked argmax of ``q`` (the confident greedy action of an
+    ensemble); ``thompson`` explores with probability epsilon by following one draw from the
+    pool of the heads' choices and the allowed actions (see :func:`thompson_pool`).
+    """
     masked = np.where(allowed, q, -np.inf)
-    greedy = int(np.argmax(masked))  # ties go to the lowest index: 'none' first
+    if greedy is None:
+        greedy = int(np.argmax(masked))  # ties go to the lowest index: 'none' first
     n = int(allowed.sum())
     if strategy == "greedy" or n == 1:
         p = np.zeros(len(q))
         p[greedy] = 1.0
     elif strategy == "epsilon":
         p = np.where(allowed, epsilon / n, 0.0)
+        p[greedy] += 1.0 - epsilon
+    elif strategy == "thompson":
+        if head_greedy is None or len(head_greedy) < 2:
+            raise ValueError("thompson exploration needs a model with several Q-heads "
+                             "(STREAMAGENT_Q_HEADS > 1)")
+        pool = thompson_pool(head_greedy, allowed)
+        p = np.bincount(pool, minlength=len(q)) * (epsilon / len(pool))
         p[greedy] += 1.0 - epsilon
     elif strategy == "softmax":
         z = np.where(allowed, (q - masked[greedy]) / temperature, -np.inf)

@@ -16,28 +16,43 @@ from torch import nn
 
 
 class QNetwork(nn.Module):
-    """MLP: features -> one Q value per action. Default two hidden layers of 64 ReLU units."""
+    """MLP: features -> Q values per action, from ``heads`` output heads on a shared torso.
 
-    def __init__(self, n_features: int, n_actions: int, hidden: tuple[int, ...] = (64, 64)):
+    Default two hidden layers of 64 ReLU units and one head. With several heads (bootstrapped
+    DQN, Osband et al. 2016) each head is trained on its own bootstrap sample of the
+    transitions, so where data is scarce they disagree: the spread is the model's uncertainty,
+    used to send a coupon only with confidence and to explore where it matters.
+    """
+
+    def __init__(self, n_features: int, n_actions: int, hidden: tuple[int, ...] = (64, 64),
+                 heads: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, n_actions))
+        layers.append(nn.Linear(width, heads * n_actions))
         self.net = nn.Sequential(*layers)
         self.n_features, self.n_actions, self.hidden = n_features, n_actions, tuple(hidden)
+        self.heads = heads
+
+    def forward_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., heads, actions)."""
+        out = self.net(x)
+        return out.reshape(*out.shape[:-1], self.heads, self.n_actions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """The ensemble's mean Q values, (..., actions)."""
+        return self.forward_heads(x).mean(-2)
 
 
-def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int) -> QNetwork:
+def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int,
+                 heads: int = 1) -> QNetwork:
     # Its own generator, so every worker that starts without a model file builds the very
     # same network from the same seed (and nothing else's random state is touched).
     gen = torch.Generator().manual_seed(seed)
-    net = QNetwork(n_features, n_actions, hidden)
+    net = QNetwork(n_features, n_actions, hidden, heads)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.Linear):
@@ -63,12 +78,14 @@ class ModelSnapshot:
     feature_names: tuple[str, ...]
     state_dict: dict[str, torch.Tensor]
     created_at: float = 0.0  # wall-clock publish time (for the model-age metric only)
+    heads: int = 1
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"version": self.version, "train_steps": self.train_steps,
                     "hidden": list(self.hidden), "actions": list(self.actions),
                     "feature_names": list(self.feature_names), "created_at": float(self.created_at),
+                    "heads": int(self.heads),
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()}}, buf)
         return buf.getvalue()
 
@@ -78,7 +95,7 @@ class ModelSnapshot:
         doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         return cls(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
                    tuple(doc["actions"]), tuple(doc["feature_names"]), dict(doc["state_dict"]),
-                   float(doc.get("created_at", 0.0)))
+                   float(doc.get("created_at", 0.0)), int(doc.get("heads", 1)))
 
     def save(self, path: Path | str) -> None:
         p = Path(path)
@@ -94,10 +111,10 @@ class ModelSnapshot:
     def from_network(cls, net: QNetwork, version: int, train_steps: int,
                      actions: tuple[str, ...], feature_names: tuple[str, ...]) -> "ModelSnapshot":
         return cls(version, train_steps, net.hidden, actions, feature_names,
-                   {k: v.detach().clone() for k, v in net.state_dict().items()})
+                   {k: v.detach().clone() for k, v in net.state_dict().items()}, heads=net.heads)
 
     def network(self) -> QNetwork:
-        net = QNetwork(len(self.feature_names), len(self.actions), self.hidden)
+        net = QNetwork(len(self.feature_names), len(self.actions), self.hidden, self.heads)
         net.load_state_dict(self.state_dict)
         return net
 
@@ -111,12 +128,18 @@ class NumpyQ:
         self.layers = [(sd[f"net.{2 * i}.weight"].numpy().astype(np.float32).T.copy(),
                         sd[f"net.{2 * i}.bias"].numpy().astype(np.float32).copy())
                        for i in range(n_layers)]
+        self.n_heads, self.n_actions = snapshot.heads, len(snapshot.actions)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def heads(self, x: np.ndarray) -> np.ndarray:
+        """Q values of every head, (heads, actions)."""
         h = x
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
             if i < last:
                 np.maximum(h, 0.0, out=h)
-        return h
+        return h.reshape(self.n_heads, self.n_actions)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The ensemble's mean Q values, (actions,)."""
+        return self.heads(x).mean(0)

@@ -65,7 +65,7 @@ def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = Non
         return Model(ModelSnapshot.load(settings.model_path))
     if snapshot is not None:
         return Model(snapshot)
-    return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed)
+    return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed, settings.q_heads)
 
 
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
