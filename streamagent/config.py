@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     topic_decision_log: str = Field("decision-log", description="Every decision, 'no coupon' included (key: user_id).")
     topic_rewards: str = Field("rewards", description="One reward record per decision, when its attribution window closes (key: user_id).")
     topic_transitions: str = Field("transitions", description="(s, a, r, s', dt) per decision, for the learner (key: user_id).")
-    topic_model_updates: str = Field("model-updates", description="Versioned model snapshots (compacted, one partition); deciders hot-swap to each.")
+    topic_model_updates: str = Field("model-updates", description="The promoted model (compacted, one partition): deciders hot-swap to each promotion.")
+    topic_model_candidates: str = Field("model-candidates", description="Every model version the learner produces, with the gate's verdict (compacted by version, one partition): what `streamagent model list` shows and `model promote|rollback` picks from.")
     dlq_suffix: str = Field(".dlq", description="Dead-letter topic name = source topic + this suffix.")
 
     # --- Decisions ---------------------------------------------------------------------
@@ -95,6 +96,11 @@ class Settings(BaseSettings):
     n_step: int = Field(2, ge=1, le=32, description="n-step returns: a transition's target sums the rewards of the user's next n decisions before bootstrapping (each user's last n-1 transitions wait in the learner, checkpointed). 1 = one-step Q-learning. 2 measured best over seeds in the learning benchmark (docs/BENCHMARKS.md).")
     n_step_max_users: int = Field(200_000, ge=1, description="Users whose last n-1 transitions may wait in the learner for their n-step return; beyond this, the longest-idle user's are stored with the shorter return they have (bounds the learner's memory).")
     publish_average: bool = Field(False, description="Publish the target network (a slow Polyak average of the online weights) instead of the online weights.")
+    gate: bool = Field(True, description="Promotion gate: a new model version reaches the deciders only if, on recent held-out decisions, its doubly robust value is no worse than the live model's (the 95% lower bound of the paired difference >= -GATE_MARGIN x |live value|). Off: every version is promoted. Operators can promote or roll back by hand (`streamagent model`).")
+    gate_margin: float = Field(0.02, ge=0, description="How much worse (a fraction of the live model's value per decision) a candidate's lower bound may be and still be promoted.")
+    gate_holdout: float = Field(0.1, ge=0, lt=1, description="Fraction of decisions (by a hash of the decision id) the learner does not train on, kept for the gate.")
+    gate_window: int = Field(20_000, ge=100, description="The gate judges on this many most recent held-out decisions.")
+    gate_min_samples: int = Field(1_000, ge=1, description="Held-out decisions needed to judge; with fewer, a candidate is promoted 'unverified' (cold start).")
     snapshot_every_updates: int = Field(200, ge=1, description="Publish a new model version after this many gradient steps...")
     snapshot_interval_s: float = Field(30.0, gt=0, description="...or after this many seconds with at least one step since the last version.")
     learner_checkpoint: Path | None = Field(None, description="Learner checkpoint file (model, optimiser, replay, input offsets). Default: data_dir/learner/checkpoint.pt.")

@@ -31,3 +31,9 @@ class InvalidMessage(StreamagentError):
 
 class CatalogError(ConfigError):
     """The coupon catalog file is malformed. Fix the file named in the message."""
+
+
+class OfflineDataError(StreamagentError):
+    """Logged decisions cannot be evaluated as asked (a malformed log file, a missing field, a
+    model whose features or actions differ from the logs'). The message names the file, row
+    or difference to fix."""

@@ -16,6 +16,7 @@ JOIN_OUTCOMES = ("decisions", "conversions", "attributed_conversion", "unmatched
                  "late_conversion", "duplicate_conversion", "duplicate_decision", "late_decision",
                  "rewarded", "defaulted", "replayed_input", "heartbeat")
 BLOCK_REASONS = ("frequency_cap", "min_gap", "budget")
+GATE_OUTCOMES = ("promoted", "rejected", "unverified", "operator")
 # Buckets around the 50 ms p99 target: fine below it, coarse above.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
@@ -123,6 +124,21 @@ class Metrics:
         self.learn_epsilon = Gauge("streamagent_learning_epsilon",
                                    "Epsilon deciders use with the latest published model.",
                                    registry=r)
+        self.gate = Counter("streamagent_learning_gate_verdicts_total",
+                            "Model versions judged by the promotion gate, by outcome.",
+                            ["outcome"], registry=r)
+        self.gate_live_version = Gauge("streamagent_learning_live_model_version",
+                                       "The model version the deciders are told to use.",
+                                       registry=r)
+        self.gate_value = Gauge("streamagent_learning_gate_value",
+                                "Doubly robust value per decision on held-out decisions, of "
+                                "the live model and of the latest candidate.", ["model"],
+                                registry=r)
+        self.gate_diff_low = Gauge("streamagent_learning_gate_difference_lower_bound",
+                                   "95% lower bound of (candidate - live) value per decision "
+                                   "of the latest candidate.", registry=r)
+        self.gate_holdout = Gauge("streamagent_learning_gate_holdout_size",
+                                  "Held-out decisions the gate judges on.", registry=r)
         self.errors = Counter("streamagent_stream_processing_errors_total",
                               "Unexpected errors while processing, by stage.", ["stage"],
                               registry=r)
@@ -144,6 +160,10 @@ class Metrics:
             self.transitions.labels(d)
         for s in ("decide", "join", "learn", "dlq", "send"):
             self.errors.labels(s)
+        for o in GATE_OUTCOMES:
+            self.gate.labels(o)
+        for m in ("live", "candidate"):
+            self.gate_value.labels(m)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,11 @@ from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
 from streamagent.core.contracts import BudgetShare, Conversion
 from streamagent.core.eventtime import StreamClock
+from streamagent.core.gate import GateParams, Holdout, held_out, judge
 from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.join import Joiner
 from streamagent.core.learner import QLearner
+from streamagent.core.qnet import NumpyQ
 from streamagent.core.tables import JoinStore
 from streamagent.params import engine_params, join_params, learner_params, shipped
 from streamagent.sim.mdp import average_reward
@@ -43,6 +45,7 @@ class Result:
     decisions: int
     seconds: float
     realised: float = 0.0  # sampled order profit over the whole run (the learner's reward)
+    gate: dict = field(default_factory=dict)  # the promotion gate's verdicts, by outcome
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -58,6 +61,7 @@ class Result:
                 "coupon_spend_per_user_day": self.spend / n_users / len(d),
                 "conversion_rate": self.orders / max(1, self.decisions),
                 "events_to_90pct": reach(0.9), "events_to_95pct": reach(0.95),
+                "gate_verdicts": dict(self.gate),
                 "realised_profit_per_user_day": self.realised / n_users / len(d),
                 "seconds": self.seconds}
 
@@ -95,6 +99,12 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     daily, spend, orders, decisions, realised = [], 0.0, 0, 0, 0.0
     t0 = time.perf_counter()
     last_snap = 0
+    # the promotion gate, as the learner service runs it (STREAMAGENT_GATE)
+    holdout = Holdout(s.gate_window, F.N_FEATURES, catalog.n_actions) \
+        if learning and s.gate else None
+    held = (holdout, s.gate_holdout)
+    gate_params = GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples)
+    gate_counts: dict = {}
     clock = StreamClock()  # the one partition's event-time clock
     for day in range(days):
         profit_today = 0.0
@@ -123,7 +133,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                                                   a, decision.propensity)
             decisions += 1
             if joining:
-                _consume(joiner.on_decision(0, decision), learner, bandit, contexts)
+                _consume(joiner.on_decision(0, decision), learner, bandit, contexts, *held)
             # Report the expected profit of (true state, action), not the sampled one: the
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
             profit_today += expected_profit(sc, u.segment, catalog, u.fatigue, a)
@@ -139,27 +149,39 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             states[o["user_id"]], clock = r.state, r.clock
             if joining:
                 conv = Conversion.from_doc({k: v for k, v in o.items() if not k.startswith("_")})
-                _consume(joiner.on_conversion(0, conv), learner, bandit, contexts)
+                _consume(joiner.on_conversion(0, conv), learner, bandit, contexts, *held)
         if joining:
             # end of day: event time moves on for the conversions input as well
             _consume(joiner.on_conversion(0, Conversion(order_id=f"hb-{day}", user_id="hb",
                                                         ts=shop.start_ts + (day + 1) * DAY_MS,
                                                         amount=0.0, heartbeat=True)),
-                     learner, bandit, contexts)
+                     learner, bandit, contexts, *held)
         if learning:
             if learner.train_steps - last_snap >= s.snapshot_every_updates:
-                eng.swap_model(Model(learner.snapshot()))
+                snap = learner.snapshot()
+                verdict = (judge(NumpyQ(snap), eng.model.q, holdout.log(), gate_params)
+                           if holdout is not None else None)
+                if verdict is None or verdict.promote:  # as the learner service does
+                    eng.swap_model(Model(snap))
+                if verdict is not None:
+                    gate_counts[verdict.outcome] = gate_counts.get(verdict.outcome, 0) + 1
                 last_snap = learner.train_steps
         daily.append(profit_today / n_users)
         if log and (day + 1) % 10 == 0:
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
-    return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised)
+    return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised,
+                  gate_counts)
 
 
-def _consume(out, learner: QLearner | None, bandit=None, contexts=None) -> None:
+def _consume(out, learner: QLearner | None, bandit=None, contexts=None, holdout=None,
+             fraction: float = 0.0) -> None:
     if learner is not None:
         for t in out.transitions:
-            learner.learn_one(t)
+            hold = holdout is not None and held_out(t.decision_id, fraction)
+            learner.learn_one(t, train=not hold)
+            if hold:
+                holdout.add(t.features, t.action_index, t.reward, t.propensity, t.allowed,
+                            t.user_id)
     if bandit is not None:
         for r in out.rewards:
             x, a, prob = contexts.pop(r.decision_id)

@@ -259,6 +259,7 @@ class Transition(_Record):
     next_ts: int | None
     dt_ms: int | None
     done: bool
+    allowed: tuple[bool, ...] | None = None  # the mask at this decision (optional)
 
 
 # ------------------------------------------------------------------ table records

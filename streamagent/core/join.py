@@ -326,5 +326,5 @@ class Joiner:
             next_allowed=nxt.allowed if nxt else None,
             next_ts=nxt.ts if nxt else None,
             dt_ms=(nxt.ts - d.ts) if nxt else None,
-            done=nxt is None,
+            done=nxt is None, allowed=d.allowed,
         )

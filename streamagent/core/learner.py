@@ -161,16 +161,22 @@ class QLearner:
             return 0.0
         return float(self.p.gamma ** (max(0.0, dt_ms) / self.p.gamma_unit_ms))
 
-    def learn_one(self, t: Transition) -> dict | None:
-        """Store one transition; take a gradient step when one is due."""
+    def learn_one(self, t: Transition, train: bool = True) -> dict | None:
+        """Store one transition; take a gradient step when one is due.
+
+        ``train`` False: a held-out decision (core/gate.py): it still links its user's n-step
+        returns (its reward is part of the previous decisions' returns), but no replay item
+        starts at it, so the model never learns its own (s, a) from it.
+        """
         na = len(self.actions)
         s = np.asarray(t.features, np.float32)
         done = bool(t.done)
         s2 = np.asarray(t.next_features, np.float32) if not done else np.zeros_like(s)
         mask2 = np.asarray(t.next_allowed or [True] * na, bool)
-        item = (s, int(t.action_index), float(t.reward), s2, self.discount(t.dt_ms, done), mask2)
+        item = (s, int(t.action_index), float(t.reward), s2, self.discount(t.dt_ms, done), mask2,
+                train)
         if self.p.n_step <= 1:
-            return self._store(*item)
+            return self._store(*item[:6]) if train else None
         user = str(t.user_id)
         q = self.pending.pop(user, [])  # re-inserted last: the dict stays in recency order
         q.append(item)
@@ -179,7 +185,7 @@ class QLearner:
             out = self._flush(q)
         else:
             if len(q) >= self.p.n_step:
-                out = self._store(*self._n_step(q))
+                out = self._store_first(q)
                 q.pop(0)
             self.pending[user] = q
             while len(self.pending) > self.p.n_step_max_users:
@@ -193,7 +199,7 @@ class QLearner:
         being the product of the discounts before step i (0 once an episode ends)."""
         s0, a0 = q[0][0], q[0][1]
         ret, g = 0.0, 1.0
-        for _, _, r, _, disc, _ in q:
+        for _, _, r, _, disc, _, _ in q:
             ret += g * r
             g *= disc
         return s0, a0, ret, q[-1][3], g, q[-1][5]
@@ -202,9 +208,13 @@ class QLearner:
         """Store every waiting transition with the (shorter) return it has: nothing is lost."""
         out = None
         while q:
-            out = self._store(*self._n_step(q)) or out
+            out = self._store_first(q) or out
             q.pop(0)
         return out
+
+    def _store_first(self, q: list[tuple]) -> dict | None:
+        """Store the n-step item that starts at q's first transition, unless it is held out."""
+        return self._store(*self._n_step(q)) if q[0][6] else None
 
     def _store(self, s, a, r, s2, disc, mask2) -> dict | None:
         boot = None
@@ -267,6 +277,12 @@ class QLearner:
         with torch.no_grad():
             return self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
 
+    def initial_snapshot(self) -> ModelSnapshot:
+        """Version 0: the network every decider starts from without a model (same seed)."""
+        net = init_network(len(self.feature_names), len(self.actions), self.hidden, self.p.seed,
+                           self.p.heads)
+        return ModelSnapshot.from_network(net, 0, 0, self.actions, self.feature_names)
+
     def snapshot(self) -> ModelSnapshot:
         """A new model version from the current weights."""
         import time
@@ -293,12 +309,14 @@ class QLearner:
     def _pending_state(self) -> dict:
         # the waiting transitions belong to the checkpoint: their input offsets are committed
         return {u: [[torch.from_numpy(s), a, r, torch.from_numpy(s2), disc,
-                     torch.from_numpy(m.copy())] for s, a, r, s2, disc, m in q]
+                     torch.from_numpy(m.copy()), keep] for s, a, r, s2, disc, m, keep in q]
                 for u, q in self.pending.items()}
 
     def _load_pending(self, st: dict) -> None:
-        self.pending = {u: [(s.numpy(), int(a), float(r), s2.numpy(), float(disc), m.numpy())
-                            for s, a, r, s2, disc, m in q] for u, q in st.items()}
+        # (checkpoints from before held-out decisions have 6 fields: every item trained)
+        self.pending = {u: [(it[0].numpy(), int(it[1]), float(it[2]), it[3].numpy(),
+                             float(it[4]), it[5].numpy(), bool(it[6]) if len(it) > 6 else True)
+                            for it in q] for u, q in st.items()}
 
     def save_checkpoint(self, path: Path, extra: dict | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

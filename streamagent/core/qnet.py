@@ -7,7 +7,7 @@ microseconds of dispatch overhead, so deciders run the same weights through nump
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,25 @@ class ModelSnapshot:
     state_dict: dict[str, torch.Tensor]
     created_at: float = 0.0  # wall-clock publish time (for the model-age metric only)
     heads: int = 1
+    # The deciders' order of models: each promotion (by the gate or an operator) takes the
+    # next number, so a rollback to an older version still reaches every decider.
+    promotion: int = 0
+    # how it got there: the gate's verdict, who promoted it, the version it replaced (strings
+    # and numbers only: snapshots load with weights_only)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Deciders follow the highest (promotion, version)."""
+        return self.promotion, self.version
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"version": self.version, "train_steps": self.train_steps,
                     "hidden": list(self.hidden), "actions": list(self.actions),
                     "feature_names": list(self.feature_names), "created_at": float(self.created_at),
-                    "heads": int(self.heads),
+                    "heads": int(self.heads), "promotion": int(self.promotion),
+                    "meta": dict(self.meta),
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()}}, buf)
         return buf.getvalue()
 
@@ -95,7 +107,8 @@ class ModelSnapshot:
         doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         return cls(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
                    tuple(doc["actions"]), tuple(doc["feature_names"]), dict(doc["state_dict"]),
-                   float(doc.get("created_at", 0.0)), int(doc.get("heads", 1)))
+                   float(doc.get("created_at", 0.0)), int(doc.get("heads", 1)),
+                   int(doc.get("promotion", 0)), dict(doc.get("meta", {})))
 
     def save(self, path: Path | str) -> None:
         p = Path(path)
@@ -143,3 +156,13 @@ class NumpyQ:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The ensemble's mean Q values, (actions,)."""
         return self.heads(x).mean(0)
+
+    def batch(self, X: np.ndarray) -> np.ndarray:
+        """Mean Q values for many feature vectors at once, (n, actions)."""
+        h = np.asarray(X, np.float32)
+        last = len(self.layers) - 1
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < last:
+                h = np.maximum(h, 0.0)
+        return h.reshape(len(h), self.n_heads, self.n_actions).mean(1)

@@ -34,6 +34,10 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.topic_model_updates, 1, {"cleanup.policy": "compact",
                                              "max.message.bytes": str(16 * 1024 * 1024),
                                              "segment.ms": str(HOUR_MS)}),
+        # every version, keyed by version: the registry behind `streamagent model`
+        TopicSpec(s.topic_model_candidates, 1, {"cleanup.policy": "compact",
+                                                "max.message.bytes": str(16 * 1024 * 1024),
+                                                "segment.ms": str(HOUR_MS)}),
     ]
     for src in (s.topic_user_events, s.topic_conversions, s.topic_decision_log,
                 s.topic_transitions):

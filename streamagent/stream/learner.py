@@ -4,6 +4,9 @@ One logical learner (the deciders scale, the learner need not). It is a plain co
 rather than a Faust agent so that its input offsets can be saved in the same atomic checkpoint
 file as the model, optimiser and replay buffer: after a restart it resumes exactly where the
 checkpoint was taken and the model has seen each transition once.
+
+Every version goes to ``model-candidates`` with the promotion gate's verdict (core/gate.py);
+only promoted ones go to ``model-updates``, which the deciders follow.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import decode_transition, dlq_envelope, encode
 from streamagent.core.features import FEATURE_NAMES
+from streamagent.core.gate import GateParams, Holdout, Verdict, held_out, judge
 from streamagent.core.learner import QLearner
 from streamagent.core.policy import epsilon_at
-from streamagent.core.qnet import ModelSnapshot
+from streamagent.core.qnet import ModelSnapshot, NumpyQ
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import make_consumer, make_producer, send
@@ -40,9 +44,16 @@ class LearnerService:
         self.learner = QLearner(catalog.actions, FEATURE_NAMES, tuple(s.hidden_sizes),
                                 learner_params(s), initial)
         self.offsets: dict[int, int] = {}
+        self.gate = GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples)
+        self.holdout = Holdout(s.gate_window, len(FEATURE_NAMES), catalog.n_actions)
         if s.checkpoint_path.exists():
             extra = self.learner.load_checkpoint(s.checkpoint_path)
             self.offsets = {int(k): int(v) for k, v in extra.get("offsets", {}).items()}
+            self.holdout.load(extra.get("holdout"))
+        else:  # no checkpoint: never reuse a version number already on model-candidates
+            from streamagent.stream.registry import candidates
+
+            self.learner.version = max([self.learner.version, *candidates(s)])
             log.info("resumed from %s: model v%d, %d steps, offsets %s", s.checkpoint_path,
                      self.learner.version, self.learner.train_steps, self.offsets)
         self.producer = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
@@ -74,21 +85,54 @@ class LearnerService:
     def stop(self, *_):
         self._running = False
 
+    def _live(self) -> ModelSnapshot:
+        """The model the deciders use now (an operator may have promoted or rolled back)."""
+        from streamagent.stream.models import latest_snapshot
+
+        live = latest_snapshot(self.s.kafka_bootstrap, self.s.topic_model_updates)
+        return live if live is not None else self.learner.initial_snapshot()
+
     def publish(self) -> None:
-        """Checkpoint first, then publish: a crash in between never reuses a version number."""
+        """Judge, checkpoint, then publish: the candidate always to model-candidates, to the
+        deciders (model-updates) only if promoted. Checkpoint first: a crash in between never
+        reuses a version number."""
         snap = self.learner.snapshot()
-        self.learner.save_checkpoint(self.s.checkpoint_path,
-                                     extra={"offsets": {str(k): v for k, v in self.offsets.items()}})
-        self.producer.produce(self.s.topic_model_updates, key=b"model", value=snap.to_bytes())
+        live = self._live()
+        if self.s.gate:
+            verdict = judge(NumpyQ(snap), NumpyQ(live), self.holdout.log(), self.gate)
+        else:
+            verdict = Verdict("promoted", 0, reason="gate off (STREAMAGENT_GATE=false)")
+        snap.meta = {**verdict.to_doc(), "replaces": live.version, "promoted_by": "gate"}
+        if verdict.promote:
+            snap.promotion = live.promotion + 1
+        self.learner.save_checkpoint(self.s.checkpoint_path, extra={
+            "offsets": {str(k): v for k, v in self.offsets.items()},
+            "holdout": self.holdout.state()})
+        raw = snap.to_bytes()
+        self.producer.produce(self.s.topic_model_candidates, key=str(snap.version).encode(),
+                              value=raw)
+        if verdict.promote:
+            self.producer.produce(self.s.topic_model_updates, key=b"model", value=raw)
         self.producer.flush(30)
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
-        self.m.learn_version.set(snap.version)
-        self.m.learn_published.set(snap.created_at)
-        self.m.learn_epsilon.set(epsilon_at(snap.train_steps, self.s.epsilon_start,
-                                            self.s.epsilon_end, self.s.epsilon_decay_steps))
-        log.info("published model v%d (%d training steps, loss %.4f)", snap.version,
-                 snap.train_steps, self.learner.last_loss)
+        self._report_gate(snap, verdict, live)
+        log.info("model v%d (%d training steps, loss %.4f): %s; %s", snap.version,
+                 snap.train_steps, self.learner.last_loss, verdict.outcome, verdict.reason)
+
+    def _report_gate(self, snap: ModelSnapshot, verdict: Verdict, live: ModelSnapshot) -> None:
+        m = self.m
+        m.learn_version.set(snap.version)
+        m.learn_published.set(snap.created_at)
+        m.gate.labels(verdict.outcome).inc()
+        m.gate_live_version.set(snap.version if verdict.promote else live.version)
+        m.gate_holdout.set(verdict.n)
+        if verdict.outcome in ("promoted", "rejected"):
+            m.gate_value.labels("live").set(verdict.live_value)
+            m.gate_value.labels("candidate").set(verdict.candidate_value)
+            m.gate_diff_low.set(verdict.diff_low)
+        m.learn_epsilon.set(epsilon_at(snap.train_steps, self.s.epsilon_start,
+                                       self.s.epsilon_end, self.s.epsilon_decay_steps))
 
     def _dead_letter(self, msg, exc: InvalidMessage) -> None:
         self.m.dlq.labels(msg.topic(), exc.reason).inc()
@@ -117,8 +161,12 @@ class LearnerService:
             self._recent[t.decision_id] = None
             if len(self._recent) > 200_000:
                 del self._recent[next(iter(self._recent))]
+            hold = self.s.gate and held_out(t.decision_id, self.s.gate_holdout)
             try:
-                stats = self.learner.learn_one(t)
+                stats = self.learner.learn_one(t, train=not hold)
+                if hold:  # the gate judges on decisions the model was not trained on
+                    self.holdout.add(t.features, t.action_index, t.reward, t.propensity,
+                                     t.allowed, t.user_id)
             except Exception as exc:  # e.g. a feature vector of the wrong length
                 self.m.errors.labels("learn").inc()
                 self._dead_letter(msg, InvalidMessage("processing_error", f"{type(exc).__name__}: {exc}"))

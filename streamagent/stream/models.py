@@ -88,7 +88,9 @@ class ModelFollower(threading.Thread):
     def _apply(self, raw: bytes) -> None:
         try:
             snap = ModelSnapshot.from_bytes(raw)
-            if snap.version <= self.engine.model.version:
+            # the highest (promotion, version) wins: a rollback is a new promotion of an older
+            # version, and it must reach the deciders too
+            if snap.order <= self.engine.model.snapshot.order:
                 return
             self.engine.swap_model(Model(snap))
         except Exception as exc:
@@ -99,4 +101,5 @@ class ModelFollower(threading.Thread):
         if self.metrics:
             self.metrics.model_version.set(snap.version)
             self.metrics.model_swaps.inc()
-        log.info("now deciding with model v%d (%d training steps)", snap.version, snap.train_steps)
+        log.info("now deciding with model v%d (%d training steps, promotion %d)", snap.version,
+                 snap.train_steps, snap.promotion)

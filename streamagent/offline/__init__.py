@@ -1,0 +1,1 @@
+"""Offline work on logged decisions: reading logs, candidate policies, `streamagent evaluate`."""

@@ -1,0 +1,73 @@
+"""The model registry behind `streamagent model`: every version the learner produced (the
+compacted ``model-candidates`` topic, keyed by version, with the gate's verdict) and the one the
+deciders use (``model-updates``). An operator's promotion or rollback is a new promotion of a
+chosen version, recorded in its metadata ("promoted_by": "operator"), which every decider and
+the learner's gate then follow."""
+from __future__ import annotations
+
+import time
+
+from streamagent.config import Settings
+from streamagent.core.qnet import ModelSnapshot
+from streamagent.errors import StreamagentError
+from streamagent.ops.kafka import make_producer
+from streamagent.ops.tail import read_all
+from streamagent.stream.models import latest_snapshot
+
+
+class UnknownVersion(StreamagentError):
+    """No such model version in model-candidates. `streamagent model list` shows the versions."""
+
+
+def candidates(s: Settings) -> dict[int, ModelSnapshot]:
+    """Every version on model-candidates (the newest record per version)."""
+    out: dict[int, ModelSnapshot] = {}
+    for m in read_all(s.kafka_bootstrap, s.topic_model_candidates, idle=1.5):
+        if m.value():
+            snap = ModelSnapshot.from_bytes(m.value())
+            out[snap.version] = snap
+    return dict(sorted(out.items()))
+
+
+def live(s: Settings) -> ModelSnapshot | None:
+    return latest_snapshot(s.kafka_bootstrap, s.topic_model_updates)
+
+
+def promote(s: Settings, version: int, why: str = "operator") -> ModelSnapshot:
+    """Make ``version`` the deciders' model, whatever the gate said (on record)."""
+    snap = candidates(s).get(version)
+    if snap is None:
+        raise UnknownVersion(f"model v{version} is not on {s.topic_model_candidates}")
+    current = live(s)
+    snap.promotion = (current.promotion if current else 0) + 1
+    snap.meta = {**snap.meta, "promoted_by": why, "promoted_at": time.time(),
+                 "replaces": current.version if current else 0}
+    p = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
+    p.produce(s.topic_model_updates, key=b"model", value=snap.to_bytes())
+    if p.flush(30):
+        raise StreamagentError(f"could not publish to {s.topic_model_updates} within 30 s")
+    return snap
+
+
+def rollback(s: Settings, version: int | None = None) -> ModelSnapshot:
+    """Back to ``version``, or to the version the live model replaced."""
+    if version is None:
+        current = live(s)
+        if current is None or not current.meta.get("replaces"):
+            raise UnknownVersion("the live model records no earlier version; name one")
+        version = int(current.meta["replaces"])
+    return promote(s, version, why="operator rollback")
+
+
+def table(s: Settings) -> list[dict]:
+    """One row per version: its gate verdict and estimates, and which one is live."""
+    current = live(s)
+    rows = []
+    for v, snap in candidates(s).items():
+        g = snap.meta
+        rows.append({"version": v, "train_steps": snap.train_steps,
+                     "created_at": snap.created_at, "gate": g.get("outcome", "-"),
+                     "live_value": g.get("live_value"), "candidate_value": g.get("candidate_value"),
+                     "diff_low": g.get("diff_low"), "held_out": g.get("n"),
+                     "live": current is not None and current.version == v})
+    return rows
