@@ -1,5 +1,5 @@
 """The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, simulate, tail,
-config, bench, demo, evaluate."""
+config, bench, demo, evaluate, train-offline."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,12 @@ def cmd_evaluate(args) -> int:
     return evaluate(args)
 
 
+def cmd_train_offline(args) -> int:
+    from streamagent.offline.train import main as train_offline
+
+    return train_offline(args)
+
+
 def cmd_model(args) -> int:
     from streamagent.stream import registry
 
@@ -223,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_arguments(ev)
     ev.set_defaults(fn=cmd_evaluate)
+
+    to = sub.add_parser("train-offline", help="learn a Q-network from logged decisions (a warm "
+                        "start for the deciders and the learner), conservative where the logs are thin")
+    from streamagent.offline.train import add_arguments as add_train_offline_arguments
+
+    add_train_offline_arguments(to)
+    to.set_defaults(fn=cmd_train_offline)
 
     mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
                         "promote one or roll back (by hand, on record)")

@@ -135,12 +135,8 @@ class QLearner:
         torch.manual_seed(params.seed)  # torch's global generator drives nothing else here
         self.rng = np.random.default_rng(params.seed)
         nf, na = len(feature_names), len(actions)
-        if initial is not None and initial.heads != params.heads:
-            from streamagent.errors import ConfigError
-
-            raise ConfigError(f"model v{initial.version} has {initial.heads} Q-heads but "
-                              f"STREAMAGENT_Q_HEADS is {params.heads}; set it to match or start "
-                              f"from a fresh model")
+        if initial is not None:
+            self._check_initial(initial)
         k = params.heads
         self.online = initial.network() if initial else init_network(nf, na, hidden, params.seed, k)
         self.target = init_network(nf, na, hidden, params.seed, k)
@@ -155,6 +151,28 @@ class QLearner:
         self.pending: dict[str, list[tuple]] = {}
         self.last_loss = float("nan")
         self.last_max_q = float("nan")
+
+    def _check_initial(self, initial: ModelSnapshot) -> None:
+        """The starting model (STREAMAGENT_MODEL_PATH, model-updates) must have this learner's
+        network shape, actions and features: say which differs instead of failing in torch."""
+        from streamagent.errors import ConfigError
+
+        v = f"model v{initial.version}"
+        if initial.heads != self.p.heads:
+            raise ConfigError(f"{v} has {initial.heads} Q-heads but STREAMAGENT_Q_HEADS is "
+                              f"{self.p.heads}; set it to match or start from a fresh model")
+        if tuple(initial.hidden) != tuple(self.hidden):
+            raise ConfigError(f"{v} has hidden layers {list(initial.hidden)} but "
+                              f"STREAMAGENT_HIDDEN_SIZES is {list(self.hidden)}; set it to match "
+                              f"or start from a fresh model")
+        if tuple(initial.actions) != tuple(self.actions):
+            raise ConfigError(f"{v} was trained for actions {list(initial.actions)} but the "
+                              f"catalog has {list(self.actions)}; use a matching "
+                              f"STREAMAGENT_CATALOG_PATH or start from a fresh model")
+        if tuple(initial.feature_names) != tuple(self.feature_names):
+            raise ConfigError(f"{v} was trained on other features ({len(initial.feature_names)}) "
+                              f"than this build's ({len(self.feature_names)}); start from a fresh "
+                              f"model or train one on logs of this feature set")
 
     def discount(self, dt_ms: float | None, done: bool) -> float:
         if done or dt_ms is None:

@@ -37,14 +37,7 @@ class PolicyResult:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--logs", help="log file: .jsonl, .csv or .parquet (schemas/logged-decision.v1.json)")
-    src.add_argument("--from-kafka", action="store_true",
-                     help="read decision-log joined with rewards (STREAMAGENT_KAFKA_BOOTSTRAP, topic settings)")
-    p.add_argument("--since", type=int, default=None, help="with --from-kafka: decisions with ts >= this (ms)")
-    p.add_argument("--until", type=int, default=None, help="with --from-kafka: decisions with ts < this (ms)")
-    p.add_argument("--start-offset", type=int, default=None, help="with --from-kafka: first decision-log offset (every partition)")
-    p.add_argument("--end-offset", type=int, default=None, help="with --from-kafka: decision-log offset to stop before")
+    add_source_arguments(p)
     p.add_argument("--policy", action="append", required=True,
                    help="repeatable: never | always:<action> | logging | SNAPSHOT[:greedy|:epsilon=E]")
     p.add_argument("--estimators", default="ips,snips,dm,dr", help="comma-separated: ips,snips,dm,dr,pdwis")
@@ -60,6 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-ess", type=float, default=100.0, help="warn below this effective sample size")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--png", default=None, help="write a plot of the estimates and intervals here")
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the log comes from (a file, or Kafka and a range): evaluate and train-offline."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--logs", help="log file: .jsonl, .csv or .parquet (schemas/logged-decision.v1.json)")
+    src.add_argument("--from-kafka", action="store_true",
+                     help="read decision-log joined with rewards (STREAMAGENT_KAFKA_BOOTSTRAP, topic settings)")
+    p.add_argument("--since", type=int, default=None, help="with --from-kafka: decisions with ts >= this (ms)")
+    p.add_argument("--until", type=int, default=None, help="with --from-kafka: decisions with ts < this (ms)")
+    p.add_argument("--start-offset", type=int, default=None, help="with --from-kafka: first decision-log offset (every partition)")
+    p.add_argument("--end-offset", type=int, default=None, help="with --from-kafka: decision-log offset to stop before")
 
 
 def load_log(args) -> tuple[LoggedData, list[str], str]:
