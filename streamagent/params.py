@@ -10,6 +10,7 @@ from streamagent.config import Settings
 from streamagent.core.constraints import CapParams
 from streamagent.core.engine import EngineParams
 from streamagent.core.eventtime import TimeBounds
+from streamagent.core.gate import GateParams
 from streamagent.core.join import JoinParams
 from streamagent.core.learner import LearnerParams
 from streamagent.core.state import StateParams
@@ -71,3 +72,7 @@ def learner_params(s: Settings) -> LearnerParams:
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
                          seed=s.seed, heads=s.q_heads)
+
+
+def gate_params_from(s: Settings) -> GateParams:
+    return GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples, rule=s.gate_rule)

@@ -23,13 +23,14 @@ from streamagent.core import features as F
 from streamagent.core.catalog import Catalog, load_catalog
 from streamagent.core.contracts import BudgetShare, Conversion
 from streamagent.core.eventtime import StreamClock
-from streamagent.core.gate import GateParams, Holdout, held_out, judge
+from streamagent.core.gate import Holdout, held_out, judge
 from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.join import Joiner
 from streamagent.core.learner import QLearner
 from streamagent.core.qnet import NumpyQ
 from streamagent.core.tables import JoinStore
-from streamagent.params import engine_params, join_params, learner_params, shipped
+from streamagent.params import (engine_params, gate_params_from, join_params, learner_params,
+                                shipped)
 from streamagent.sim.mdp import average_reward
 from streamagent.sim.report import moving_mean
 from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, purchase_event, scenario
@@ -103,7 +104,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     holdout = Holdout(s.gate_window, F.N_FEATURES, catalog.n_actions) \
         if learning and s.gate else None
     held = (holdout, s.gate_holdout)
-    gate_params = GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples)
+    gate_params = gate_params_from(s)
     gate_counts: dict = {}
     clock = StreamClock()  # the one partition's event-time clock
     for day in range(days):

@@ -28,6 +28,10 @@ from streamagent.core.qnet import NumpyQ
 class GateParams:
     margin: float  # relative: the candidate may be this fraction of |live value| worse
     min_samples: int  # held-out decisions needed to judge
+    # lower_bound: promote only if the difference's 95% lower bound clears the floor (the
+    # candidate is shown no worse); not_worse: promote unless its upper bound is below the
+    # floor (the candidate is shown worse). See LEARNING.md for when each fits.
+    rule: str = "not_worse"
     n_bootstrap: int = 500
     folds: int = 3
 
@@ -80,7 +84,7 @@ def judge(candidate: NumpyQ, live: NumpyQ, log: LoggedData, p: GateParams,
     est = ratio_estimate("dr-diff", cand_t - live_t, np.ones(log.n), p.n_bootstrap, seed)
     live_v = float(live_t.mean())
     floor = -p.margin * abs(live_v)
-    ok = est.ci_low >= floor - 1e-12
+    ok = (est.ci_low if p.rule == "lower_bound" else est.ci_high) >= floor - 1e-12
     return Verdict("promoted" if ok else "rejected", log.n, live_v, float(cand_t.mean()),
                    est.value, est.ci_low, est.ci_high,
                    reason=(f"difference {est.value:+.4f} per decision, 95% interval "

@@ -20,14 +20,14 @@ from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import decode_transition, dlq_envelope, encode
 from streamagent.core.features import FEATURE_NAMES
-from streamagent.core.gate import GateParams, Holdout, Verdict, held_out, judge
+from streamagent.core.gate import Holdout, Verdict, held_out, judge
 from streamagent.core.learner import QLearner
 from streamagent.core.policy import epsilon_at
 from streamagent.core.qnet import ModelSnapshot, NumpyQ
 from streamagent.errors import InvalidMessage
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import make_consumer, make_producer, send
-from streamagent.params import learner_params
+from streamagent.params import gate_params_from, learner_params
 
 log = logging.getLogger("streamagent.learner")
 
@@ -44,7 +44,7 @@ class LearnerService:
         self.learner = QLearner(catalog.actions, FEATURE_NAMES, tuple(s.hidden_sizes),
                                 learner_params(s), initial)
         self.offsets: dict[int, int] = {}
-        self.gate = GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples)
+        self.gate = gate_params_from(s)
         self.holdout = Holdout(s.gate_window, len(FEATURE_NAMES), catalog.n_actions)
         if s.checkpoint_path.exists():
             extra = self.learner.load_checkpoint(s.checkpoint_path)
