@@ -94,16 +94,14 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from streamagent.bench.pipeline import main as bench_pipeline
+def _main_of(module: str):
+    """A command that runs ``module.main(args)``, imported only when the command runs (the
+    benchmarks and offline tools pull in heavy libraries the other commands do not need)."""
+    def run(args) -> int:
+        import importlib
 
-    return bench_pipeline(args)
-
-
-def cmd_bench_learning(args) -> int:
-    from streamagent.bench.learning import main as bench_learning
-
-    return bench_learning(args)
+        return importlib.import_module(module).main(args)
+    return run
 
 
 def cmd_simulate(args) -> int:
@@ -112,24 +110,6 @@ def cmd_simulate(args) -> int:
     simulate(_settings(), args.scenario, args.users, args.days, args.seed, args.timeout,
              log=lambda m: print(m, flush=True))
     return 0
-
-
-def cmd_bench_offline(args) -> int:
-    from streamagent.bench.offline import main as bench_offline
-
-    return bench_offline(args)
-
-
-def cmd_evaluate(args) -> int:
-    from streamagent.offline.evaluate import main as evaluate
-
-    return evaluate(args)
-
-
-def cmd_train_offline(args) -> int:
-    from streamagent.offline.train import main as train_offline
-
-    return train_offline(args)
 
 
 def cmd_model(args) -> int:
@@ -210,32 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
     from streamagent.bench.pipeline import add_arguments
 
     add_arguments(bp)
-    bp.set_defaults(fn=cmd_bench)
+    bp.set_defaults(fn=_main_of("streamagent.bench.pipeline"))
     bl = bsub.add_parser("learning", help="policies on the simulated shop vs the MDP optimum")
     from streamagent.bench.learning import add_arguments as add_learning_arguments
 
     add_learning_arguments(bl)
-    bl.set_defaults(fn=cmd_bench_learning)
+    bl.set_defaults(fn=_main_of("streamagent.bench.learning"))
     bo = bsub.add_parser("offline", help="off-policy estimators on the Open Bandit Dataset vs "
                          "the measured value (and vs obp's estimators)")
     from streamagent.bench.offline import add_arguments as add_offline_arguments
 
     add_offline_arguments(bo)
-    bo.set_defaults(fn=cmd_bench_offline)
+    bo.set_defaults(fn=_main_of("streamagent.bench.offline"))
 
     ev = sub.add_parser("evaluate", help="estimate candidate policies' values on logged "
                         "decisions (IPS, SNIPS, DM, DR, PDWIS)")
     from streamagent.offline.evaluate import add_arguments as add_evaluate_arguments
 
     add_evaluate_arguments(ev)
-    ev.set_defaults(fn=cmd_evaluate)
+    ev.set_defaults(fn=_main_of("streamagent.offline.evaluate"))
 
     to = sub.add_parser("train-offline", help="learn a Q-network from logged decisions (a warm "
                         "start for the deciders and the learner), conservative where the logs are thin")
     from streamagent.offline.train import add_arguments as add_train_offline_arguments
 
     add_train_offline_arguments(to)
-    to.set_defaults(fn=cmd_train_offline)
+    to.set_defaults(fn=_main_of("streamagent.offline.train"))
 
     mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
                         "promote one or roll back (by hand, on record)")
