@@ -31,7 +31,7 @@ class GateParams:
     # lower_bound: promote only if the difference's 95% lower bound clears the floor (the
     # candidate is shown no worse); not_worse: promote unless its upper bound is below the
     # floor (the candidate is shown worse). See LEARNING.md for when each fits.
-    rule: str = "not_worse"
+    rule: str = "lower_bound"
     n_bootstrap: int = 500
     folds: int = 3
 
