@@ -8,15 +8,7 @@ from streamagent.core.contracts import Transition
 from streamagent.core.learner import QLearner
 from streamagent.params import learner_params, shipped
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # multi-threaded CPU kernels may sum in another order run to run: one thread, same numbers
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 ACTIONS = ("none", "a", "b")

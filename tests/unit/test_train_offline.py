@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
-import torch
 
 from streamagent import cli
 from streamagent.core import features as F
@@ -31,12 +30,7 @@ HIDDEN = tuple(shipped().hidden_sizes)  # the product's network
 T0 = 1_767_225_600_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 def greedy(snapshot: ModelSnapshot, X: np.ndarray) -> np.ndarray:
