@@ -4,6 +4,7 @@ be re-sent after the crash, identical, with the same decision_id; consumers dedu
 from __future__ import annotations
 
 import signal
+import time
 
 import orjson
 import pytest
@@ -42,7 +43,14 @@ def test_sigkill_mid_stream_loses_and_double_counts_nothing(kafka, tmp_path, run
                 w.proc.send_signal(signal.SIGKILL)
                 w.proc.wait()
                 w = WorkerProcess(env, tmp_path / "worker.log").start()
-                got += reader.read(len(users) - 30)
+                # The restarted worker gets its partitions only once the broker has given up on
+                # the killed member (its session timeout, up to a minute), and it re-sends the
+                # decisions of the uncommitted batch (duplicates by design): read until the
+                # round's triggers are in, past that.
+                deadline = time.monotonic() + 180
+                while (len({d["trigger_event_id"] for d in got}) < len(users)
+                       and time.monotonic() < deadline):
+                    got += reader.read(len(users), timeout=10)
             else:
                 got = reader.read(len(users))
             assert len({d["trigger_event_id"] for d in got}) >= len(users) - 30, w.tail()
