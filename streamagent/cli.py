@@ -1,5 +1,5 @@
 """The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, simulate, tail,
-config, bench, demo, evaluate, train-offline."""
+config, model, bench, demo, evaluate, train-offline."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,20 @@ import sys
 from pathlib import Path
 
 from streamagent.errors import StreamagentError
+
+
+def version() -> str:
+    """The installed distribution's version (what pip and bug reports see), else the
+    package's own, for a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("streamagent")
+    except PackageNotFoundError:
+        from streamagent import __version__
+
+        return __version__
 
 
 def _settings():
@@ -79,7 +93,7 @@ def cmd_tail(args) -> int:
 
     s = _settings()
     tail(s.kafka_bootstrap, args.topic or s.topic_decision_log, limit=args.n,
-         timeout=args.timeout)
+         timeout=args.timeout, follow=args.follow)
     return 0
 
 
@@ -115,6 +129,8 @@ def cmd_simulate(args) -> int:
 def cmd_model(args) -> int:
     from streamagent.stream import registry
 
+    if args.action == "export":
+        return cmd_model_export(args)
     s = _settings()
     if args.action == "list":
         rows = registry.table(s)
@@ -140,6 +156,20 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_model_export(args) -> int:
+    from streamagent.core.export import export_checkpoint
+
+    if not args.out:
+        raise SystemExit("streamagent model export needs --out FILE (and --checkpoint PATH, "
+                         "unless it is the learner's own)")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else _settings().checkpoint_path
+    snap = export_checkpoint(checkpoint, Path(args.out))
+    print(f"wrote {args.out}: model v{snap.version}, {snap.train_steps} training steps, "
+          f"{len(snap.feature_names)} features, actions {list(snap.actions)}; use it as "
+          f"STREAMAGENT_MODEL_PATH")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streamagent.sim.demo import run_demo
 
@@ -148,6 +178,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamagent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     k = sub.add_parser("kafka", help="provision and run a local single-node Kafka (KRaft)")
@@ -174,10 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topic", default=None)
     pr.set_defaults(fn=cmd_produce)
 
-    tl = sub.add_parser("tail", help="print messages of a topic (default decision-log)")
+    tl = sub.add_parser("tail", help="print the newest messages of a topic (default decision-log)")
     tl.add_argument("--topic", default=None)
-    tl.add_argument("-n", type=int, default=20)
-    tl.add_argument("--timeout", type=float, default=10.0)
+    tl.add_argument("-n", type=int, default=20, help="how many of the newest messages (all "
+                    "partitions, by timestamp)")
+    tl.add_argument("-f", "--follow", action="store_true",
+                    help="then print new messages as they arrive, until Ctrl-C")
+    tl.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds to wait for the broker and to read up to the end")
     tl.set_defaults(fn=cmd_tail)
 
     c = sub.add_parser("config", help="print the settings in force, or the reference table")
@@ -218,10 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     to.set_defaults(fn=_main_of("streamagent.offline.train"))
 
     mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
-                        "promote one or roll back (by hand, on record)")
-    mo.add_argument("action", choices=["list", "promote", "rollback"])
+                        "promote one or roll back (by hand, on record); export a learner "
+                        "checkpoint as a model file")
+    mo.add_argument("action", choices=["list", "promote", "rollback", "export"])
     mo.add_argument("version", nargs="?", type=int,
                     help="the version (rollback without one: the version the live one replaced)")
+    mo.add_argument("--checkpoint", help="export: the learner checkpoint to read "
+                    "(STREAMAGENT_LEARNER_CHECKPOINT, default $STREAMAGENT_DATA_DIR/learner/checkpoint.pt)")
+    mo.add_argument("--out", help="export: the model file to write (for STREAMAGENT_MODEL_PATH)")
     mo.set_defaults(fn=cmd_model)
 
     sm = sub.add_parser("simulate", help="play the simulated shop against a running worker "

@@ -29,6 +29,29 @@ class InvalidMessage(StreamagentError):
         self.detail = detail
 
 
+class SnapshotRejected(StreamagentError):
+    """A model snapshot is unfit to decide with; whoever holds a model keeps it.
+
+    ``reason`` is one of ``REASONS`` (a metric label); ``detail`` says what exactly. A
+    snapshot from model-updates is skipped: look at who published it (docs/OPERATIONS.md,
+    model safety).
+    """
+
+    REASONS = ("undecodable", "shape", "non_finite", "actions", "features", "version",
+               "producer")
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class CorruptCheckpoint(ConfigError):
+    """The learner's checkpoint cannot be read or holds unusable weights. It is written
+    atomically, so this means a damaged disk or a hand-edited file: move the file named in the
+    message away and start the learner again (docs/OPERATIONS.md, model safety)."""
+
+
 class CatalogError(ConfigError):
     """The coupon catalog file is malformed. Fix the file named in the message."""
 
@@ -37,3 +60,8 @@ class OfflineDataError(StreamagentError):
     """Logged decisions cannot be evaluated as asked (a malformed log file, a missing field, a
     model whose features or actions differ from the logs'). The message names the file, row
     or difference to fix."""
+
+
+class MissingExtra(StreamagentError):
+    """A command needs an optional dependency that is not installed. The message names the
+    extra to install (``pip install 'streamagent[<extra>]'``)."""

@@ -326,6 +326,10 @@ def main(args) -> int:
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
+    from streamagent.extras import require
+
+    # before the minutes of simulation, not at the plot that ends them
+    require("bench", "rich", "matplotlib", what="streamagent bench learning")
     from rich.console import Console
 
     # a wide table even when piped to a file (rich would otherwise truncate to 80 columns)

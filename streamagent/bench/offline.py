@@ -238,6 +238,9 @@ def print_offline(off: dict, truth: float, con) -> None:
 
 
 def main(args) -> int:
+    from streamagent.extras import require
+
+    require("bench", "rich", what="streamagent bench offline")
     res = run(args.campaign, args.rows, args.bootstrap, args.seed, args.folds, args.ridge,
               args.train_ridge, args.n_sim, args.data, not args.no_obp)
     print_report(res)

@@ -200,6 +200,9 @@ def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[s
 
 
 def main(args) -> int:
+    from streamagent.extras import require
+
+    require("bench", "rich", what="streamagent bench pipeline")
     from rich.console import Console
     from rich.table import Table
 

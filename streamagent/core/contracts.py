@@ -1,4 +1,5 @@
-"""Topic contracts: the JSON Schema files in schemas/ and the typed records built from them.
+"""Topic contracts: the JSON Schema files in streamagent/schemas/ and the typed records built
+from them.
 
 Decoding is the only door into the core: raw bytes -> JSON -> schema check -> a frozen
 record. Anything that fails raises :class:`InvalidMessage` with a bounded ``reason`` that the
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import fastjsonschema
@@ -34,12 +37,18 @@ EVENT_TYPES = ("session_start", "page_view", "search", "add_to_cart", "remove_fr
                "purchase", "session_end")
 
 
-def schemas_dir() -> Path:
-    """schemas/ at the repository root, or STREAMAGENT_SCHEMAS_DIR (for installed copies)."""
-    env = os.environ.get("STREAMAGENT_SCHEMAS_DIR")
+SCHEMAS_DIR_ENV = "STREAMAGENT_SCHEMAS_DIR"
+
+
+def schemas_dir() -> Traversable:
+    """The schema files: package data (streamagent/schemas/), so a plain ``pip install`` finds
+    them wherever it runs, with no setting (the repository's top-level schemas/ is a symlink
+    to them: one copy). STREAMAGENT_SCHEMAS_DIR overrides, to try a changed contract without
+    reinstalling."""
+    env = os.environ.get(SCHEMAS_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "schemas"
+    return resources.files("streamagent") / "schemas"
 
 
 @lru_cache(maxsize=None)

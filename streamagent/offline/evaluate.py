@@ -119,6 +119,9 @@ def evaluate(log: LoggedData, specs: list[str], estimators: list[str], *, gamma=
 
 
 def print_table(results: list[PolicyResult], title: str) -> None:
+    from streamagent.extras import require
+
+    require("offline", "rich", what="the estimates table")
     from rich.console import Console
     from rich.table import Table
 
@@ -149,6 +152,9 @@ def report_warnings(results: list[PolicyResult], notes: list[str]) -> None:
 def write_png(results: list[PolicyResult], path: Path | str, title: str) -> None:
     """Estimates with their intervals per policy and estimator; pdwis (a discounted value per
     trajectory, another unit) gets a panel of its own."""
+    from streamagent.extras import require
+
+    require("offline", "matplotlib", what="the estimates plot (--png)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +190,10 @@ def _panel(ax, results: list[PolicyResult], names: list[str], unit: str) -> None
 
 
 def main(args) -> int:
+    from streamagent.extras import require
+
+    # checked before the estimators run, which can take minutes on large logs
+    require("offline", "rich", *(["matplotlib"] if args.png else []), what="streamagent evaluate")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]

@@ -467,8 +467,10 @@ def main(args) -> int:
     from streamagent.config import Settings
     from streamagent.core.catalog import load_catalog
     from streamagent.offline.blas import small_blas
+    from streamagent.extras import require
     from streamagent.offline.evaluate import load_log, print_table, report_warnings
 
+    require("offline", "rich", what="streamagent train-offline")  # its held-out table, after training
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)

@@ -137,6 +137,10 @@ def send_bad_messages(kshop, s) -> int:
 
 
 def run_demo(args) -> int:
+    from streamagent.extras import require
+
+    # before a broker and two processes are started, not at the report that ends the run
+    require("demo", "rich", "matplotlib", what="streamagent demo")
     from rich.console import Console
     from rich.live import Live
 

@@ -21,6 +21,9 @@ class LiveView:
                 f"{self.ref['optimal']:.3f}), model v{max(d.policy_versions)}")
 
     def render(self, bad_sent: int):
+        from streamagent.extras import require
+
+        require("demo", "rich", what="the demo's live view")
         from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table

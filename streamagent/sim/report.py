@@ -60,6 +60,9 @@ def write_report(out: Path, args, days, ref: dict, dlq_reasons: Counter, bad_sen
 
 
 def plot_curve(path: Path, prof: np.ndarray, days, ref: dict, args) -> None:
+    from streamagent.extras import require
+
+    require("demo", "matplotlib", what="the demo's learning curve")
     import matplotlib
 
     matplotlib.use("Agg")
