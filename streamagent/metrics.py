@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from streamagent.core.contracts import EVENT_TYPES
+from streamagent.errors import SnapshotRejected
 
 DLQ_REASONS = ("bad_json", "not_an_object", "schema", "key_mismatch", "ts_too_far_ahead",
                "ts_too_far_behind", "wrong_partition", "processing_error")
@@ -47,8 +48,13 @@ class Metrics:
                               "Decisions in which caps or budget masked coupons, by reason.",
                               ["reason"], registry=r)
         self.processing = Histogram("streamagent_decision_processing_seconds",
-                                    "Time to process one user event in the decide agent.",
+                                    "Time to process one user event in the decide agent (a "
+                                    "batch's handling time over its size).",
                                     buckets=PROCESSING_BUCKETS, registry=r)
+        self.batch_size = Histogram("streamagent_decision_batch_events",
+                                    "User events per batch the decide agent handles.",
+                                    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+                                    registry=r)
         self.e2e = Histogram("streamagent_decision_event_to_decision_seconds",
                              "From the trigger event's Kafka timestamp to its decision being sent.",
                              buckets=LATENCY_BUCKETS, registry=r)
@@ -77,6 +83,9 @@ class Metrics:
         self.model_errors = Counter("streamagent_decision_model_load_errors_total",
                                     "Model snapshots that could not be used (kept the old one).",
                                     registry=r)
+        self.model_rejected = Counter("streamagent_decision_model_rejected_total",
+                                      "Model snapshots this decider refused before use (it kept "
+                                      "its model), by reason.", ["reason"], registry=r)
         # --- rewards (the join) ---
         self.join_events = Counter("streamagent_reward_join_events_total",
                                    "What the reward join did, by outcome (decisions, conversions, "
@@ -124,6 +133,10 @@ class Metrics:
         self.learn_epsilon = Gauge("streamagent_learning_epsilon",
                                    "Epsilon deciders use with the latest published model.",
                                    registry=r)
+        self.learn_rejected = Counter("streamagent_learning_model_rejected_total",
+                                      "Model versions the learner refused to checkpoint and "
+                                      "publish (e.g. weights gone NaN), by reason.", ["reason"],
+                                      registry=r)
         self.gate = Counter("streamagent_learning_gate_verdicts_total",
                             "Model versions judged by the promotion gate, by outcome.",
                             ["outcome"], registry=r)
@@ -160,6 +173,9 @@ class Metrics:
             self.transitions.labels(d)
         for s in ("decide", "join", "learn", "dlq", "send"):
             self.errors.labels(s)
+        for reason in SnapshotRejected.REASONS:
+            self.model_rejected.labels(reason)
+            self.learn_rejected.labels(reason)
         for o in GATE_OUTCOMES:
             self.gate.labels(o)
         for m in ("live", "candidate"):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from streamagent.core.contracts import Transition
+from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
 from streamagent.core.qnet import ModelSnapshot, init_network
 
 
@@ -124,6 +125,10 @@ class Replay:
             if name in st:  # checkpoints from before the heads have no "boot": all ones
                 getattr(self, name)[:n] = st[name].numpy()
         self.n, self.pos = n, int(st["pos"])
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]  # torch's messages run to pages
 
 
 class QLearner:
@@ -343,16 +348,41 @@ class QLearner:
         tmp.replace(path)  # atomic: a crash leaves the previous checkpoint whole
 
     def load_checkpoint(self, path: Path) -> dict:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-        if tuple(doc["actions"]) != self.actions or tuple(doc["feature_names"]) != self.feature_names:
-            from streamagent.errors import ConfigError
+        """Restore everything from ``path``; returns its ``extra``. A file that cannot be read
+        or holds unusable weights raises ``CorruptCheckpoint`` naming it (this learner is then
+        half-restored and must not be used)."""
+        from streamagent.errors import ConfigError, CorruptCheckpoint
 
-            raise ConfigError(f"checkpoint {path} is for other actions/features; move it away "
-                              f"to start a fresh learner")
-        self.online.load_state_dict(doc["online"])
-        self.target.load_state_dict(doc["target"])
-        self.opt.load_state_dict(doc["opt"])
-        self.replay.load(doc["replay"])
-        self.version, self.train_steps, self.seen = doc["version"], doc["train_steps"], doc["seen"]
-        self._load_pending(doc.get("pending") or {})
-        return doc["extra"]
+        what = f"checkpoint {path}"
+        todo = (f"move it away (e.g. mv {path} {path}.corrupt) and start the learner again: it "
+                f"then starts from the newest valid model and reads transitions from the oldest "
+                f"one retained")
+        try:
+            doc = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises many types for a damaged file
+            raise CorruptCheckpoint(f"{what} cannot be read ({type(exc).__name__}: "
+                                    f"{_first_line(exc)}); {todo}") from None
+        try:
+            if (tuple(doc["actions"]) != self.actions
+                    or tuple(doc["feature_names"]) != self.feature_names):
+                raise ConfigError(f"{what} is for other actions/features; move it away "
+                                  f"to start a fresh learner")
+            for name in ("online", "target"):
+                if not weights_finite(doc[name]):
+                    raise CorruptCheckpoint(f"{what} holds NaN or infinite {name} weights; {todo}")
+            counts = int(doc["version"]), int(doc["train_steps"]), int(doc["seen"])
+            if not all(0 <= n <= MAX_SAFE_INT for n in counts):
+                raise CorruptCheckpoint(f"{what} holds absurd counts (version, steps, seen) "
+                                        f"{counts}; {todo}")
+            self.online.load_state_dict(doc["online"])
+            self.target.load_state_dict(doc["target"])
+            self.opt.load_state_dict(doc["opt"])
+            self.replay.load(doc["replay"])
+            self.version, self.train_steps, self.seen = counts
+            self._load_pending(doc.get("pending") or {})
+            return dict(doc["extra"])
+        except ConfigError:
+            raise
+        except Exception as exc:  # a missing part, a wrong shape, a wrong type
+            raise CorruptCheckpoint(f"{what} is damaged ({type(exc).__name__}: "
+                                    f"{_first_line(exc)}); {todo}") from None

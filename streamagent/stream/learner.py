@@ -22,9 +22,10 @@ from streamagent.core.contracts import decode_transition, dlq_envelope, encode
 from streamagent.core.features import FEATURE_NAMES
 from streamagent.core.gate import Holdout, Verdict, held_out, judge
 from streamagent.core.learner import QLearner
+from streamagent.core.modelcheck import PRODUCER_KEY
 from streamagent.core.policy import epsilon_at
 from streamagent.core.qnet import ModelSnapshot, NumpyQ
-from streamagent.errors import InvalidMessage
+from streamagent.errors import InvalidMessage, SnapshotRejected
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import make_consumer, make_producer, send
 from streamagent.params import gate_params_from, learner_params
@@ -34,13 +35,18 @@ log = logging.getLogger("streamagent.learner")
 
 class LearnerService:
     def __init__(self, s: Settings, metrics: Metrics | None = None):
-        from streamagent.stream.models import latest_snapshot
+        from streamagent.stream.models import latest_snapshot, load_model_file, snapshot_check
 
         self.s = s
         self.m = metrics or Metrics(topics=(s.topic_transitions,))
         catalog = load_catalog(s.catalog_path)
-        initial = (ModelSnapshot.load(s.model_path) if s.model_path
-                   else latest_snapshot(s.kafka_bootstrap, s.topic_model_updates))
+        self.check = snapshot_check(s)
+        # the newest valid model (corrupt or invalid ones are skipped); a model file that is
+        # not usable stops the learner with the reason. A corrupt checkpoint (below) is
+        # refused with what to do (CorruptCheckpoint): it holds offsets no model can replace.
+        initial = (load_model_file(s.model_path, self.check) if s.model_path
+                   else latest_snapshot(s.kafka_bootstrap, s.topic_model_updates,
+                                        check=self.check))
         self.learner = QLearner(catalog.actions, FEATURE_NAMES, tuple(s.hidden_sizes),
                                 learner_params(s), initial)
         self.offsets: dict[int, int] = {}
@@ -89,20 +95,29 @@ class LearnerService:
         """The model the deciders use now (an operator may have promoted or rolled back)."""
         from streamagent.stream.models import latest_snapshot
 
-        live = latest_snapshot(self.s.kafka_bootstrap, self.s.topic_model_updates)
+        live = latest_snapshot(self.s.kafka_bootstrap, self.s.topic_model_updates,
+                               check=self.check)
         return live if live is not None else self.learner.initial_snapshot()
 
     def publish(self) -> None:
         """Judge, checkpoint, then publish: the candidate always to model-candidates, to the
         deciders (model-updates) only if promoted. Checkpoint first: a crash in between never
-        reuses a version number."""
+        reuses a version number. A version that fails the deciders' own check (weights gone
+        NaN when training diverged) is neither checkpointed nor published: the last
+        checkpoint stays the last good state."""
         snap = self.learner.snapshot()
+        try:
+            self.check.validate(snap)
+        except SnapshotRejected as exc:
+            self._refuse(snap, exc)
+            return
         live = self._live()
         if self.s.gate:
             verdict = judge(NumpyQ(snap), NumpyQ(live), self.holdout.log(), self.gate)
         else:
             verdict = Verdict("promoted", 0, reason="gate off (STREAMAGENT_GATE=false)")
-        snap.meta = {**verdict.to_doc(), "replaces": live.version, "promoted_by": "gate"}
+        snap.meta = {**verdict.to_doc(), "replaces": live.version, "promoted_by": "gate",
+                     PRODUCER_KEY: self.s.app_id}
         if verdict.promote:
             snap.promotion = live.promotion + 1
         self.learner.save_checkpoint(self.s.checkpoint_path, extra={
@@ -119,6 +134,16 @@ class LearnerService:
         self._report_gate(snap, verdict, live)
         log.info("model v%d (%d training steps, loss %.4f): %s; %s", snap.version,
                  snap.train_steps, self.learner.last_loss, verdict.outcome, verdict.reason)
+
+    def _refuse(self, snap: ModelSnapshot, exc: SnapshotRejected) -> None:
+        self.learner.version = snap.version - 1  # never published: the number stays free
+        self.m.learn_rejected.labels(exc.reason).inc()
+        # try again at the next interval, not at every poll
+        self.steps_at_snapshot = self.learner.train_steps
+        self.time_at_snapshot = time.monotonic()
+        log.error("not publishing model v%d: %s. Nothing is checkpointed either; restart the "
+                  "learner to resume from its last checkpoint (and if the weights diverged, "
+                  "lower STREAMAGENT_LEARNING_RATE)", snap.version, exc)
 
     def _report_gate(self, snap: ModelSnapshot, verdict: Verdict, live: ModelSnapshot) -> None:
         m = self.m

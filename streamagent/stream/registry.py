@@ -5,43 +5,71 @@ chosen version, recorded in its metadata ("promoted_by": "operator"), which ever
 the learner's gate then follow."""
 from __future__ import annotations
 
+import logging
 import time
 
 from streamagent.config import Settings
+from streamagent.core.modelcheck import MAX_SAFE_INT, PRODUCER_KEY, decode_snapshot
 from streamagent.core.qnet import ModelSnapshot
-from streamagent.errors import StreamagentError
+from streamagent.errors import SnapshotRejected, StreamagentError
 from streamagent.ops.kafka import make_producer
 from streamagent.ops.tail import read_all
-from streamagent.stream.models import latest_snapshot
+from streamagent.stream.models import latest_snapshot, snapshot_check
+
+log = logging.getLogger("streamagent.registry")
 
 
 class UnknownVersion(StreamagentError):
     """No such model version in model-candidates. `streamagent model list` shows the versions."""
 
 
+class UnusableVersion(StreamagentError):
+    """The chosen version would be refused by every decider (the message says why: other
+    actions or features than the catalog and this build, broken or non-finite weights).
+    Promote another version; `streamagent model list` shows them."""
+
+
 def candidates(s: Settings) -> dict[int, ModelSnapshot]:
-    """Every version on model-candidates (the newest record per version)."""
+    """Every version on model-candidates (the newest record per version). A record that does
+    not decode or has an absurd version is skipped with a log line: it must neither stop the
+    learner's start nor push its version numbers out of range. Other checks wait for
+    ``promote``: a candidate of another catalog still holds its version number."""
     out: dict[int, ModelSnapshot] = {}
     for m in read_all(s.kafka_bootstrap, s.topic_model_candidates, idle=1.5):
         if m.value():
-            snap = ModelSnapshot.from_bytes(m.value())
+            try:
+                snap = decode_snapshot(m.value())
+            except SnapshotRejected as exc:
+                log.warning("skipping the record at %s offset %d: %s",
+                            s.topic_model_candidates, m.offset(), exc)
+                continue
+            if not 0 <= snap.version <= MAX_SAFE_INT:
+                log.warning("skipping model v%d at %s offset %d: absurd version", snap.version,
+                            s.topic_model_candidates, m.offset())
+                continue
             out[snap.version] = snap
     return dict(sorted(out.items()))
 
 
 def live(s: Settings) -> ModelSnapshot | None:
-    return latest_snapshot(s.kafka_bootstrap, s.topic_model_updates)
+    return latest_snapshot(s.kafka_bootstrap, s.topic_model_updates, check=snapshot_check(s))
 
 
 def promote(s: Settings, version: int, why: str = "operator") -> ModelSnapshot:
-    """Make ``version`` the deciders' model, whatever the gate said (on record)."""
+    """Make ``version`` the deciders' model, whatever the gate said (on record), provided the
+    deciders' own check passes (so an operator never publishes what they would refuse)."""
     snap = candidates(s).get(version)
     if snap is None:
         raise UnknownVersion(f"model v{version} is not on {s.topic_model_candidates}")
     current = live(s)
     snap.promotion = (current.promotion if current else 0) + 1
+    # the operator vouches for it: it is this deployment's now, whoever trained it
     snap.meta = {**snap.meta, "promoted_by": why, "promoted_at": time.time(),
-                 "replaces": current.version if current else 0}
+                 "replaces": current.version if current else 0, PRODUCER_KEY: s.app_id}
+    try:
+        snapshot_check(s).validate(snap, current)
+    except SnapshotRejected as exc:
+        raise UnusableVersion(f"model v{version} cannot be promoted: {exc}") from None
     p = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
     p.produce(s.topic_model_updates, key=b"model", value=snap.to_bytes())
     if p.flush(30):
