@@ -15,7 +15,7 @@ from streamagent.core.constraints import (CapParams, action_mask, budget_remaini
                                           period_of)
 from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
                                         UserEvent, decode_user_event)
-from streamagent.core.eventtime import StreamClock, TimeBounds, admit
+from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
@@ -147,30 +147,122 @@ class DecisionEngine:
         (the benchmark's baselines use it, so that state, caps and logs see their actions).
         Raises InvalidMessage for input that belongs on the dead-letter topic.
         """
+        ev, state, clock, done = self._admit(raw, key, state, budget, partition, offset,
+                                             clock or StreamClock(), now_ms)
+        if done is not None:
+            return done
+        state = apply(state, ev, self.p.state, partition, offset)
+        if ev.type not in self._triggers:
+            return StepResult(state, budget, clock, ev)
+        return self._decide(state, ev, budget, clock, policy)
+
+    def _admit(self, raw, key, state, budget, partition, offset, clock, now_ms):
+        """Decode and check one event: (event, state, clock having seen it, result if it is a
+        replay). Raises InvalidMessage / OutOfBounds as :meth:`step` does."""
         ev = decode_user_event(raw, key)
-        clock = clock or StreamClock()
         if state is None:
             state = UserState(user_id=ev.user_id)
         if partition >= 0 and is_replay(state, partition, offset):
             # Already applied before a crash; re-send its decision (same id) in case the
             # outputs were lost with the uncommitted batch. Consumers dedupe by decision_id.
             prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
-            return StepResult(state, budget, clock, ev, prior, self._action_for(prior),
-                              replayed=True)
+            return ev, state, clock, StepResult(state, budget, clock, ev, prior,
+                                                self._action_for(prior), replayed=True)
         # any gap in the user's own history is legal (a customer may return after a year):
         # the bounds are against the partition's event time, never the user's
         clock = admit(clock, ev.ts, self.p.time_bounds, now_ms)
-        state = apply(state, ev, self.p.state, partition, offset)
-        if ev.type not in self._triggers:
-            return StepResult(state, budget, clock, ev)
-        return self._decide(state, ev, budget, clock, policy)
+        return ev, state, clock, None
+
+    def step_batch(self, items: list[tuple[bytes | None, bytes | None, int, int]],
+                   states: dict, budgets: dict[int, BudgetShare],
+                   clocks: dict[int, StreamClock],
+                   now_ms: int | None = None) -> list[StepResult | Exception]:
+        """Many events at once: the same decisions as :meth:`step` on each in turn, with the
+        Q-network run once for the batch instead of once per trigger.
+
+        ``items`` are (value, key, partition, offset) in the order they were consumed (offset
+        order within a partition). ``states`` maps each key to the user's state (None: new
+        user), ``budgets`` and ``clocks`` each partition's; all three are updated in place to
+        their values after the batch. The result per item is its StepResult or the exception
+        :meth:`step` would have raised (InvalidMessage, OutOfBounds, or a bug's).
+
+        How it stays exact: a user's events are applied in order, and only each user's first
+        trigger of the batch is scored in the batched forward pass (its features depend on
+        nothing the other users do); the decisions are then taken in consumption order, so the
+        partition budget is spent in the same order as one event at a time. A user's later
+        triggers in the same batch depend on the first decision and are scored alone.
+        """
+        n = len(items)
+        out: list = [None] * n
+        evs: list = [None] * n
+        seen_clock: list = [None] * n
+        blocked: set = set()  # users whose first trigger awaits the batched forward pass
+        first: list[int] = []  # items that are such first triggers
+        feats: list[np.ndarray] = []
+        for i, (raw, key, part, off) in enumerate(items):
+            clock = clocks.get(part) or StreamClock()
+            try:
+                ev, state, clock, done = self._admit(raw, key, states.get(key),
+                                                     budgets.get(part) or BudgetShare(),
+                                                     part, off, clock, now_ms)
+            except OutOfBounds as exc:
+                clocks[part] = exc.clock  # seen: a real jump is followed
+                out[i] = exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - the caller dead-letters it
+                out[i] = exc
+                continue
+            clocks[part], evs[i], seen_clock[i] = clock, ev, clock
+            if done is not None:
+                out[i] = done
+                continue
+            if key in blocked:
+                continue  # after the user's first trigger: taken in the ordered pass below
+            try:
+                state = apply(state, ev, self.p.state, part, off)
+                states[key] = state
+                if ev.type in self._triggers:
+                    feats.append(F.encode(state, ev.ts, ev.type, self.p.state.half_life_ms,
+                                          self.p.caps.window_ms))
+                    first.append(i)
+                    blocked.add(key)
+                else:
+                    out[i] = StepResult(state, budgets.get(part) or BudgetShare(), clock, ev)
+            except Exception as exc:  # noqa: BLE001
+                out[i] = exc
+        model = self.model  # one read: the whole batch decides with one version
+        scored = dict(zip(first, model.q.heads_batch(np.stack(feats)) if feats else []))
+        feat_of = dict(zip(first, feats))
+        for i, (raw, key, part, off) in enumerate(items):
+            if out[i] is not None:
+                continue
+            ev, clock = evs[i], seen_clock[i]
+            budget = budgets.get(part) or BudgetShare()
+            try:
+                state = states[key]
+                if i in scored:
+                    r = self._decide(state, ev, budget, clock, model=model, x=feat_of[i],
+                                     q_heads=scored[i])
+                else:  # a later event of a user whose first trigger came earlier in the batch
+                    state = apply(state, ev, self.p.state, part, off)
+                    r = (self._decide(state, ev, budget, clock, model=model)
+                         if ev.type in self._triggers else StepResult(state, budget, clock, ev))
+            except Exception as exc:  # noqa: BLE001
+                out[i] = exc
+                continue
+            states[key], budgets[part], out[i] = r.state, r.budget, r
+        return out
 
     def _decide(self, state: UserState, ev: UserEvent, budget: BudgetShare, clock: StreamClock,
-                policy=None) -> StepResult:
+                policy=None, model: Model | None = None, x: np.ndarray | None = None,
+                q_heads: np.ndarray | None = None) -> StepResult:
         p, ts = self.p, ev.ts
-        model = self.model  # one read: a concurrent swap cannot mix two versions in a decision
-        x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
-        q_heads = model.q.heads(x)
+        # one read: a concurrent swap cannot mix two versions in a decision
+        model = model or self.model
+        if x is None:
+            x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
+        if q_heads is None:
+            q_heads = model.q.heads(x)
         q = q_heads.mean(0)
         # the budget period of the partition's robust event time, not of this one record (a
         # record ahead of its partition must not open a later period's budget for everyone)

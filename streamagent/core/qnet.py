@@ -157,12 +157,16 @@ class NumpyQ:
         """The ensemble's mean Q values, (actions,)."""
         return self.heads(x).mean(0)
 
-    def batch(self, X: np.ndarray) -> np.ndarray:
-        """Mean Q values for many feature vectors at once, (n, actions)."""
+    def heads_batch(self, X: np.ndarray) -> np.ndarray:
+        """Q values of every head for many feature vectors at once, (n, heads, actions)."""
         h = np.asarray(X, np.float32)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
             if i < last:
-                h = np.maximum(h, 0.0)
-        return h.reshape(len(h), self.n_heads, self.n_actions).mean(1)
+                np.maximum(h, 0.0, out=h)
+        return h.reshape(len(h), self.n_heads, self.n_actions)
+
+    def batch(self, X: np.ndarray) -> np.ndarray:
+        """Mean Q values for many feature vectors at once, (n, actions)."""
+        return self.heads_batch(X).mean(1)

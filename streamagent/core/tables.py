@@ -14,13 +14,76 @@ reads and writes records through them and never sees a key prefix or a byte.
 """
 from __future__ import annotations
 
-from typing import MutableMapping
+from typing import Iterator, MutableMapping
 
 import orjson
 
 from streamagent.core.contracts import BudgetShare, JoinRecord
 from streamagent.core.eventtime import StreamClock
 from streamagent.core.state import UserState
+
+
+_DELETED = object()
+
+
+class Staged(MutableMapping):
+    """Writes kept aside over a base mapping: reads see them, the base does not until
+    :meth:`apply`. A step that fails half-way is dropped with its staging, so it changes
+    nothing (the join applies each input all-or-nothing); successful steps are applied to the
+    batch's staging, and the batch's changes reach the table once per key."""
+
+    def __init__(self, base: MutableMapping):
+        self.base = base
+        self.changes: dict = {}
+
+    def __getitem__(self, key):
+        v = self.changes.get(key, None)
+        if v is _DELETED:
+            raise KeyError(key)
+        if v is not None:
+            return v
+        return self.base[key]
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        v = self.changes.get(key, None)
+        if v is not None:
+            return v is not _DELETED
+        return key in self.base
+
+    def __setitem__(self, key, value) -> None:
+        self.changes[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.changes[key] = _DELETED
+
+    def __iter__(self) -> Iterator:
+        for k in self.base:
+            if self.changes.get(k, None) is not _DELETED:
+                yield k
+        for k, v in self.changes.items():
+            if v is not _DELETED and k not in self.base:
+                yield k
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def apply(self, keys=None) -> None:
+        """Write the staged changes (or those of ``keys``) to the base, then forget them."""
+        for k in list(self.changes if keys is None else keys):
+            v = self.changes.pop(k)
+            if v is _DELETED:
+                if k in self.base:
+                    del self.base[k]
+            else:
+                self.base[k] = v
 
 
 class UserStates:

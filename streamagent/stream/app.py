@@ -13,41 +13,23 @@ import time
 from dataclasses import dataclass
 
 import faust
-from aiokafka.partitioner import murmur2
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
-from streamagent.core.constraints import budget_remaining, period_of
-from streamagent.core.contracts import (BudgetShare, decode_conversion, decode_decision,
-                                        dlq_envelope, encode)
 from streamagent.core.engine import DecisionEngine, Model, initial_model
-from streamagent.core.join import Joiner
-from streamagent.core.outbox import Outbox
 from streamagent.core.qnet import ModelSnapshot
-from streamagent.core.eventtime import OutOfBounds
-from streamagent.core.tables import BudgetShares, JoinStore, StreamClocks, UserCounts, UserStates
-from streamagent.errors import InvalidMessage
+from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.metrics import Metrics
 from streamagent.params import engine_params, join_params
-from streamagent.stream.faust_internals import read_offsets, set_fetch_max_wait
+from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
+from streamagent.stream.join import JoinHandler, JoinTopics
+from streamagent.stream.faust_internals import acting_as, read_offsets, set_fetch_max_wait
 
 log = logging.getLogger("streamagent.decide")
 
 
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
-
-
-def _check_partition(msg, n_parts: int) -> None:
-    """A conversion must sit on the partition the Java client's murmur2 gives its key: that
-    is where the user's decisions are (Faust partitions with murmur2). librdkafka's default
-    partitioner (CRC32) puts keys elsewhere, and the join would silently misattribute."""
-    want = (murmur2(msg.key) & 0x7FFFFFFF) % n_parts
-    if msg.partition != want:
-        raise InvalidMessage("wrong_partition",
-                             f"key {msg.key[:64]!r} is on partition {msg.partition}, murmur2 says "
-                             f"{want}; produce with the Java-compatible partitioner "
-                             f"(librdkafka/confluent-kafka: partitioner=murmur2_random)")
 
 
 @dataclass
@@ -81,19 +63,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     m.model_version.set(engine.model.version)
     m.model_age.set_function(lambda: max(0.0, time.time() - engine.model.snapshot.created_at))
     m.epsilon.set_function(engine.epsilon)
-    params = engine.p
-    budget_by_part: dict[int, BudgetShare] = {}
-    users_by_part: dict[int, int] = {}
-    pending_by_part: dict[int, int] = {}
-
-    def update_budget_gauges(ts: int) -> None:
-        period = period_of(ts, params.budget_period_ms)
-        share = params.budget_share
-        spent = sum(b.spent for b in budget_by_part.values() if b.period == period)
-        m.budget_spent.set(spent)
-        m.budget_remaining.set(sum(budget_remaining(b, period, share)
-                                   for b in budget_by_part.values()))
-        m.budget_progress.set((ts % params.budget_period_ms) / params.budget_period_ms)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
@@ -136,122 +105,50 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     user_states = UserStates(users)
     budget_shares, user_counts = BudgetShares(budgets), UserCounts(budgets)
     stream_clocks = StreamClocks(budgets)
-    joiner = Joiner(catalog, join_params(s), JoinStore(join_state))
-    outbox = Outbox(join_state)
 
-    async def dead_letter(msg, reason: str, detail: str) -> None:
-        m.dlq.labels(msg.topic, reason).inc()
-        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                           key=msg.key, value=msg.value, reason=reason, detail=detail,
-                           failed_at_ms=int(time.time() * 1000), worker=worker_name)
-        try:
-            await dlqs[msg.topic].send(key=msg.key, value=encode(env))
-        except Exception:  # the DLQ itself failing must not stop the stream either
-            m.errors.labels("dlq").inc()
-            log.exception("could not dead-letter %s[%s]@%s", msg.topic, msg.partition, msg.offset)
+    async def send(topic: str, key: bytes | None, value: bytes) -> None:
+        # hand over without waiting for delivery; Faust flushes the producer before it
+        # commits offsets, so a batch is acknowledged only with its outputs delivered
+        fut = await app.producer.send(topic, key, value, None, None, None)
+        fut.add_done_callback(_count_failed_send)
+
+    def _count_failed_send(fut) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            m.errors.labels("send").inc()
+            log.error("send failed: %r", fut.exception())
+
+    handler = DecideHandler(
+        engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
+        DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
+        send, m, s.trigger_types, worker_name)
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
-    # still in flight, and a crash loses them.
+    # still in flight, and a crash loses them. take_events acknowledges a batch only after
+    # the handler returns.
     @app.agent(user_events, concurrency=1)
     async def decide(stream):
-        async for event in stream.events():
-            msg = event.message
-            t0 = time.perf_counter()
-            key = msg.key
-            try:
-                prev = user_states.get(key) if key else None
-                budget = budget_shares.get(msg.partition)
-                clock = stream_clocks.get(msg.partition)
-                r = engine.step(msg.value, key, prev, budget, msg.partition, msg.offset,
-                                clock=clock, now_ms=int(time.time() * 1000))
-            except OutOfBounds as exc:
-                stream_clocks.put(msg.partition, exc.clock)  # seen: a real jump is followed
-                await dead_letter(msg, exc.reason, exc.detail)
-                continue
-            except InvalidMessage as exc:
-                await dead_letter(msg, exc.reason, exc.detail)
-                continue
-            except Exception as exc:  # a bug must cost one message, not the worker
-                m.errors.labels("decide").inc()
-                log.exception("processing %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
-                await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
-                continue
-            p_ = msg.partition
-            if p_ not in users_by_part:  # first event of a partition here: read its counters
-                users_by_part[p_] = user_counts.get(p_)
-            budget_by_part[p_] = r.budget
-            if prev is None and not r.replayed:
-                users_by_part[p_] += 1
-                user_counts.put(p_, users_by_part[p_])
-                m.users.set(sum(users_by_part.values()))
-            update_budget_gauges(r.clock.stream_time or r.event.ts)
-            if r.replayed:
-                m.replayed.inc()
-                if r.decision is None and r.event.type in s.trigger_types:
-                    m.replay_missing.inc()
-            else:
-                m.events.labels(r.event.type).inc()
-                user_states.put(key, r.state)
-                if r.budget != budget:
-                    budget_shares.put(p_, r.budget)
-                stream_clocks.put(p_, r.clock)
-            d = r.decision
-            if d is not None:
-                if r.coupon_action is not None:
-                    await coupon_actions.send(key=key, value=encode(r.coupon_action.to_doc()))
-                await decision_log.send(key=key, value=encode(d.to_doc()))
-                if not r.replayed:
-                    m.decisions.labels(d.action, "true" if d.explored else "false").inc()
-                    for b in d.blocked_by:
-                        m.blocks.labels(b).inc()
-                    if msg.timestamp:
-                        m.e2e.observe(max(0.0, time.time() - msg.timestamp))
-            m.processing.observe(time.perf_counter() - t0)
+        for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
+            await t.maybe_declare()  # outputs go straight to the producer: make sure they exist
+        async for events in stream.take_events(s.decide_batch_max,
+                                               within=s.decide_batch_wait_ms / 1000.0):
+            by_part = {e.message.partition: e for e in events}
+            await handler.handle([e.message for e in events],
+                                 scope=lambda p: acting_as(by_part[p]))
+
+    join_handler = JoinHandler(
+        catalog, join_params(s), join_state,
+        JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
+                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name)
 
     @app.agent(join_in, concurrency=1)
     async def join(stream):
-        async for event in stream.events():
-            msg = event.message
-            if outbox.is_replay(msg.topic, msg.partition, msg.offset):
-                # processed before a crash: re-send exactly what it produced then
-                m.join_events.labels("replayed_input").inc()
-                for topic_name, key, value in outbox.replayed_outputs(msg.topic, msg.partition,
-                                                                      msg.offset):
-                    out_topic = rewards if topic_name == "rewards" else transitions
-                    await out_topic.send(key=key.encode(), value=encode(value))
-                continue
-            try:
-                if msg.topic == s.topic_decision_log:
-                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
-                                             now_ms=int(time.time() * 1000))
-                else:
-                    conv = decode_conversion(msg.value, msg.key)
-                    _check_partition(msg, n_parts)
-                    out = joiner.on_conversion(msg.partition, conv, now_ms=int(time.time() * 1000))
-            except InvalidMessage as exc:
-                await dead_letter(msg, exc.reason, exc.detail)
-                continue
-            except Exception as exc:
-                m.errors.labels("join").inc()
-                log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
-                await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
-                continue
-            outbox.record(msg.topic, msg.partition, msg.offset,
-                          [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
-                          + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
-            for r in out.rewards:
-                await rewards.send(key=r.user_id.encode(), value=encode(r.to_doc()))
-                m.rewards.observe(r.reward)
-                m.reward_sum.inc(r.reward)
-            for t in out.transitions:
-                await transitions.send(key=t.user_id.encode(), value=encode(t.to_doc()))
-                m.transitions.labels("true" if t.done else "false").inc()
-            for outcome, n in out.counts.items():
-                m.join_events.labels(outcome).inc(n)
-            for delay in out.delays_ms:
-                m.attribution_delay.observe(delay / 1000.0)
-            pending_by_part[msg.partition] = joiner.pending(msg.partition)
-            m.pending.set(sum(pending_by_part.values()))
+        for t in (rewards, transitions, dlqs[s.topic_decision_log], dlqs[s.topic_conversions]):
+            await t.maybe_declare()
+        async for events in stream.take_events(s.decide_batch_max,
+                                               within=s.decide_batch_wait_ms / 1000.0):
+            by_part = {e.message.partition: e for e in events}
+            await join_handler.handle([e.message for e in events],
+                                      scope=lambda p: acting_as(by_part[p]))
 
     @app.timer(interval=5.0)
     async def report_lag():
@@ -274,6 +171,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     app.streamagent_decide = decide  # handles for tests
     app.streamagent_join = join
-    app.streamagent_joiner = joiner
+    app.streamagent_joiner = join_handler.joiner()
     app.streamagent_users = users
     return Wiring(app, engine, m, s)

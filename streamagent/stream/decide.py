@@ -1,0 +1,184 @@
+"""The decide agent's work: a batch of user events in, decisions and coupon actions out.
+
+The Faust agent (stream/app.py) takes events in batches and hands each batch to
+:meth:`DecideHandler.handle`, which
+
+1. reads each touched user's state once, and each partition's budget and clock;
+2. runs the engine's batched step (core/engine.py ``step_batch``: the same decisions as one
+   event at a time, with one forward pass of the Q-network for the batch);
+3. writes each touched user's state once (one table write and one changelog message per user
+   per batch, not per event), and the budget, clock and user count once per partition;
+4. hands decision-log records, coupon actions and dead letters to the producer without
+   waiting for each delivery: Faust flushes the producer before it commits the batch's
+   offsets, so a crash replays the batch rather than losing its outputs.
+
+Tables come in as the typed adapters of core/tables.py over any mutable mapping (Faust tables
+in the worker, dicts in tests), so the handler runs without a broker.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, ContextManager, Protocol, Sequence
+
+from streamagent.core.constraints import budget_remaining, period_of
+from streamagent.core.contracts import BudgetShare, dlq_envelope, encode
+from streamagent.core.engine import DecisionEngine, StepResult
+from streamagent.core.eventtime import OutOfBounds
+from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
+from streamagent.errors import InvalidMessage
+
+log = logging.getLogger("streamagent.decide")
+
+# send(topic, key, value): hand one record to the producer (awaiting the hand-over only)
+Send = Callable[[str, "bytes | None", bytes], Awaitable[None]]
+
+
+class Message(Protocol):
+    """What the handler reads of a consumed record (a Faust message has all of it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float | None
+
+
+@dataclass
+class DecideTables:
+    users: UserStates
+    budgets: BudgetShares
+    counts: UserCounts
+    clocks: StreamClocks
+
+
+@dataclass(frozen=True)
+class DecideTopics:
+    decision_log: str
+    coupon_actions: str
+    dlq: str  # the user-events dead-letter topic
+
+
+def no_scope(partition: int) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class DecideHandler:
+    def __init__(self, engine: DecisionEngine, tables: DecideTables, topics: DecideTopics,
+                 send: Send, metrics, trigger_types: Sequence[str], worker: str = ""):
+        self.engine, self.t, self.topics, self.send, self.m = engine, tables, topics, send, metrics
+        self.triggers = frozenset(trigger_types)
+        self.worker = worker
+        self.budget_by_part: dict[int, BudgetShare] = {}  # for the budget gauges
+        self.users_by_part: dict[int, int] = {}
+
+    async def handle(self, batch: Sequence[Message],
+                     scope: Callable[[int], ContextManager] = no_scope) -> None:
+        """``scope(partition)`` wraps the table writes of one partition (Faust needs to know
+        which partition's changelog and store a write goes to; see stream/app.py)."""
+        t0 = time.perf_counter()
+        m, t = self.m, self.t
+        states: dict = {}
+        for msg in batch:
+            if msg.key and msg.key not in states:
+                states[msg.key] = t.users.get(msg.key)
+        parts = sorted({msg.partition for msg in batch})
+        budgets = {p: t.budgets.get(p) for p in parts}
+        clocks = {p: t.clocks.get(p) for p in parts}
+        before = dict(budgets), dict(clocks), {k: v is None for k, v in states.items()}
+        items = [(msg.value, msg.key, msg.partition, msg.offset) for msg in batch]
+        results = self.engine.step_batch(items, states, budgets, clocks,
+                                         now_ms=int(time.time() * 1000))
+        touched: dict[int, set] = {}
+        new_users: dict[int, int] = {}
+        outputs: list[tuple[str, bytes | None, bytes]] = []
+        now = time.time()
+        for msg, r in zip(batch, results):
+            if isinstance(r, Exception):
+                outputs.append(self._dead_letter(msg, r))
+                continue
+            if r.replayed:
+                m.replayed.inc()
+                if r.decision is None and r.event.type in self.triggers:
+                    m.replay_missing.inc()
+            else:
+                m.events.labels(r.event.type).inc()
+                touched.setdefault(msg.partition, set()).add(msg.key)
+            d = r.decision
+            if d is None:
+                continue
+            if r.coupon_action is not None:
+                outputs.append((self.topics.coupon_actions, msg.key,
+                                encode(r.coupon_action.to_doc())))
+            outputs.append((self.topics.decision_log, msg.key, encode(d.to_doc())))
+            if not r.replayed:
+                m.decisions.labels(d.action, "true" if d.explored else "false").inc()
+                for b in d.blocked_by:
+                    m.blocks.labels(b).inc()
+                if msg.timestamp:
+                    m.e2e.observe(max(0.0, now - msg.timestamp))
+        # state: each touched user once; budget, clock and user count once per partition
+        for p in parts:
+            with scope(p):
+                for key in touched.get(p, ()):
+                    t.users.put(key, states[key])
+                    if before[2].get(key):
+                        new_users[p] = new_users.get(p, 0) + 1
+                if budgets[p] != before[0][p]:
+                    t.budgets.put(p, budgets[p])
+                if clocks[p] != before[1][p]:
+                    t.clocks.put(p, clocks[p])
+                if new_users.get(p):
+                    if p not in self.users_by_part:
+                        self.users_by_part[p] = t.counts.get(p)
+                    self.users_by_part[p] += new_users[p]
+                    t.counts.put(p, self.users_by_part[p])
+            self.budget_by_part[p] = budgets[p]
+        if new_users:
+            m.users.set(sum(self.users_by_part.values()))
+        self._budget_gauges(clocks)
+        for topic, key, value in outputs:
+            try:
+                await self.send(topic, key, value)
+            except Exception:
+                m.errors.labels("send").inc()
+                if topic != self.topics.dlq:
+                    raise  # the batch is not acknowledged: it is read again after a restart
+                # the dead-letter topic failing must not stop the stream
+                log.exception("could not dead-letter a record of %s", batch[0].topic)
+        if batch:
+            m.processing.observe((time.perf_counter() - t0) / len(batch))
+            m.batch_size.observe(len(batch))
+
+    def _dead_letter(self, msg: Message, exc: Exception) -> tuple[str, bytes | None, bytes]:
+        if isinstance(exc, (OutOfBounds, InvalidMessage)):
+            reason, detail = exc.reason, exc.detail
+        else:  # a bug must cost one message, not the worker
+            self.m.errors.labels("decide").inc()
+            log.error("processing %s[%s]@%s failed", msg.topic, msg.partition, msg.offset,
+                      exc_info=exc)
+            reason, detail = "processing_error", f"{type(exc).__name__}: {exc}"
+        self.m.dlq.labels(msg.topic, reason).inc()
+        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                           key=msg.key, value=msg.value, reason=reason, detail=detail,
+                           failed_at_ms=int(time.time() * 1000), worker=self.worker)
+        return self.topics.dlq, msg.key, encode(env)
+
+    def _budget_gauges(self, clocks: dict) -> None:
+        p = self.engine.p
+        ts = max((c.stream_time for c in clocks.values() if c.stream_time is not None),
+                 default=None)
+        if ts is None:
+            return
+        period = period_of(ts, p.budget_period_ms)
+        shares = self.budget_by_part.values()
+        self.m.budget_spent.set(sum(b.spent for b in shares if b.period == period))
+        self.m.budget_remaining.set(sum(budget_remaining(b, period, p.budget_share)
+                                        for b in shares))
+        self.m.budget_progress.set((ts % p.budget_period_ms) / p.budget_period_ms)
+
+
+__all__ = ["DecideHandler", "DecideTables", "DecideTopics", "StepResult"]

@@ -1,0 +1,149 @@
+"""The join agent's work: decision-log and conversions in, rewards and transitions out.
+
+The Faust agent (stream/app.py) takes records of both inputs in batches and hands each batch
+to :meth:`JoinHandler.handle`. Each input is applied all-or-nothing: the Joiner (core/join.py)
+works on a staging of the join-state table (core/tables.py ``Staged``); if it fails half-way
+(a poison record), its staging is dropped, the record is dead-lettered, and no other user's
+state or output is touched. Successful inputs are applied to the batch's staging, which reaches
+the table once per key at the end of the batch; the outputs are then handed to the producer
+without waiting for each delivery (Faust flushes the producer before it commits offsets).
+
+The outbox (core/outbox.py) remembers what each input produced, so an input replayed after a
+crash re-sends exactly its outputs instead of being joined twice.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, ContextManager, MutableMapping, Sequence
+
+from aiokafka.partitioner import murmur2
+
+from streamagent.core.catalog import Catalog
+from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
+from streamagent.core.eventtime import OutOfBounds
+from streamagent.core.join import Joiner, JoinParams
+from streamagent.core.outbox import Outbox
+from streamagent.core.tables import JoinStore, Staged
+from streamagent.errors import InvalidMessage
+from streamagent.stream.decide import Message, Send, no_scope
+
+log = logging.getLogger("streamagent.join")
+
+
+@dataclass(frozen=True)
+class JoinTopics:
+    decision_log: str
+    conversions: str
+    rewards: str
+    transitions: str
+    dlq: Callable[[str], str]  # the dead-letter topic of an input topic
+
+
+def check_partition(msg: Message, n_parts: int) -> None:
+    """A conversion must sit on the partition the Java client's murmur2 gives its key: that
+    is where the user's decisions are (Faust partitions with murmur2). librdkafka's default
+    partitioner (CRC32) puts keys elsewhere, and the join would silently misattribute."""
+    want = (murmur2(msg.key) & 0x7FFFFFFF) % n_parts
+    if msg.partition != want:
+        raise InvalidMessage("wrong_partition",
+                             f"key {msg.key[:64]!r} is on partition {msg.partition}, murmur2 says "
+                             f"{want}; produce with the Java-compatible partitioner "
+                             f"(librdkafka/confluent-kafka: partitioner=murmur2_random)")
+
+
+class JoinHandler:
+    def __init__(self, catalog: Catalog, params: JoinParams, table: MutableMapping[str, bytes],
+                 topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = ""):
+        self.catalog, self.p, self.table, self.topics = catalog, params, table, topics
+        self.send, self.m, self.n_parts, self.worker = send, metrics, n_partitions, worker
+        self.pending_by_part: dict[int, int] = {}
+
+    def joiner(self, store: MutableMapping[str, bytes] | None = None) -> Joiner:
+        return Joiner(self.catalog, self.p, JoinStore(self.table if store is None else store))
+
+    async def handle(self, batch: Sequence[Message],
+                     scope: Callable[[int], ContextManager] = no_scope) -> None:
+        """``scope(partition)`` wraps the table writes of one partition (see stream/app.py)."""
+        m, tp = self.m, self.topics
+        batch_stage = Staged(self.table)
+        owner: dict[str, int] = {}  # staged key -> the partition whose input wrote it
+        outputs: list[tuple[str, bytes | None, bytes]] = []
+        for msg in batch:
+            stage = Staged(batch_stage)
+            outbox = Outbox(stage)
+            if outbox.is_replay(msg.topic, msg.partition, msg.offset):
+                # processed before a crash: re-send exactly what it produced then
+                m.join_events.labels("replayed_input").inc()
+                for name, key, value in outbox.replayed_outputs(msg.topic, msg.partition,
+                                                                msg.offset):
+                    topic = tp.rewards if name == "rewards" else tp.transitions
+                    outputs.append((topic, key.encode(), encode(value)))
+                continue
+            joiner = Joiner(self.catalog, self.p, JoinStore(stage))
+            now_ms = int(time.time() * 1000)
+            try:
+                if msg.topic == tp.decision_log:
+                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
+                                             now_ms=now_ms)
+                else:
+                    conv = decode_conversion(msg.value, msg.key)
+                    check_partition(msg, self.n_parts)
+                    out = joiner.on_conversion(msg.partition, conv, now_ms=now_ms)
+            except OutOfBounds as exc:
+                # the partition clock has seen it (that is how a real jump is followed): the
+                # clock is all the joiner wrote before refusing the record
+                self._keep(stage, msg.partition, owner)
+                outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
+                continue
+            except InvalidMessage as exc:
+                outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
+                continue
+            except Exception as exc:  # a poison record: its staging is dropped, nothing moved
+                m.errors.labels("join").inc()
+                log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
+                outputs.append(self._dead_letter(msg, "processing_error",
+                                                 f"{type(exc).__name__}: {exc}"))
+                continue
+            outbox.record(msg.topic, msg.partition, msg.offset,
+                          [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
+                          + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
+            self._keep(stage, msg.partition, owner)
+            for r in out.rewards:
+                outputs.append((tp.rewards, r.user_id.encode(), encode(r.to_doc())))
+                m.rewards.observe(r.reward)
+                m.reward_sum.inc(r.reward)
+            for t in out.transitions:
+                outputs.append((tp.transitions, t.user_id.encode(), encode(t.to_doc())))
+                m.transitions.labels("true" if t.done else "false").inc()
+            for outcome, n in out.counts.items():
+                m.join_events.labels(outcome).inc(n)
+            for delay in out.delays_ms:
+                m.attribution_delay.observe(delay / 1000.0)
+        for p in sorted(set(owner.values())):
+            with scope(p):
+                batch_stage.apply([k for k, q in owner.items() if q == p])
+            self.pending_by_part[p] = self.joiner().pending(p)
+        m.pending.set(sum(self.pending_by_part.values()))
+        for topic, key, value in outputs:
+            try:
+                await self.send(topic, key, value)
+            except Exception:
+                m.errors.labels("send").inc()
+                if topic not in (tp.dlq(tp.decision_log), tp.dlq(tp.conversions)):
+                    raise  # not acknowledged: the batch is read again after a restart
+                log.exception("could not dead-letter a join input")
+
+    @staticmethod
+    def _keep(stage: Staged, partition: int, owner: dict[str, int]) -> None:
+        for k in stage.changes:
+            owner[k] = partition
+        stage.apply()
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str):
+        self.m.dlq.labels(msg.topic, reason).inc()
+        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                           key=msg.key, value=msg.value, reason=reason, detail=detail,
+                           failed_at_ms=int(time.time() * 1000), worker=self.worker)
+        return self.topics.dlq(msg.topic), msg.key, encode(env)
