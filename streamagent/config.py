@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     consumer_fetch_max_wait_ms: int = Field(20, ge=1, le=1500, description="Longest the broker holds a fetch open when no data is there. Lower = lower latency at low load, more idle fetch requests (Faust's hard-coded 1500 ms made p50 latency over 1 s).")
     producer_linger_ms: int = Field(5, ge=0, description="How long the worker's producer waits to batch sends. Higher = fewer, bigger requests (throughput), lower = less latency.")
     decide_batch_max: int = Field(500, ge=1, description="Most user events the decide agent takes in one batch (one Q-network pass, one state write per user per batch).")
+    join_batch_max: int = Field(100, ge=1, description="Most decision-log and conversion records the join agent takes in one batch. The join shares the worker's event loop with the decide agent: a batch of N records holds the decide agent up for about N x 150 µs.")
+    join_batch_wait_ms: float = Field(50.0, gt=0, description="Longest the join agent waits for a batch to fill. Rewards are not urgent; fewer, bigger join batches leave the worker's event loop to the decide agent.")
     decide_batch_wait_ms: float = Field(5.0, gt=0, description="Longest the decide agent waits for a batch to fill: at low load every event waits at most this long before it is decided.")
     commit_interval_s: float = Field(2.8, gt=0, description="How often consumed offsets are committed (Faust flushes the producer first). A crash replays at most this much, and replays are deduplicated.")
     table_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// (durable, default) or memory:// (tests).")

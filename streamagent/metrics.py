@@ -171,7 +171,7 @@ class Metrics:
             self.join_events.labels(o)
         for d in ("true", "false"):
             self.transitions.labels(d)
-        for s in ("decide", "join", "learn", "dlq", "send"):
+        for s in ("decide", "join", "learn", "dlq", "send", "changelog"):
             self.errors.labels(s)
         for reason in SnapshotRejected.REASONS:
             self.model_rejected.labels(reason)

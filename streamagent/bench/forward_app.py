@@ -10,7 +10,7 @@ import os
 import faust
 
 from streamagent.stream.app import faust_broker_url
-from streamagent.stream.faust_internals import set_fetch_max_wait
+from streamagent.stream.faust_internals import make_worker, set_fetch_max_wait
 
 
 def make_app() -> faust.App:
@@ -33,4 +33,4 @@ def make_app() -> faust.App:
 
 
 if __name__ == "__main__":
-    faust.Worker(make_app(), loglevel="WARNING", quiet=True).execute_from_commandline()
+    make_worker(make_app(), "WARNING").execute_from_commandline()

@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                    help="comma list of plain, faust, decide")
     p.add_argument("--bootstrap", default=None,
                    help="use this broker (default: start a local one for the run)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="record the decide worker with py-spy for this long from its start "
+                        "(the backlog phase) and write a flame graph next to --out")
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
 
 
@@ -76,6 +79,39 @@ def _end_offsets(bootstrap: str, topic: str) -> int:
         c.close()
 
 
+def _behind(bootstrap: str, group: str, topic: str) -> int:
+    """Messages of ``topic`` the consumer group has not committed yet."""
+    from confluent_kafka import TopicPartition
+
+    from streamagent.ops.kafka import make_consumer
+
+    c = make_consumer(bootstrap, group=group)
+    try:
+        md = c.list_topics(topic, timeout=10)
+        tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
+        behind = 0
+        for tp in c.committed(tps, timeout=10):
+            _, hi = c.get_watermark_offsets(tp, timeout=10)
+            behind += hi - max(0, tp.offset)
+        return behind
+    finally:
+        c.close()
+
+
+def _wait_idle(bootstrap: str, group: str, topics: list[str], timeout: float, proc) -> float:
+    """Wait until the group has committed everything on ``topics`` (the decide worker's join
+    agent still works through the backlog's decisions after the last decision is out, and
+    paced events would queue behind it). Returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if all(_behind(bootstrap, group, t) == 0 for t in topics):
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"system under test exited with {proc.returncode}")
+        time.sleep(1.0)
+    return time.monotonic() - t0
+
+
 def _read(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
     from streamagent.ops.tail import read_all
 
@@ -96,7 +132,8 @@ def _wait_for(bootstrap: str, topic: str, count: int, timeout: float, proc) -> i
     return n
 
 
-def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitions: int):
+def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitions: int,
+           profile: tuple[float, Path] | None = None):
     app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "BENCH_BOOTSTRAP": bootstrap, "BENCH_IN": tin, "BENCH_OUT": tout,
            "BENCH_APP_ID": app_id, "BENCH_DATA_DIR": str(tmp / app_id)}
@@ -114,8 +151,25 @@ def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitio
                     "STREAMAGENT_PARTITIONS": str(partitions),
                     "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"})
     log = open(tmp / f"{system}.log", "wb")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+    if profile and system == "decide":
+        seconds, svg = profile
+        # py-spy samples the running worker from outside (no change in the worker) and writes
+        # the flame graph when its time is up; the worker runs on
+        subprocess.Popen([_py_spy(), "record", "--pid", str(proc.pid), "--rate", "200",
+                          "--duration", str(int(seconds)), "--output", str(svg)],
+                         stdout=open(tmp / "py-spy.log", "wb"), stderr=subprocess.STDOUT)
+    return proc, app_id
+
+
+def _py_spy() -> str:
+    import shutil
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        raise SystemExit("--profile needs py-spy: pip install 'streamagent[bench]'")
+    return exe
 
 
 def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
@@ -151,14 +205,14 @@ def _out_event_id(system: str, value: bytes) -> str:
 
 def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[str],
                partitions: int, tmp: Path, rate: float, latency_s: float, users: int,
-               log=print) -> dict:
+               log=print, profile: tuple[float, Path] | None = None) -> dict:
     rid = uuid.uuid4().hex[:6]
     tin, tout = f"bench-{rid}-in", f"bench-{rid}-out"
     _create(bootstrap, [tin, tout, tout + "-coupons", tin + ".dlq"], partitions)
     _produce(bootstrap, tin, backlog)
     expect = len(backlog) if system != "decide" else sum(
         1 for e in backlog if e["event_id"] in triggers)
-    proc = _start(system, bootstrap, tin, tout, tmp, partitions)
+    proc, app_id = _start(system, bootstrap, tin, tout, tmp, partitions, profile)
     try:
         t0 = time.monotonic()
         got = _wait_for(bootstrap, tout, expect, 600, proc)
@@ -172,6 +226,11 @@ def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[s
         result = {"outputs": len(outs), "expected_outputs": expect, "span_s": span,
                   "events_per_s": events_per_s, "wall_incl_startup_s": wall, "complete": got >= expect}
         if latency_s > 0 and rate > 0:
+            if system == "decide":  # the same app id is the Faust consumer group
+                waited = _wait_idle(bootstrap, app_id, [tin, tout], 300, proc)
+                log(f"  {system:7} caught up with its inputs (join included) {waited:.0f} s "
+                    f"after the last decision")
+                result["catch_up_s"] = waited
             paced = _events(int(rate * latency_s), users, seed=99, prefix=f"lat{rid}")
             before = len(outs)
             _produce(bootstrap, tin, paced, rate=rate)
@@ -223,13 +282,17 @@ def main(args) -> int:
         con.print(f"backlog: {len(backlog)} events, {len(triggers)} triggers, {args.users} users, "
                   f"{args.partitions} partitions, broker {bootstrap}")
         results: dict = {}
+        profile = None
+        if args.profile:
+            profile = (args.profile, Path(args.out).with_name("decide-flame.svg"))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         order = ["decide"] + [s for s in systems if s != "decide"] if "decide" in systems else systems
         rate = args.rate
         for system in order:
             if system == "decide" and not rate:
                 # peak first, then pace the latency phase at half of it
                 r = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, 0, 0,
-                               args.users, log=con.print)
+                               args.users, log=con.print, profile=profile)
                 rate = max(50.0, round(r["events_per_s"] / 2, -1))
                 lat = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, rate,
                                  args.latency_seconds, args.users, log=con.print)
@@ -261,4 +324,6 @@ def main(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     con.print(f"wrote {out}")
+    if profile:
+        con.print(f"flame graph of the decide worker's first {args.profile:.0f} s: {profile[1]}")
     return 0

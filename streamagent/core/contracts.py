@@ -69,6 +69,10 @@ def _field_names(cls) -> tuple[str, ...]:
 def _plain(value):
     """A field value as JSON data: a nested record as its document, a tuple as a list."""
     if isinstance(value, tuple):
+        # the tuples of these records are homogeneous: one of plain values (features,
+        # Q-values, masks) converts in one call, not one call per element
+        if not value or not isinstance(value[0], (tuple, _Record)):
+            return list(value)
         return [_plain(v) for v in value]
     if isinstance(value, _Record):
         return value.to_doc()
@@ -79,6 +83,8 @@ def _frozen(value, record=None):
     """A JSON value as a field value: a list as a tuple (records are immutable), a nested
     document (or a list of them) as the given record type."""
     if isinstance(value, list):
+        if record is None and (not value or not isinstance(value[0], list)):
+            return tuple(value)  # plain values: one call (see _plain)
         return tuple(_frozen(v, record) for v in value)
     if record is not None and value is not None:
         return record.from_doc(value)

@@ -26,6 +26,17 @@ from streamagent.core.state import UserState
 _DELETED = object()
 
 
+class Encoded:
+    """A value staged as its object: encoded to bytes only when it reaches the real table. A
+    record read and rewritten by every input of a batch (a user's join record, a partition's
+    clock) is then decoded once and encoded once per batch, not once per input."""
+
+    __slots__ = ("obj", "encode")
+
+    def __init__(self, obj, encode):
+        self.obj, self.encode = obj, encode
+
+
 class Staged(MutableMapping):
     """Writes kept aside over a base mapping: reads see them, the base does not until
     :meth:`apply`. A step that fails half-way is dropped with its staging, so it changes
@@ -77,11 +88,14 @@ class Staged(MutableMapping):
 
     def apply(self, keys=None) -> None:
         """Write the staged changes (or those of ``keys``) to the base, then forget them."""
+        into_stage = isinstance(self.base, Staged)
         for k in list(self.changes if keys is None else keys):
             v = self.changes.pop(k)
             if v is _DELETED:
                 if k in self.base:
                     del self.base[k]
+            elif isinstance(v, Encoded) and not into_stage:
+                self.base[k] = v.encode(v.obj)
             else:
                 self.base[k] = v
 
@@ -173,13 +187,19 @@ class JoinStore:
         self.table = table
 
     # ---------------------------------------------------------------- per-user records
+    def _put(self, key: str, obj, encode) -> None:
+        # on a staging, the object itself (encoded when the batch is written); else bytes
+        self.table[key] = Encoded(obj, encode) if isinstance(self.table, Staged) else encode(obj)
+
     def record(self, user: str) -> JoinRecord:
         """The user's record; an empty one for a user not seen before."""
         raw = self.table.get("u:" + user)
+        if isinstance(raw, Encoded):
+            return raw.obj
         return JoinRecord.from_doc(orjson.loads(raw)) if raw else JoinRecord(user_id=user)
 
     def put_record(self, rec: JoinRecord) -> None:
-        self.table["u:" + rec.user_id] = orjson.dumps(rec.to_doc())
+        self._put("u:" + rec.user_id, rec, _doc_bytes)
 
     # ---------------------------------------------------------------- watermarks
     def watermark(self, partition: int) -> int | None:
@@ -187,23 +207,25 @@ class JoinStore:
         return self._int(f"wm:{partition}")
 
     def set_watermark(self, partition: int, wm: int) -> None:
-        self.table[f"wm:{partition}"] = str(wm).encode()
+        self._put(f"wm:{partition}", wm, _int_bytes)
 
     def input_watermark(self, partition: int, input_: str) -> int | None:
         """The watermark of one input ("decisions" or "conversions") on the partition."""
         return self._int(f"{self.INPUTS[input_]}:{partition}")
 
     def set_input_watermark(self, partition: int, input_: str, wm: int) -> None:
-        self.table[f"{self.INPUTS[input_]}:{partition}"] = str(wm).encode()
+        self._put(f"{self.INPUTS[input_]}:{partition}", wm, _int_bytes)
 
     # ---------------------------------------------------------------- event-time clocks
     def clock(self, partition: int) -> StreamClock:
         """The partition's event-time clock, fed by both inputs."""
         raw = self.table.get(f"clock:{partition}")
+        if isinstance(raw, Encoded):
+            return raw.obj
         return StreamClock.from_doc(orjson.loads(raw)) if raw else StreamClock()
 
     def put_clock(self, partition: int, clock: StreamClock) -> None:
-        self.table[f"clock:{partition}"] = orjson.dumps(clock.to_doc())
+        self._put(f"clock:{partition}", clock, _doc_bytes)
 
     # ---------------------------------------------------------------- due-time index
     def _due_key(self, partition: int, bucket: int) -> str:
@@ -211,10 +233,16 @@ class JoinStore:
 
     def add_due(self, partition: int, bucket: int, user: str) -> None:
         key = self._due_key(partition, bucket)
-        users = orjson.loads(self.table.get(key) or b"[]")
+        users = self._users(key)
         if user not in users:
-            users.append(user)
-            self.table[key] = orjson.dumps(users)
+            # a new list: a staged one may belong to a lower staging that must stay intact
+            self._put(key, [*users, user], orjson.dumps)
+
+    def _users(self, key: str) -> list[str]:
+        raw = self.table.get(key)
+        if isinstance(raw, Encoded):
+            return raw.obj
+        return orjson.loads(raw or b"[]")
 
     def has_due(self, partition: int, bucket: int) -> bool:
         return self._due_key(partition, bucket) in self.table
@@ -222,7 +250,7 @@ class JoinStore:
     def take_due(self, partition: int, bucket: int) -> list[str]:
         """The users indexed in the bucket; the bucket is removed (it must exist)."""
         key = self._due_key(partition, bucket)
-        users = orjson.loads(self.table.get(key) or b"[]")
+        users = list(self._users(key))
         del self.table[key]
         return users
 
@@ -237,8 +265,18 @@ class JoinStore:
         return self._int(f"pending:{partition}") or 0
 
     def set_pending(self, partition: int, n: int) -> None:
-        self.table[f"pending:{partition}"] = str(n).encode()
+        self._put(f"pending:{partition}", n, _int_bytes)
 
     def _int(self, key: str) -> int | None:
         raw = self.table.get(key)
+        if isinstance(raw, Encoded):
+            return raw.obj
         return int(raw) if raw else None
+
+
+def _doc_bytes(obj) -> bytes:
+    return orjson.dumps(obj.to_doc())
+
+
+def _int_bytes(n: int) -> bytes:
+    return str(n).encode()

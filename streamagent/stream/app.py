@@ -23,7 +23,8 @@ from streamagent.metrics import Metrics
 from streamagent.params import engine_params, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics
-from streamagent.stream.faust_internals import acting_as, read_offsets, set_fetch_max_wait
+from streamagent.stream.faust_internals import (DirectTable, acting_as, read_offsets,
+                                                set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
 
@@ -102,9 +103,21 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
                            value_type=bytes)
-    user_states = UserStates(users)
-    budget_shares, user_counts = BudgetShares(budgets), UserCounts(budgets)
-    stream_clocks = StreamClocks(budgets)
+    def changelog_failed(exc: Exception) -> None:
+        m.errors.labels("changelog").inc()
+        log.error("a changelog record could not be sent: %r", exc)
+
+    # read and written through their stores, changelogs sent per batch (faust_internals)
+    users_t, budgets_t, join_t = (DirectTable(t, app, changelog_failed)
+                                  for t in (users, budgets, join_state))
+
+    async def flush_tables() -> None:
+        for t in (users_t, budgets_t, join_t):
+            await t.flush()
+
+    user_states = UserStates(users_t)
+    budget_shares, user_counts = BudgetShares(budgets_t), UserCounts(budgets_t)
+    stream_clocks = StreamClocks(budgets_t)
 
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
         # hand over without waiting for delivery; Faust flushes the producer before it
@@ -120,7 +133,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     handler = DecideHandler(
         engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
         DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
-        send, m, s.trigger_types, worker_name)
+        send, m, s.trigger_types, worker_name, flush_tables)
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
     # still in flight, and a crash loses them. take_events acknowledges a batch only after
@@ -136,16 +149,19 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                                  scope=lambda p: acting_as(by_part[p]))
 
     join_handler = JoinHandler(
-        catalog, join_params(s), join_state,
+        catalog, join_params(s), join_t,
         JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
-                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name)
+                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name, flush_tables)
 
     @app.agent(join_in, concurrency=1)
     async def join(stream):
         for t in (rewards, transitions, dlqs[s.topic_decision_log], dlqs[s.topic_conversions]):
             await t.maybe_declare()
-        async for events in stream.take_events(s.decide_batch_max,
-                                               within=s.decide_batch_wait_ms / 1000.0):
+        # rewards are not urgent: a longer wait makes fewer, bigger batches, which leaves the
+        # shared event loop to the decide agent (measured: p50 event->decision 961 ms at
+        # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
+        async for events in stream.take_events(s.join_batch_max,
+                                               within=s.join_batch_wait_ms / 1000.0):
             by_part = {e.message.partition: e for e in events}
             await join_handler.handle([e.message for e in events],
                                       scope=lambda p: acting_as(by_part[p]))

@@ -68,8 +68,12 @@ def no_scope(partition: int) -> ContextManager:
 
 class DecideHandler:
     def __init__(self, engine: DecisionEngine, tables: DecideTables, topics: DecideTopics,
-                 send: Send, metrics, trigger_types: Sequence[str], worker: str = ""):
+                 send: Send, metrics, trigger_types: Sequence[str], worker: str = "",
+                 flush_tables: Callable[[], Awaitable[None]] | None = None):
+        """``flush_tables()`` hands the batch's table changes to the producer (the worker's
+        tables are stream/faust_internals.py DirectTables); in-memory tables need none."""
         self.engine, self.t, self.topics, self.send, self.m = engine, tables, topics, send, metrics
+        self.flush_tables = flush_tables
         self.triggers = frozenset(trigger_types)
         self.worker = worker
         self.budget_by_part: dict[int, BudgetShare] = {}  # for the budget gauges
@@ -137,6 +141,8 @@ class DecideHandler:
                     self.users_by_part[p] += new_users[p]
                     t.counts.put(p, self.users_by_part[p])
             self.budget_by_part[p] = budgets[p]
+        if self.flush_tables is not None:
+            await self.flush_tables()
         if new_users:
             m.users.set(sum(self.users_by_part.values()))
         self._budget_gauges(clocks)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, MutableMapping, Sequence
+from typing import Awaitable, Callable, ContextManager, MutableMapping, Sequence
 
 from aiokafka.partitioner import murmur2
 
@@ -55,7 +55,9 @@ def check_partition(msg: Message, n_parts: int) -> None:
 
 class JoinHandler:
     def __init__(self, catalog: Catalog, params: JoinParams, table: MutableMapping[str, bytes],
-                 topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = ""):
+                 topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = "",
+                 flush_tables: Callable[[], Awaitable[None]] | None = None):
+        self.flush_tables = flush_tables  # as in DecideHandler
         self.catalog, self.p, self.table, self.topics = catalog, params, table, topics
         self.send, self.m, self.n_parts, self.worker = send, metrics, n_partitions, worker
         self.pending_by_part: dict[int, int] = {}
@@ -125,6 +127,8 @@ class JoinHandler:
             with scope(p):
                 batch_stage.apply([k for k, q in owner.items() if q == p])
             self.pending_by_part[p] = self.joiner().pending(p)
+        if self.flush_tables is not None:
+            await self.flush_tables()
         m.pending.set(sum(self.pending_by_part.values()))
         for topic, key, value in outputs:
             try:

@@ -7,10 +7,9 @@ from streamagent.config import Settings
 
 
 def run_worker(s: Settings) -> int:
-    import faust
-
     from streamagent.ops.topics import create_topics, partition_count
     from streamagent.stream.app import create_app
+    from streamagent.stream.faust_internals import make_worker
 
     logging.basicConfig(level=s.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -33,6 +32,5 @@ def run_worker(s: Settings) -> int:
     logging.getLogger("streamagent").info(
         "decide worker: %d partitions, model v%d, metrics on %s:%s", n, w.engine.model.version,
         s.metrics_host, s.metrics_port or "off")
-    worker = faust.Worker(w.app, loglevel=s.log_level.upper(), quiet=True)
-    worker.execute_from_commandline()
+    make_worker(w.app, s.log_level.upper()).execute_from_commandline()
     return 0

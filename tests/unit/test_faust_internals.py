@@ -86,3 +86,50 @@ def test_read_offsets_come_from_the_mapping_faust_updates():
         assert read_offsets(consumer) == {TP("t", 0): 41}
 
     with_consumer(check)
+
+
+def test_table_writes_follow_the_current_event_and_direct_tables_reach_the_store():
+    """acting_as sets what Faust's tables read to pick a partition; DirectTable writes the
+    store and queues one changelog record per change, with that partition."""
+    from faust import streams
+
+    from streamagent.stream.faust_internals import DirectTable, acting_as
+
+    assert hasattr(streams, "_current_event"), \
+        changed("faust.streams has no _current_event context variable")
+    assert "current_event" in inspect.getsource(faust.tables.base.Collection.partition_for_key), \
+        changed("tables no longer pick a key's partition from the current event")
+
+    class Event:  # what the store reads of the current event
+        class message:
+            partition = 3
+
+    async def main():
+        app = faust.App("faust-internals-test-2", broker="kafka://127.0.0.1:1",
+                        store="memory://", web_enabled=False)
+        table = app.Table("t", default=None, partitions=4, key_type=bytes, value_type=bytes)
+        for attr in ("data", "changelog_topic"):
+            assert hasattr(table, attr), changed(f"a Table has no {attr}")
+        direct = DirectTable(table, app)
+        ev = Event()
+        with acting_as(ev):
+            direct[b"k"] = b"v"
+            assert streams.current_event() is ev
+        assert direct.get(b"k") == b"v" and table.data[b"k"] == b"v"
+        assert direct.pending == [(b"k", b"v", 3)]
+        with acting_as(ev):
+            del direct[b"k"]
+        assert direct.get(b"k") is None and direct.pending[-1] == (b"k", None, 3)
+
+    asyncio.run(main())
+
+
+def test_the_worker_can_be_built_without_its_debug_spinner():
+    from streamagent.stream.faust_internals import make_worker
+
+    assert "setLevel(logging.DEBUG)" in inspect.getsource(faust.Worker._setup_spinner_handler), \
+        changed("the worker's spinner no longer sets the root logger to DEBUG (drop the "
+                "workaround)")
+    app = faust.App("faust-internals-test-3", broker="kafka://127.0.0.1:1", store="memory://",
+                    web_enabled=False)
+    assert make_worker(app, "WARNING").spinner is None
