@@ -1,6 +1,8 @@
 """Fixtures shared by the unit tests."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 
@@ -14,3 +16,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@dataclass
+class Msg:
+    """A consumed record as the agents' handlers read it (stream/decide.py ``Message``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float | None = None

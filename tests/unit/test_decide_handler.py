@@ -1,7 +1,6 @@
 """The decide agent's handler on in-memory tables: no broker, no Faust."""
 import asyncio
 import collections
-import dataclasses
 
 import orjson
 
@@ -12,19 +11,11 @@ from streamagent.metrics import Metrics
 from streamagent.params import engine_params, shipped
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 
+from .conftest import Msg
+
 T0 = 1_767_225_600_000
 CAT = load_catalog()
 S = shipped()
-
-
-@dataclasses.dataclass
-class Msg:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: float | None = None
 
 
 class CountingDict(dict):

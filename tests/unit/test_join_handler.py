@@ -1,6 +1,5 @@
 """The join agent's handler on a dict table: all-or-nothing inputs, replay, dead letters."""
 import asyncio
-import dataclasses
 
 import orjson
 import pytest
@@ -12,24 +11,15 @@ from streamagent.core.join import Joiner
 from streamagent.core.tables import JoinStore, Staged
 from streamagent.metrics import Metrics
 from streamagent.params import join_params, shipped
-from streamagent.stream.decide import DecideTopics  # noqa: F401 - same package, same Message
 from streamagent.stream.join import JoinHandler, JoinTopics
+
+from .conftest import Msg
 
 CAT = load_catalog()
 S = shipped()
 T0 = 1_767_225_600_000
 H = 3_600_000
 N_PARTS = 1
-
-
-@dataclasses.dataclass
-class Msg:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: float | None = None
 
 
 def did(name):
