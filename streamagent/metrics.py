@@ -35,7 +35,8 @@ class Metrics:
                            "Messages sent to a dead-letter topic, by source topic and reason.",
                            ["topic", "reason"], registry=r)
         self.replayed = Counter("streamagent_ingest_replayed_events_total",
-                                "Events seen again after a crash (already applied; not re-applied).",
+                                "Events seen before: a crash replay or a duplicate re-sent at a new offset "
+                                "(already applied; not re-applied).",
                                 registry=r)
         self.replay_missing = Counter(
             "streamagent_ingest_replay_decision_missing_total",

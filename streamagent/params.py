@@ -24,7 +24,7 @@ def shipped(**overrides) -> Settings:
 
 def state_params(s: Settings) -> StateParams:
     return StateParams(half_life_ms=int(s.interest_half_life_days * DAY_MS),
-                       cap_window_ms=s.cap_window_ms)
+                       cap_window_ms=s.cap_window_ms, dedupe_events=s.dedupe_events_per_user)
 
 
 def cap_params(s: Settings) -> CapParams:

@@ -20,7 +20,7 @@ from streamagent.core.policy import (action_probs, confident_greedy, decision_id
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
-                                    record_decision)
+                                    record_decision, remember)
 from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
 
@@ -70,7 +70,19 @@ class StepResult:
     event: UserEvent
     decision: Decision | None = None
     coupon_action: CouponAction | None = None
-    replayed: bool = False  # the event had been applied before (crash replay)
+    replayed: bool = False  # the event had been applied before (crash replay, duplicate)
+
+
+class _Seen:
+    """What :func:`state.is_replay` reads of a user's state, as the first pass of
+    :meth:`DecisionEngine.step_batch` follows it past the user's first trigger (cheaper than a
+    whole new UserState per event)."""
+
+    __slots__ = ("last_partition", "last_offset", "event_ids")
+
+    def __init__(self, state: UserState):
+        self.last_partition, self.last_offset = state.last_partition, state.last_offset
+        self.event_ids = state.event_ids
 
 
 @dataclass
@@ -156,22 +168,28 @@ class DecisionEngine:
             return StepResult(state, budget, clock, ev)
         return self._decide(state, ev, budget, clock, policy)
 
-    def _admit(self, raw, key, state, budget, partition, offset, clock, now_ms):
+    def _admit(self, raw, key, state, budget, partition, offset, clock, now_ms, seen=None):
         """Decode and check one event: (event, state, clock having seen it, result if it is a
-        replay). Raises InvalidMessage / OutOfBounds as :meth:`step` does."""
+        replay). ``seen``: what to recognise a replay by, if not ``state`` (a ``_Seen``).
+        Raises InvalidMessage / OutOfBounds as :meth:`step` does."""
         ev = decode_user_event(raw, key)
         if state is None:
             state = UserState(user_id=ev.user_id)
-        if partition >= 0 and is_replay(state, partition, offset):
-            # Already applied before a crash; re-send its decision (same id) in case the
-            # outputs were lost with the uncommitted batch. Consumers dedupe by decision_id.
-            prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
-            return ev, state, clock, StepResult(state, budget, clock, ev, prior,
-                                                self._action_for(prior), replayed=True)
+        if partition >= 0 and is_replay(seen or state, partition, offset, ev.event_id):
+            return ev, state, clock, self._replayed(state, ev, budget, clock)
         # any gap in the user's own history is legal (a customer may return after a year):
         # the bounds are against the partition's event time, never the user's
         clock = admit(clock, ev.ts, self.p.time_bounds, now_ms)
         return ev, state, clock, None
+
+    def _replayed(self, state: UserState, ev: UserEvent, budget: BudgetShare,
+                  clock: StreamClock) -> StepResult:
+        """An event applied before (a crash replay, or a duplicate re-sent at another offset):
+        not applied again, and its decision (same id) re-sent, since the first sending may
+        have been lost with an uncommitted batch. Consumers dedupe by decision_id."""
+        prior = find_decision(state, ev.event_id) if ev.type in self._triggers else None
+        return StepResult(state, budget, clock, ev, prior, self._action_for(prior),
+                          replayed=True)
 
     def step_batch(self, items: list[tuple[bytes | None, bytes | None, int, int]],
                    states: dict, budgets: dict[int, BudgetShare],
@@ -190,21 +208,28 @@ class DecisionEngine:
         trigger of the batch is scored in the batched forward pass (its features depend on
         nothing the other users do); the decisions are then taken in consumption order, so the
         partition budget is spent in the same order as one event at a time. A user's later
-        triggers in the same batch depend on the first decision and are scored alone.
+        triggers in the same batch depend on the first decision and are scored alone. Whether
+        an event is a replay depends only on the user's identity fields (partition, offset,
+        recent event ids), which the first pass follows for every user, so a duplicate later
+        in the batch is recognised there; its result is built in the ordered pass.
         """
         n = len(items)
         out: list = [None] * n
         evs: list = [None] * n
         seen_clock: list = [None] * n
-        blocked: set = set()  # users whose first trigger awaits the batched forward pass
+        # users whose first trigger awaits the batched forward pass -> their identity fields,
+        # followed by this pass (the rest of their state is left to the ordered pass)
+        blocked: dict[bytes, _Seen] = {}
+        replays: set[int] = set()  # replays of such users, built in the ordered pass
         first: list[int] = []  # items that are such first triggers
         feats: list[np.ndarray] = []
         for i, (raw, key, part, off) in enumerate(items):
             clock = clocks.get(part) or StreamClock()
+            seen = blocked.get(key)
             try:
                 ev, state, clock, done = self._admit(raw, key, states.get(key),
                                                      budgets.get(part) or BudgetShare(),
-                                                     part, off, clock, now_ms)
+                                                     part, off, clock, now_ms, seen)
             except OutOfBounds as exc:
                 clocks[part] = exc.clock  # seen: a real jump is followed
                 out[i] = exc
@@ -213,11 +238,16 @@ class DecisionEngine:
                 out[i] = exc
                 continue
             clocks[part], evs[i], seen_clock[i] = clock, ev, clock
+            if seen is not None:  # after the user's first trigger: taken in the ordered pass
+                if done is not None:
+                    replays.add(i)
+                elif part >= 0:  # as apply will set them
+                    seen.last_partition, seen.last_offset = part, off
+                    seen.event_ids = remember(seen.event_ids, ev.event_id, self.p.state)
+                continue
             if done is not None:
                 out[i] = done
                 continue
-            if key in blocked:
-                continue  # after the user's first trigger: taken in the ordered pass below
             try:
                 state = apply(state, ev, self.p.state, part, off)
                 states[key] = state
@@ -225,7 +255,7 @@ class DecisionEngine:
                     feats.append(F.encode(state, ev.ts, ev.type, self.p.state.half_life_ms,
                                           self.p.caps.window_ms))
                     first.append(i)
-                    blocked.add(key)
+                    blocked[key] = _Seen(state)
                 else:
                     out[i] = StepResult(state, budgets.get(part) or BudgetShare(), clock, ev)
             except Exception as exc:  # noqa: BLE001
@@ -234,13 +264,19 @@ class DecisionEngine:
         scored = dict(zip(first, model.q.heads_batch(np.stack(feats)) if feats else []))
         feat_of = dict(zip(first, feats))
         for i, (raw, key, part, off) in enumerate(items):
-            if out[i] is not None:
+            r = out[i]
+            if isinstance(r, Exception):
+                continue
+            budget = budgets.get(part) or BudgetShare()
+            if r is not None:  # taken in the first pass: the budget is the one at this point
+                r.budget = budget
                 continue
             ev, clock = evs[i], seen_clock[i]
-            budget = budgets.get(part) or BudgetShare()
             try:
                 state = states[key]
-                if i in scored:
+                if i in replays:
+                    r = self._replayed(state, ev, budget, clock)
+                elif i in scored:
                     r = self._decide(state, ev, budget, clock, model=model, x=feat_of[i],
                                      q_heads=scored[i])
                 else:  # a later event of a user whose first trigger came earlier in the batch

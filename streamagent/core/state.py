@@ -16,12 +16,20 @@ from streamagent.core.contracts import Decision, UserEvent
 
 N_CATEGORY_BUCKETS = 8
 RECENT_DECISIONS = 4  # decisions kept for re-emission when a crash replays their triggers
+# The layout of UserState.to_bytes. Version 1 (no "v" key): every field but event_ids;
+# version 2 ("v": 2): every field. Any layout decodes: fields missing from it take their
+# defaults and fields unknown here are ignored, so workers of two releases can share the
+# tables during a rolling deploy. Adding or removing a field needs a new version.
+BLOB_VERSION = 2
 
 
 @dataclass(frozen=True)
 class StateParams:
     half_life_ms: int
     cap_window_ms: int
+    # how many of a user's most recent applied event ids are remembered, to recognise an event
+    # seen before whatever its offset (0: none, the offset check alone)
+    dedupe_events: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +37,12 @@ class UserState:
     user_id: str
     first_ts: int = 0
     last_ts: int = 0
-    # (partition, offset) of the last applied event: a replayed event is recognised and not
-    # applied twice, which makes state updates idempotent under at-least-once delivery.
+    # Identity of what was applied, so that an event is never applied twice (at-least-once
+    # delivery, re-sent duplicates): the (partition, offset) of the last applied event and the
+    # ids of the last StateParams.dedupe_events applied events, oldest first. See is_replay.
     last_partition: int = -1
     last_offset: int = -1
+    event_ids: tuple[str, ...] = ()
     n_events: int = 0
     n_sessions: int = 0
     n_purchases: int = 0
@@ -66,15 +76,44 @@ class UserState:
     def to_bytes(self) -> bytes:
         doc = {name: getattr(self, name) for name in self.__slots__}
         doc["decisions"] = [d.to_doc() for d in self.decisions]
+        if self.event_ids:
+            doc["v"] = BLOB_VERSION
+        else:
+            # Without ids, version 1 says it all: the layout that releases before version 2
+            # decode (they accept exactly their own fields). With dedupe_events 0 those
+            # releases can therefore share the tables with this one: a rolling upgrade.
+            del doc["event_ids"]
         return orjson.dumps(doc)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "UserState":
         doc = orjson.loads(raw)
+        if _LAYOUTS.get(doc.pop("v", 1)) != len(doc):
+            return cls._from_other_layout(doc)
+        # a layout this release writes: its fields are known (the hot path, no key checks)
         doc["interest"] = tuple(doc["interest"])
         doc["coupon_ts"] = tuple(doc["coupon_ts"])
+        if "event_ids" in doc:  # version 1 has none
+            doc["event_ids"] = tuple(doc["event_ids"])
         doc["decisions"] = tuple(Decision.from_doc(d) for d in doc["decisions"])
         return cls(**doc)
+
+    @classmethod
+    def _from_other_layout(cls, doc: dict) -> "UserState":
+        """A blob of a release with other fields: those missing here take their defaults,
+        those unknown here are ignored."""
+        doc = {k: v for k, v in doc.items() if k in _FIELDS}
+        for name in ("interest", "coupon_ts", "event_ids"):
+            if name in doc:
+                doc[name] = tuple(doc[name])
+        if "decisions" in doc:
+            doc["decisions"] = tuple(Decision.from_doc(d) for d in doc["decisions"])
+        return cls(**doc)
+
+
+_FIELDS = frozenset(UserState.__slots__)
+# how many fields each version this release writes has (version 1: all but event_ids)
+_LAYOUTS = {1: len(_FIELDS) - 1, BLOB_VERSION: len(_FIELDS)}
 
 
 def category_bucket(category: str) -> int:
@@ -87,8 +126,30 @@ def decay(dt_ms: int, half_life_ms: int) -> float:
     return 0.5 ** (dt_ms / half_life_ms) if dt_ms > 0 else 1.0
 
 
-def is_replay(state: UserState, partition: int, offset: int) -> bool:
-    return partition == state.last_partition and offset <= state.last_offset
+def is_replay(state: UserState, partition: int, offset: int, event_id: str) -> bool:
+    """Whether an event was applied to this user's state before (docs/RELIABILITY.md). Reads
+    only ``last_partition``, ``last_offset`` and ``event_ids`` of ``state``.
+
+    1. Its id is among the user's recent event ids: yes, whatever its partition and offset (a
+       crash replay, or a duplicate re-sent at a new offset).
+    2. The user has no id memory (a state written by a release without it, or
+       ``dedupe_events`` 0): the offset check, yes if it is at or before the last applied
+       offset of the same partition.
+    3. Otherwise no: an id not seen is a new event, even at an offset at or before the last
+       one, which is what a recreated topic or a migrated cluster delivers (offsets restart).
+       Limit: a crash replay is recognised as long as the user had at most ``dedupe_events``
+       events in the replayed stretch (the events since the last commit).
+    """
+    if event_id in state.event_ids:
+        return True
+    return (not state.event_ids and partition == state.last_partition
+            and offset <= state.last_offset)
+
+
+def remember(event_ids: tuple[str, ...], event_id: str, p: StateParams) -> tuple[str, ...]:
+    """The recent event ids once ``event_id`` is applied: the last ``p.dedupe_events``."""
+    k = p.dedupe_events
+    return (event_ids + (event_id,))[-k:] if k else ()
 
 
 def apply(state: UserState, ev: UserEvent, p: StateParams,
@@ -116,8 +177,9 @@ def apply(state: UserState, ev: UserEvent, p: StateParams,
         d_spend=state.d_spend * k, d_purchases=state.d_purchases * k,
         interest=interest,
     )
-    if partition >= 0:
-        changes.update(last_partition=partition, last_offset=offset)
+    if partition >= 0:  # without a position (tests, the learning benchmark) none is kept
+        changes.update(last_partition=partition, last_offset=offset,
+                       event_ids=remember(state.event_ids, ev.event_id, p))
     if ev.device:
         changes["device"] = ev.device
     if ev.geo:

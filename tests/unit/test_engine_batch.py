@@ -31,19 +31,33 @@ def engine(model=None, **kw):
                           model or initial_model(CAT, (64, 64), 7))
 
 
-def messages(n=600, users=25, seed=4):
+def messages(n=600, users=25, seed=4, duplicates=False, recreate_at=None):
     """(value, key, partition, offset): two partitions, users with several triggers per batch,
-    broken JSON, a wrong key, an event far in the future, and a replayed offset."""
+    broken JSON, a wrong key, an event far in the future, and a replayed offset.
+
+    ``duplicates``: every 11th message re-sends, at a new offset, one of the user's two latest
+    events (same event id; often a trigger, often in the same batch as the original).
+    ``recreate_at``: from this message on, partition 0's offsets start again from 0 (the topic
+    was recreated), with new event ids."""
     rng = np.random.default_rng(seed)
     types = ["session_start", "page_view", "add_to_cart", "search", "purchase"]
     offsets = {0: 0, 1: 0}
+    sent: dict[str, list[bytes]] = {}
     out = []
     for i in range(n):
         u = f"u{rng.integers(users)}"
         part = hash_part(u)
+        if i == recreate_at:
+            offsets[0] = 0
+        if duplicates and i % 11 == 3 and sent.get(u):
+            out.append((sent[u][-1 - int(rng.integers(min(2, len(sent[u]))))], u.encode(),
+                        part, offsets[part]))
+            offsets[part] += 1
+            continue
         ts = T0 + i * 300_000
         doc = {"event_id": f"e{i}", "user_id": u, "type": types[rng.integers(5)], "ts": ts}
         value, key = orjson.dumps(doc), u.encode()
+        sent.setdefault(u, []).append(value)
         if i % 97 == 5:
             value = b"{not json"
         elif i % 89 == 7:
@@ -80,12 +94,15 @@ def summary(results):
     for r in results:
         if isinstance(r, Exception):
             rows.append(("error", type(r).__name__, getattr(r, "reason", "")))
-        elif r.decision is None:
-            rows.append(("event", r.event.event_id, r.replayed))
+            continue
+        s = r.state  # what the result says was applied, and the budget and clock at that point
+        seen = (s.n_events, s.last_partition, s.last_offset, s.event_ids, r.budget, r.clock)
+        if r.decision is None:
+            rows.append(("event", r.event.event_id, r.replayed) + seen)
         else:
             d = r.decision
             rows.append(("decision", d.decision_id, d.action, round(d.propensity, 9), d.explored,
-                         d.blocked_by, r.replayed))
+                         d.blocked_by, r.replayed) + seen)
     return rows
 
 
@@ -96,23 +113,53 @@ def batched(eng, items, states, budgets, clocks, size):
     return out
 
 
+# a binding budget (so the order in which decisions spend it matters) and exploration on
+BINDING = dict(budget_per_period=60.0, exploration="epsilon", epsilon_start=0.3, epsilon_end=0.3,
+               caps=dataclasses.replace(SHIPPED.caps, min_gap_ms=0, max_coupons=1000))
+
+
 def test_batches_decide_exactly_as_one_event_at_a_time():
     items = messages()
-    # a binding budget (so the order in which decisions spend it matters) and exploration on
-    kw = dict(budget_per_period=60.0, exploration="epsilon", epsilon_start=0.3, epsilon_end=0.3,
-              caps=dataclasses.replace(SHIPPED.caps, min_gap_ms=0, max_coupons=1000))
-    ref_states, ref_budgets, ref_clocks = {}, {}, {}
-    ref = sequential(engine(trained_like_model(), **kw), items, ref_states, ref_budgets,
-                     ref_clocks)
+    ref = same_in_batches(items)
     decided = [r for r in ref if not isinstance(r, Exception) and r.decision]
     assert len(decided) > 100 and any(r.decision.blocked_by for r in decided)
     assert len({r.decision.action for r in decided}) > 2
+
+
+def test_duplicates_at_new_offsets_and_a_recreated_topic_batch_as_one_at_a_time():
+    items = messages(duplicates=True, recreate_at=300)
+    ref = same_in_batches(items)
+    seen, dups, fresh = set(), [], []
+    for i, r in enumerate(ref):
+        if isinstance(r, Exception):
+            continue
+        eid = r.event.event_id
+        if eid in seen:
+            dups.append(r)
+        elif i >= 300 and hash_part(r.event.user_id) == 0:
+            fresh.append(r)
+        seen.add(eid)
+    # every re-sent duplicate is recognised, and the triggers among them re-send a decision...
+    assert len(dups) > 20 and all(r.replayed for r in dups)
+    assert sum(r.decision is not None for r in dups) > 5
+    # ...and after the recreation partition 0's new events (offsets from 0) are applied
+    assert len(fresh) > 100 and not any(r.replayed for r in fresh)
+
+
+def same_in_batches(items, **kw):
+    """Runs ``items`` one at a time, then in batches of several sizes: the results, states,
+    budgets and clocks must agree. Returns the one-at-a-time results."""
+    kw = {**BINDING, **kw}
+    ref_states, ref_budgets, ref_clocks = {}, {}, {}
+    ref = sequential(engine(trained_like_model(), **kw), items, ref_states, ref_budgets,
+                     ref_clocks)
     for size in (1, 7, 64, 600):
         states, budgets, clocks = {}, {}, {}
         got = batched(engine(trained_like_model(), **kw), items, states, budgets, clocks, size)
         assert summary(got) == summary(ref), size
         assert budgets == ref_budgets and clocks == ref_clocks
         assert rounded(states) == rounded(ref_states)
+    return ref
 
 
 def rounded(states):

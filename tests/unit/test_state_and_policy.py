@@ -10,7 +10,7 @@ from streamagent.core.policy import action_probs, decision_id, epsilon_at, sampl
 from streamagent.params import shipped, state_params
 from streamagent.core.state import StateParams, UserState, apply, is_replay, record_decision
 
-P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000)
+P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000, dedupe_events=32)
 T0 = 1_767_225_600_000
 
 
@@ -63,8 +63,13 @@ def test_cart_then_purchase_resets_cart_and_counts_spend():
 
 def test_replayed_offsets_are_recognised():
     s = apply(UserState("u"), ev(1), P, partition=3, offset=10)
-    assert is_replay(s, 3, 10) and is_replay(s, 3, 9)
-    assert not is_replay(s, 3, 11) and not is_replay(s, 2, 5)
+    assert is_replay(s, 3, 10, "e1") and is_replay(s, 7, 99, "e1")  # by id, wherever
+    assert not is_replay(s, 3, 11, "e2") and not is_replay(s, 2, 5, "e2")
+    assert not is_replay(s, 3, 9, "e2")  # a new id at an old offset: the topic restarted
+    # without id memory (a state of an older release): by offset
+    old = UserState("u", last_partition=3, last_offset=10)
+    assert is_replay(old, 3, 10, "e2") and is_replay(old, 3, 9, "e2")
+    assert not is_replay(old, 3, 11, "e2") and not is_replay(old, 2, 5, "e2")
 
 
 def test_state_round_trips_through_bytes():
