@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="Where the local broker's data and the workers' table stores live.")
     app_id: str = Field("streamagent", description="Faust app id: the consumer group and the prefix of changelog topics.")
     partitions: int = Field(4, ge=1, description="Partitions for topics that `streamagent topics create` makes.")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of the topics streamagent creates and of the tables' changelog topics (Faust creates those). 1 suits the local single broker; use 3 on a production cluster, so that losing a broker loses no events, decisions or state.")
     topic_user_events: str = Field("user-events", description="Inbound user behaviour events (key: user_id).")
     topic_conversions: str = Field("conversions", description="Inbound orders (key: user_id).")
     topic_coupon_actions: str = Field("coupon-actions", description="Outbound coupons to deliver (key: user_id).")

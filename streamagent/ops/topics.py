@@ -53,7 +53,8 @@ def create_topics(s: Settings, specs: list[TopicSpec] | None = None, log=print) 
         existing = set(a.list_topics(timeout=10).topics)
     except Exception as exc:
         raise BrokerError(f"cannot reach Kafka at {s.kafka_bootstrap}: {exc}") from None
-    new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=t.config)
+    new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=s.replication_factor,
+                    config=t.config)
            for t in specs if t.name not in existing]
     created = []
     for name, fut in (a.create_topics(new, operation_timeout=30).items() if new else []):

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         store=s.table_store,
         datadir=str(s.tables_dir),
         topic_partitions=n_parts,
-        topic_replication_factor=1,
+        topic_replication_factor=s.replication_factor,
         web_enabled=s.worker_web_enabled,
         web_port=s.worker_web_port,
         consumer_auto_offset_reset="earliest",

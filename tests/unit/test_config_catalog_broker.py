@@ -75,3 +75,14 @@ def test_broker_start_says_when_java_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrokerError, match="'mvn' was not found"):
         ensure_jars(BrokerConfig(data_dir=tmp_path, cache_dir=tmp_path / "cache"))
+
+
+def test_the_replication_factor_reaches_the_faust_app(tmp_path):
+    """Changelog topics (created by Faust) get the configured replication factor too."""
+    from streamagent.params import shipped
+    from streamagent.stream.app import create_app
+
+    w = create_app(shipped(table_store="memory://", metrics_port=0, data_dir=tmp_path,
+                           replication_factor=3))
+    assert w.app.conf.topic_replication_factor == 3
+    assert shipped().replication_factor == 1
