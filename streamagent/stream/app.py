@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
                            value_type=bytes)
+
     def changelog_failed(exc: Exception) -> None:
         m.errors.labels("changelog").inc()
         log.error("a changelog record could not be sent: %r", exc)
