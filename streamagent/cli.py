@@ -118,6 +118,16 @@ def _main_of(module: str):
     return run
 
 
+def _module_command(sub, name: str, module: str, help_: str) -> None:
+    """A subcommand whose options come from ``module.add_arguments`` and which runs
+    ``module.main`` (see :func:`_main_of`)."""
+    import importlib
+
+    cmd = sub.add_parser(name, help=help_)
+    importlib.import_module(module).add_arguments(cmd)
+    cmd.set_defaults(fn=_main_of(module))
+
+
 def cmd_simulate(args) -> int:
     from streamagent.sim.kafka_shop import simulate
 
@@ -221,36 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    bp = bsub.add_parser("pipeline", help="events/s and latency of one worker vs baselines")
-    from streamagent.bench.pipeline import add_arguments
-
-    add_arguments(bp)
-    bp.set_defaults(fn=_main_of("streamagent.bench.pipeline"))
-    bl = bsub.add_parser("learning", help="policies on the simulated shop vs the MDP optimum")
-    from streamagent.bench.learning import add_arguments as add_learning_arguments
-
-    add_learning_arguments(bl)
-    bl.set_defaults(fn=_main_of("streamagent.bench.learning"))
-    bo = bsub.add_parser("offline", help="off-policy estimators on the Open Bandit Dataset vs "
-                         "the measured value (and vs obp's estimators)")
-    from streamagent.bench.offline import add_arguments as add_offline_arguments
-
-    add_offline_arguments(bo)
-    bo.set_defaults(fn=_main_of("streamagent.bench.offline"))
-
-    ev = sub.add_parser("evaluate", help="estimate candidate policies' values on logged "
-                        "decisions (IPS, SNIPS, DM, DR, PDWIS)")
-    from streamagent.offline.evaluate import add_arguments as add_evaluate_arguments
-
-    add_evaluate_arguments(ev)
-    ev.set_defaults(fn=_main_of("streamagent.offline.evaluate"))
-
-    to = sub.add_parser("train-offline", help="learn a Q-network from logged decisions (a warm "
-                        "start for the deciders and the learner), conservative where the logs are thin")
-    from streamagent.offline.train import add_arguments as add_train_offline_arguments
-
-    add_train_offline_arguments(to)
-    to.set_defaults(fn=_main_of("streamagent.offline.train"))
+    _module_command(bsub, "pipeline", "streamagent.bench.pipeline",
+                    "events/s and latency of one worker vs baselines")
+    _module_command(bsub, "learning", "streamagent.bench.learning",
+                    "policies on the simulated shop vs the MDP optimum")
+    _module_command(bsub, "offline", "streamagent.bench.offline",
+                    "off-policy estimators on the Open Bandit Dataset vs the measured value "
+                    "(and vs obp's estimators)")
+    _module_command(sub, "evaluate", "streamagent.offline.evaluate",
+                    "estimate candidate policies' values on logged decisions (IPS, SNIPS, DM, "
+                    "DR, PDWIS)")
+    _module_command(sub, "train-offline", "streamagent.offline.train",
+                    "learn a Q-network from logged decisions (a warm start for the deciders and "
+                    "the learner), conservative where the logs are thin")
 
     mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
                         "promote one or roll back (by hand, on record); export a learner "
