@@ -1,5 +1,5 @@
-"""The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, simulate, tail,
-config, model, bench, demo, evaluate, train-offline."""
+"""The `streamagent` command. Subcommands: kafka, topics, worker, learner, produce, erase,
+simulate, tail, config, model, bench, demo, evaluate, train-offline."""
 from __future__ import annotations
 
 import argparse
@@ -77,22 +77,35 @@ def cmd_learner(args) -> int:
 
 
 def cmd_produce(args) -> int:
+    from streamagent.ops.kafka import kafka_client
     from streamagent.ops.produce import read_jsonl, send_events
     from streamagent.sim.synthetic import synthetic_events
 
     s = _settings()
     events = (read_jsonl(Path(args.file)) if args.file else
               synthetic_events(args.n, users=args.users, seed=args.seed))
-    n = send_events(s.kafka_bootstrap, args.topic or s.topic_user_events, events, log=print)
+    n = send_events(kafka_client(s), args.topic or s.topic_user_events, events, log=print)
     print(f"sent {n} events to {args.topic or s.topic_user_events}")
     return 0
 
 
+def cmd_erase(args) -> int:
+    from streamagent.ops.kafka import kafka_client
+    from streamagent.ops.produce import send_erasures
+
+    s = _settings()
+    topic = args.topic or s.topic_user_events
+    n = send_erasures(kafka_client(s), topic, args.user_id)
+    print(f"sent {n} erasure request{'s' if n != 1 else ''} to {topic}")
+    return 0
+
+
 def cmd_tail(args) -> int:
+    from streamagent.ops.kafka import kafka_client
     from streamagent.ops.tail import tail
 
     s = _settings()
-    tail(s.kafka_bootstrap, args.topic or s.topic_decision_log, limit=args.n,
+    tail(kafka_client(s), args.topic or s.topic_decision_log, limit=args.n,
          timeout=args.timeout, follow=args.follow)
     return 0
 
@@ -103,7 +116,13 @@ def cmd_config(args) -> int:
     if args.markdown:
         print(settings_markdown(), end="")
     else:
+        from streamagent.ops.kafka import is_secret_key
+
         for k, v in _settings().model_dump().items():
+            if k == "kafka_config":  # the passthrough may hold secrets too (SecretStr fields
+                # print as **********)
+                v = ",".join(f"{key}={'**********' if is_secret_key(key) else val}"
+                             for key, val in v.items())
             print(f"STREAMAGENT_{k.upper()}={v}")
     return 0
 
@@ -215,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topic", default=None)
     pr.set_defaults(fn=cmd_produce)
 
+    er = sub.add_parser("erase", help="request the erasure of users: a null record keyed by "
+                        "each user id on user-events; the worker deletes their state and join "
+                        "records (docs/OPERATIONS.md, erasure)")
+    er.add_argument("user_id", nargs="+", help="the user id(s), as the events key them")
+    er.add_argument("--topic", default=None, help="default STREAMAGENT_TOPIC_USER_EVENTS")
+    er.set_defaults(fn=cmd_erase)
+
     tl = sub.add_parser("tail", help="print the newest messages of a topic (default decision-log)")
     tl.add_argument("--topic", default=None)
     tl.add_argument("-n", type=int, default=20, help="how many of the newest messages (all "
@@ -238,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _module_command(bsub, "offline", "streamagent.bench.offline",
                     "off-policy estimators on the Open Bandit Dataset vs the measured value "
                     "(and vs obp's estimators)")
+    _module_command(sub, "explain", "streamagent.ops.explain",
+                    "why a decision went the way it did: Q per action, rules, top features")
     _module_command(sub, "evaluate", "streamagent.offline.evaluate",
                     "estimate candidate policies' values on logged decisions (IPS, SNIPS, DM, "
                     "DR, PDWIS)")

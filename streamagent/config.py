@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 import json
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +44,18 @@ class Settings(BaseSettings):
     topic_model_candidates: str = Field("model-candidates", description="Every model version the learner produces, with the gate's verdict (compacted by version, one partition): what `streamagent model list` shows and `model promote|rollback` picks from.")
     dlq_suffix: str = Field(".dlq", description="Dead-letter topic name = source topic + this suffix.")
 
+    # --- Kafka security (every client: the worker's Faust/aiokafka ones and the confluent-kafka ones) ---
+    kafka_security_protocol: str = Field("PLAINTEXT", description="How every client reaches the brokers: PLAINTEXT, SSL (TLS; with a client certificate = mTLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS). See docs/OPERATIONS.md, secured Kafka.")
+    kafka_sasl_mechanism: str | None = Field(None, description="SASL mechanism (needed with SASL_*): PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name (needed with SASL_*).")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (a secret: never printed or logged). Or KAFKA_SASL_PASSWORD_FILE.")
+    kafka_sasl_password_file: Path | None = Field(None, description="File holding the SASL password (e.g. a mounted Kubernetes Secret; a trailing newline is ignored). Instead of KAFKA_SASL_PASSWORD.")
+    kafka_ssl_ca_location: Path | None = Field(None, description="PEM file of the CA certificate(s) that signed the brokers' certificates (SSL, SASL_SSL). Default: the system's trusted CAs.")
+    kafka_ssl_certificate_location: Path | None = Field(None, description="PEM file of this client's certificate, for mTLS (with KAFKA_SSL_KEY_LOCATION).")
+    kafka_ssl_key_location: Path | None = Field(None, description="PEM file of this client's private key, for mTLS.")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted KAFKA_SSL_KEY_LOCATION (a secret: never printed or logged).")
+    kafka_config: Annotated[dict[str, str], NoDecode] = Field({}, description="More librdkafka settings for the confluent-kafka clients (learner, tools, model follower), as key=value,key=value or a JSON object, e.g. ssl.endpoint.identification.algorithm=none. Faust's aiokafka clients take only the settings above (and that one key). Values of keys naming a password or secret are masked by `streamagent config`.")
+
     # --- Decisions ---------------------------------------------------------------------
     trigger_types: Annotated[tuple[str, ...], NoDecode] = Field(("session_start", "add_to_cart"), description="Event types that trigger a decision (JSON list or comma-separated).")
     catalog_path: Path | None = Field(None, description="Coupon catalog (YAML or JSON). Default: the built-in catalog streamagent/data/coupons.yaml.")
@@ -52,6 +64,7 @@ class Settings(BaseSettings):
     exploration: Literal["epsilon", "softmax", "greedy", "thompson"] = Field("epsilon", description="Exploration strategy of the behaviour policy: epsilon (a uniformly random allowed action with probability epsilon), softmax, greedy, or thompson (needs Q_HEADS > 1: with probability epsilon a user explores for a whole EXPLORE_PERIOD_DAYS by following one randomly drawn Q-head; deep exploration, Osband et al. 2016).")
     q_heads: int = Field(1, ge=1, le=32, description="Q-heads on the network's shared torso, each trained on its own bootstrap sample of the transitions (bootstrapped DQN). Their spread is the model's uncertainty: see CONFIDENCE_Z and thompson exploration. 1 = one plain Q-network.")
     confidence_z: float = Field(1.0, ge=0, description="With Q_HEADS > 1, a coupon is the greedy action only if its advantage over 'no coupon', averaged over the heads, exceeds this many standard deviations of that advantage across the heads. 0 = the plain argmax of the mean.")
+    greedy_margin: float = Field(0.0, ge=0, lt=1, description="A coupon is the greedy action only if its Q-value beats 'no coupon' by more than this fraction of |Q(no coupon)|. Action gaps that matter are a few percent of Q and the argmax over noisy estimates of several coupons favours a coupon; the margin bounds what being cautious can cost (at most this fraction per decision). 0 = the plain argmax. The gate judges candidates with the same rule.")
     explore_period_days: float = Field(7.0, gt=0, description="Thompson exploration: how long (event time) an exploring user follows the head drawn for them.")
     epsilon_start: float = Field(0.2, ge=0, le=1, description="Epsilon at model training step 0.")
     epsilon_end: float = Field(0.02, ge=0, le=1, description="Epsilon after `epsilon_decay_steps` training steps.")
@@ -65,6 +78,8 @@ class Settings(BaseSettings):
     budget_per_period: float = Field(5000.0, ge=0, description="Coupon budget (currency) per budget period, shared by all partitions.")
     budget_period_hours: float = Field(24.0, gt=0, description="Length of a budget period, in hours of event time (periods are aligned to the epoch, UTC).")
     dedupe_events_per_user: int = Field(32, ge=0, le=1024, description="Ids of each user's most recent applied events kept in their state: an event whose id is among them is not applied again, whatever its offset (a crash replay, or a duplicate re-sent at a new offset), and its decision is re-sent. A crash replay stays exact for a user with at most this many events since the last commit. 0 = off: only the last applied offset is checked (a recreated topic then looks like a replay), and user state is written in the layout releases before this setting read, for a rolling upgrade from them. See docs/RELIABILITY.md.")
+    user_state_ttl_days: float = Field(180.0, ge=0, description="A user's state (decide) and join record (rewards) expire after this much event time without activity: once the partition's event time (its robust clock) is more than this past the user's last event, the user counts as new, and a sweep deletes the entry (a tombstone in the table's changelog). Event time only, so a replay expires the same users. 0 = never. A join record with decisions or orders still pending never expires. See docs/RELIABILITY.md, erasure and expiry.")
+    state_sweep_keys: int = Field(64, ge=0, description="Keys of a partition's user-state and join-state the expiry sweep looks at per batch that touches the partition (a cursor goes round the partition's keys). Bounds what the sweep adds to a batch; 0 = no sweep (expired users are still treated as new, but their entries stay until an erasure or their next event).")
     interest_half_life_days: float = Field(14.0, gt=0, description="Half-life of per-category interest and of decayed frequency/monetary aggregates.")
     max_future_skew_days: float = Field(7.0, gt=0, description="A record (user event, conversion, heartbeat, decision) more than this far ahead of its partition's event time (the median of the partition's recent timestamps, which no single record can move) is dead-lettered as ts_too_far_ahead. Any gap in a user's own history is legal. See docs/DECISIONS.md, event time.")
     max_past_skew_days: float = Field(30.0, gt=0, description="A user event more than this far behind its partition's event time is dead-lettered as ts_too_far_behind (later ones are applied: state is order-independent). Late conversions and decisions follow the join's lateness rules instead.")
@@ -117,9 +132,10 @@ class Settings(BaseSettings):
     decide_batch_wait_ms: float = Field(5.0, gt=0, description="Longest the decide agent waits for a batch to fill: at low load every event waits at most this long before it is decided.")
     commit_interval_s: float = Field(2.8, gt=0, description="How often consumed offsets are committed (Faust flushes the producer first). A crash replays at most this much, and replays are deduplicated.")
     table_store: str = Field("rocksdb://", description="Faust table store: rocksdb:// (durable, default) or memory:// (tests).")
-    metrics_port: int = Field(9400, ge=0, description="Port of the worker's Prometheus /metrics endpoint; 0 disables it.")
-    learner_metrics_port: int = Field(9401, ge=0, description="Port of the learner's /metrics endpoint; 0 disables it.")
-    metrics_host: str = Field("127.0.0.1", description="Address the /metrics endpoint binds.")
+    metrics_port: int = Field(9400, ge=0, description="Port of the worker's HTTP endpoints: Prometheus /metrics, /healthz and /readyz; 0 disables them.")
+    learner_metrics_port: int = Field(9401, ge=0, description="Port of the learner's /metrics, /healthz and /readyz endpoints; 0 disables them.")
+    metrics_host: str = Field("127.0.0.1", description="Address the /metrics, /healthz and /readyz endpoints bind (worker and learner). 0.0.0.0 in a container, so that Prometheus and the kubelet reach them.")
+    learner_max_poll_gap_s: float = Field(60.0, gt=0, description="The learner's /readyz fails (check `consumer`) when its loop has not polled transitions for this long: stuck, or a publish (gate, checkpoint, send) taking longer.")
     worker_web_port: int = Field(6066, description="Port of Faust's own web server (used only if worker_web_enabled).")
     worker_web_enabled: bool = Field(False, description="Run Faust's built-in web server.")
     log_level: str = Field("info", description="Worker log level.")
@@ -131,6 +147,27 @@ class Settings(BaseSettings):
             if v.strip().startswith("["):
                 return tuple(json.loads(v))
             return tuple(x.strip() for x in v.split(",") if x.strip())
+        return v
+
+    @field_validator("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+                     "kafka_sasl_password_file", "kafka_ssl_ca_location",
+                     "kafka_ssl_certificate_location", "kafka_ssl_key_location",
+                     "kafka_ssl_key_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("kafka_config", mode="before")
+    @classmethod
+    def _kafka_config(cls, v):
+        if isinstance(v, str):
+            if v.strip().startswith("{"):
+                return {str(k): str(x) for k, x in json.loads(v).items()}
+            pairs = [x.strip() for x in v.split(",") if x.strip()]
+            bad = [x for x in pairs if "=" not in x]
+            if bad:
+                raise ValueError(f"expected key=value,key=value or a JSON object, not {bad[0]!r}")
+            return {k.strip(): x.strip() for k, x in (p.split("=", 1) for p in pairs)}
         return v
 
     @cached_property

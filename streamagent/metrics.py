@@ -1,12 +1,28 @@
-"""Every Prometheus metric streamagent exports, declared here against an injected registry.
+"""Every Prometheus metric streamagent exports, declared here against an injected registry,
+and the small HTTP server that exposes them with the process's health.
 
 Names: streamagent_<subsystem>_<what>_<unit>; counters end in _total; label values are
 bounded (event type, action, reason, topic) and pre-initialised so dashboards show zeros
 rather than gaps. Never label by user id.
+
+The server (:class:`HealthServer`, started by :meth:`Metrics.serve`) answers on one port:
+``/metrics`` (Prometheus text, as prometheus_client's own server would), ``/healthz`` (200
+while the process is alive) and ``/readyz`` (200 or 503 from the named readiness checks that
+the worker or learner registers with :meth:`Metrics.add_ready_check`); anything else is 404.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import gzip
+import json
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Union
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from streamagent.core.contracts import EVENT_TYPES
 from streamagent.errors import SnapshotRejected
@@ -24,10 +40,17 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2
 PROCESSING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 
 
+# A readiness check returns whether it passes, or (passes, a short human detail).
+CheckResult = Union[bool, tuple[bool, str]]
+ReadyCheck = Callable[[], CheckResult]
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, topics: tuple[str, ...] = (),
                  actions: tuple[str, ...] = ()):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._checks: dict[str, ReadyCheck] = {}
+        self._checks_lock = threading.Lock()
         r = self.registry
         self.events = Counter("streamagent_ingest_events_total",
                               "User events accepted, by event type.", ["type"], registry=r)
@@ -75,6 +98,14 @@ class Metrics:
                              registry=r)
         self.users = Gauge("streamagent_state_users",
                            "User-state entries on this worker's partitions.", registry=r)
+        self.erasures = Counter("streamagent_state_erasures_total",
+                                "Erasure requests carried out, by table (user-state: a null "
+                                "user-events record; join-state: the decision-log tombstone "
+                                "it causes).", ["table"], registry=r)
+        self.expired = Counter("streamagent_state_expired_total",
+                               "Users dropped for inactivity past the TTL (event time), by "
+                               "table: deleted by the sweep, or found expired on read.",
+                               ["table"], registry=r)
         self.lag = Gauge("streamagent_stream_consumer_lag_messages",
                          "Messages behind the end of each input topic.", ["topic"], registry=r)
         self.model_version = Gauge("streamagent_decision_model_version",
@@ -172,6 +203,9 @@ class Metrics:
             self.join_events.labels(o)
         for d in ("true", "false"):
             self.transitions.labels(d)
+        for tbl in ("user-state", "join-state"):
+            self.erasures.labels(tbl)
+            self.expired.labels(tbl)
         for s in ("decide", "join", "learn", "dlq", "send", "changelog"):
             self.errors.labels(s)
         for reason in SnapshotRejected.REASONS:
@@ -182,12 +216,133 @@ class Metrics:
         for m in ("live", "candidate"):
             self.gate_value.labels(m)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        if port:
-            try:
-                start_http_server(port, addr=host, registry=self.registry)
-            except OSError as exc:
-                from streamagent.errors import ConfigError
+    # --- health -------------------------------------------------------------------------
+    def add_ready_check(self, name: str, check: ReadyCheck) -> None:
+        """Register (or replace) the readiness check ``name``. ``check()`` runs in the HTTP
+        server's thread at every /readyz request: it must be quick and only read state."""
+        with self._checks_lock:
+            self._checks[name] = check
 
-                raise ConfigError(f"cannot serve /metrics on {host}:{port} ({exc}); set "
-                                  f"STREAMAGENT_METRICS_PORT to a free port, or 0 to disable") from None
+    def readiness(self) -> tuple[bool, dict[str, dict]]:
+        """(all checks pass, {name: {"ok": bool, "detail": str}}). A check that raises fails,
+        with the exception as its detail. No checks registered means ready."""
+        with self._checks_lock:
+            checks = list(self._checks.items())
+        out: dict[str, dict] = {}
+        for name, check in checks:
+            try:
+                result = check()
+                ok, detail = result if isinstance(result, tuple) else (result, "")
+                ok = bool(ok)
+            except Exception as exc:  # a broken check must not break the endpoint
+                ok, detail = False, f"check failed: {type(exc).__name__}: {exc}"
+            out[name] = {"ok": ok, "detail": str(detail)}
+        return all(c["ok"] for c in out.values()), out
+
+    def serve(self, port: int, host: str = "127.0.0.1", *,
+              setting: str = "STREAMAGENT_METRICS_PORT") -> "HealthServer | None":
+        """Serve /metrics, /healthz and /readyz on ``host:port`` in a daemon thread; ``port``
+        0 disables it (returns None). A port that cannot be bound is a ConfigError naming
+        ``setting``."""
+        if not port:
+            return None
+        try:
+            return HealthServer(self, host, port).start()
+        except OSError as exc:
+            from streamagent.errors import ConfigError
+
+            raise ConfigError(f"cannot serve /metrics on {host}:{port} ({exc}); set "
+                              f"{setting} to a free port, or 0 to disable") from None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung client never keeps the process alive
+    metrics: Metrics
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also looks up the host's FQDN, a DNS query that can stall a
+        # container's start; nothing here needs the name
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"  # one request per connection, as prometheus_client's server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlsplit(self.path)
+        if url.path == "/metrics":
+            self._metrics(parse_qs(url.query))
+        elif url.path == "/healthz":
+            self._send(200, "text/plain; charset=utf-8", b"ok\n")
+        elif url.path == "/readyz":
+            ready, checks = self.server.metrics.readiness()
+            body = {"ready": ready, "checks": checks,
+                    "failing": [n for n, c in checks.items() if not c["ok"]]}
+            self._send(200 if ready else 503, "application/json",
+                       json.dumps(body).encode() + b"\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8",
+                       b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _metrics(self, params: dict) -> None:
+        # what prometheus_client's own server does: the encoder the Accept header asks for
+        # (OpenMetrics or text), optional name[] filtering, gzip if the client accepts it
+        registry = self.server.metrics.registry
+        encoder, content_type = choose_encoder(self.headers.get("Accept"))
+        if "name[]" in params:
+            registry = registry.restricted_registry(params["name[]"])
+        output = encoder(registry)
+        headers = {}
+        if gzip_accepted(self.headers.get("Accept-Encoding")):
+            output = gzip.compress(output)
+            headers["Content-Encoding"] = "gzip"
+        self._send(200, content_type, output, headers)
+
+    def _send(self, status: int, content_type: str, body: bytes,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's name)
+        pass  # probes every few seconds would flood the log
+
+
+class HealthServer:
+    """/metrics, /healthz and /readyz for one :class:`Metrics`, in a daemon thread.
+
+    ``port`` 0 binds an ephemeral port (see :attr:`port`); :meth:`Metrics.serve` treats 0 as
+    "disabled" instead, which is what the settings mean by it.
+    """
+
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 0):
+        family = socket.AF_INET
+        # an IPv6 address ("::", "::1") needs an IPv6 socket; names resolve as the OS prefers
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        if infos:
+            family = infos[0][0]
+        server_class = type("_BoundServer", (_Server,), {"address_family": family})
+        self.httpd: _Server = server_class((host, port), _Handler)
+        self.httpd.metrics = metrics
+        self._thread = threading.Thread(target=self.httpd.serve_forever,
+                                        name="streamagent-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)

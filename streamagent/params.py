@@ -24,7 +24,8 @@ def shipped(**overrides) -> Settings:
 
 def state_params(s: Settings) -> StateParams:
     return StateParams(half_life_ms=int(s.interest_half_life_days * DAY_MS),
-                       cap_window_ms=s.cap_window_ms, dedupe_events=s.dedupe_events_per_user)
+                       cap_window_ms=s.cap_window_ms, dedupe_events=s.dedupe_events_per_user,
+                       ttl_ms=int(s.user_state_ttl_days * DAY_MS))
 
 
 def cap_params(s: Settings) -> CapParams:
@@ -49,7 +50,7 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
-                        confidence_z=s.confidence_z,
+                        confidence_z=s.confidence_z, greedy_margin=s.greedy_margin,
                         explore_period_ms=int(s.explore_period_days * DAY_MS),
                         time_bounds=time_bounds(s, past=True))
 
@@ -59,7 +60,8 @@ def join_params(s: Settings) -> JoinParams:
                       lateness_ms=int(s.allowed_lateness_minutes * MINUTE_MS),
                       horizon_ms=int(s.transition_horizon_days * DAY_MS),
                       reward=s.reward, margin=s.margin, default_reward=s.default_reward,
-                      attribution=s.attribution_rule, time_bounds=time_bounds(s, past=False))
+                      attribution=s.attribution_rule, time_bounds=time_bounds(s, past=False),
+                      ttl_ms=int(s.user_state_ttl_days * DAY_MS))
 
 
 def learner_params(s: Settings) -> LearnerParams:
@@ -75,4 +77,5 @@ def learner_params(s: Settings) -> LearnerParams:
 
 
 def gate_params_from(s: Settings) -> GateParams:
-    return GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples, rule=s.gate_rule)
+    return GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples, rule=s.gate_rule,
+                      greedy_margin=s.greedy_margin)

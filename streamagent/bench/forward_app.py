@@ -1,7 +1,7 @@
 """Baseline: a Faust agent that only forwards each event (same driver and settings as decide).
 
 Run as ``python -m streamagent.bench.forward_app`` with BENCH_BOOTSTRAP, BENCH_IN, BENCH_OUT,
-BENCH_APP_ID set. Not part of the product; it exists to give the pipeline benchmark a ceiling.
+BENCH_APP_ID set (and STREAMAGENT_KAFKA_* security, as every client). Not part of the product; it exists to give the pipeline benchmark a ceiling.
 """
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import os
 
 import faust
 
-from streamagent.stream.app import faust_broker_url
+from streamagent.config import Settings
+from streamagent.ops.kafka import kafka_client
+from streamagent.stream.app import faust_broker
 from streamagent.stream.faust_internals import make_worker, set_fetch_max_wait
 
 
 def make_app() -> faust.App:
     # the same consumer tuning the decide worker gets, so the baseline is like for like
     set_fetch_max_wait(int(os.environ.get("STREAMAGENT_CONSUMER_FETCH_MAX_WAIT_MS", "20")))
-    app = faust.App(os.environ["BENCH_APP_ID"], broker=faust_broker_url(os.environ["BENCH_BOOTSTRAP"]),
+    kafka = kafka_client(Settings(), bootstrap=os.environ["BENCH_BOOTSTRAP"])
+    app = faust.App(os.environ["BENCH_APP_ID"], **faust_broker(kafka),
                     store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
                     topic_replication_factor=1, producer_linger_ms=5, broker_commit_every=10_000,
                     broker_commit_interval=2.8, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))

@@ -23,11 +23,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from streamagent.ops.local import free_port_pair, terminate
+
+if TYPE_CHECKING:
+    from streamagent.ops.kafka import KafkaClientConfig
 
 RESULTS = Path("bench-results")
 
@@ -49,25 +53,25 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
 
 
-def _create(bootstrap: str, names: list[str], partitions: int) -> None:
+def _create(kafka: KafkaClientConfig, names: list[str], partitions: int) -> None:
     from confluent_kafka.admin import NewTopic
 
     from streamagent.ops.kafka import make_admin
 
     cfg = {"message.timestamp.type": "LogAppendTime"}
-    a = make_admin(bootstrap)  # keep a reference: the futures die with the client
+    a = make_admin(kafka)  # keep a reference: the futures die with the client
     futs = a.create_topics(
         [NewTopic(n, num_partitions=partitions, replication_factor=1, config=cfg) for n in names])
     for f in futs.values():
         f.result()
 
 
-def _end_offsets(bootstrap: str, topic: str) -> int:
+def _end_offsets(kafka: KafkaClientConfig, topic: str) -> int:
     from confluent_kafka import TopicPartition
 
     from streamagent.ops.kafka import make_consumer
 
-    c = make_consumer(bootstrap)
+    c = make_consumer(kafka)
     try:
         md = c.list_topics(topic, timeout=10)
         total = 0
@@ -79,13 +83,13 @@ def _end_offsets(bootstrap: str, topic: str) -> int:
         c.close()
 
 
-def _behind(bootstrap: str, group: str, topic: str) -> int:
+def _behind(kafka: KafkaClientConfig, group: str, topic: str) -> int:
     """Messages of ``topic`` the consumer group has not committed yet."""
     from confluent_kafka import TopicPartition
 
     from streamagent.ops.kafka import make_consumer
 
-    c = make_consumer(bootstrap, group=group)
+    c = make_consumer(kafka, group=group)
     try:
         md = c.list_topics(topic, timeout=10)
         tps = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
@@ -98,13 +102,14 @@ def _behind(bootstrap: str, group: str, topic: str) -> int:
         c.close()
 
 
-def _wait_idle(bootstrap: str, group: str, topics: list[str], timeout: float, proc) -> float:
+def _wait_idle(kafka: KafkaClientConfig, group: str, topics: list[str], timeout: float,
+               proc) -> float:
     """Wait until the group has committed everything on ``topics`` (the decide worker's join
     agent still works through the backlog's decisions after the last decision is out, and
     paced events would queue behind it). Returns the seconds waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if all(_behind(bootstrap, group, t) == 0 for t in topics):
+        if all(_behind(kafka, group, t) == 0 for t in topics):
             break
         if proc.poll() is not None:
             raise RuntimeError(f"system under test exited with {proc.returncode}")
@@ -112,18 +117,18 @@ def _wait_idle(bootstrap: str, group: str, topics: list[str], timeout: float, pr
     return time.monotonic() - t0
 
 
-def _read(bootstrap: str, topic: str) -> list[tuple[int, bytes]]:
+def _read(kafka: KafkaClientConfig, topic: str) -> list[tuple[int, bytes]]:
     from streamagent.ops.tail import read_all
 
-    return [(m.timestamp()[1], m.value()) for m in read_all(bootstrap, topic, idle=2.0,
+    return [(m.timestamp()[1], m.value()) for m in read_all(kafka, topic, idle=2.0,
                                                               max_wait=300)]
 
 
-def _wait_for(bootstrap: str, topic: str, count: int, timeout: float, proc) -> int:
+def _wait_for(kafka: KafkaClientConfig, topic: str, count: int, timeout: float, proc) -> int:
     deadline = time.monotonic() + timeout
     n = 0
     while time.monotonic() < deadline:
-        n = _end_offsets(bootstrap, topic)
+        n = _end_offsets(kafka, topic)
         if n >= count:
             return n
         if proc.poll() is not None:
@@ -132,10 +137,12 @@ def _wait_for(bootstrap: str, topic: str, count: int, timeout: float, proc) -> i
     return n
 
 
-def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitions: int,
+def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path, partitions: int,
            profile: tuple[float, Path] | None = None):
     app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "BENCH_BOOTSTRAP": bootstrap, "BENCH_IN": tin, "BENCH_OUT": tout,
+    # the system under test reaches the broker as this process does (STREAMAGENT_KAFKA_*)
+    env = {**os.environ, **kafka.env(), "BENCH_BOOTSTRAP": kafka.bootstrap, "BENCH_IN": tin,
+           "BENCH_OUT": tout,
            "BENCH_APP_ID": app_id, "BENCH_DATA_DIR": str(tmp / app_id)}
     if system == "plain":
         cmd = [sys.executable, "-m", "streamagent.bench.plain_loop"]
@@ -143,7 +150,7 @@ def _start(system: str, bootstrap: str, tin: str, tout: str, tmp: Path, partitio
         cmd = [sys.executable, "-m", "streamagent.bench.forward_app"]
     else:
         cmd = [sys.executable, "-m", "streamagent.cli", "worker"]
-        env.update({"STREAMAGENT_KAFKA_BOOTSTRAP": bootstrap, "STREAMAGENT_APP_ID": app_id,
+        env.update({"STREAMAGENT_APP_ID": app_id,
                     "STREAMAGENT_DATA_DIR": str(tmp / app_id),
                     "STREAMAGENT_TOPIC_USER_EVENTS": tin, "STREAMAGENT_TOPIC_DECISION_LOG": tout,
                     "STREAMAGENT_TOPIC_COUPON_ACTIONS": tout + "-coupons",
@@ -182,10 +189,10 @@ def _events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
     return out
 
 
-def _produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0.0) -> None:
+def _produce(kafka: KafkaClientConfig, topic: str, events: list[dict], rate: float = 0.0) -> None:
     from streamagent.ops.kafka import make_producer, send
 
-    p = make_producer(bootstrap, **({"linger.ms": 0} if rate else {}))
+    p = make_producer(kafka, **({"linger.ms": 0} if rate else {}))
     t0 = time.perf_counter()
     for i, ev in enumerate(events):
         if rate:
@@ -203,21 +210,21 @@ def _out_event_id(system: str, value: bytes) -> str:
     return doc["trigger_event_id"] if system == "decide" else doc["event_id"]
 
 
-def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[str],
+def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], triggers: set[str],
                partitions: int, tmp: Path, rate: float, latency_s: float, users: int,
                log=print, profile: tuple[float, Path] | None = None) -> dict:
     rid = uuid.uuid4().hex[:6]
     tin, tout = f"bench-{rid}-in", f"bench-{rid}-out"
-    _create(bootstrap, [tin, tout, tout + "-coupons", tin + ".dlq"], partitions)
-    _produce(bootstrap, tin, backlog)
+    _create(kafka, [tin, tout, tout + "-coupons", tin + ".dlq"], partitions)
+    _produce(kafka, tin, backlog)
     expect = len(backlog) if system != "decide" else sum(
         1 for e in backlog if e["event_id"] in triggers)
-    proc, app_id = _start(system, bootstrap, tin, tout, tmp, partitions, profile)
+    proc, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile)
     try:
         t0 = time.monotonic()
-        got = _wait_for(bootstrap, tout, expect, 600, proc)
+        got = _wait_for(kafka, tout, expect, 600, proc)
         wall = time.monotonic() - t0
-        outs = _read(bootstrap, tout)
+        outs = _read(kafka, tout)
         ts = sorted(t for t, _ in outs)
         span = (ts[-1] - ts[0]) / 1000.0 if len(ts) > 1 else float("nan")
         per_output = len(backlog) / max(1, len(outs))
@@ -227,20 +234,22 @@ def run_system(system: str, bootstrap: str, backlog: list[dict], triggers: set[s
                   "events_per_s": events_per_s, "wall_incl_startup_s": wall, "complete": got >= expect}
         if latency_s > 0 and rate > 0:
             if system == "decide":  # the same app id is the Faust consumer group
-                waited = _wait_idle(bootstrap, app_id, [tin, tout], 300, proc)
+                waited = _wait_idle(kafka, app_id, [tin, tout], 300, proc)
                 log(f"  {system:7} caught up with its inputs (join included) {waited:.0f} s "
                     f"after the last decision")
                 result["catch_up_s"] = waited
             paced = _events(int(rate * latency_s), users, seed=99, prefix=f"lat{rid}")
             before = len(outs)
-            _produce(bootstrap, tin, paced, rate=rate)
+            _produce(kafka, tin, paced, rate=rate)
             paced_triggers = {e["event_id"] for e in paced if e["type"] in
                               ("session_start", "add_to_cart")}
             want = len(paced) if system != "decide" else len(paced_triggers)
-            _wait_for(bootstrap, tout, before + want, 120, proc)
-            ins = {orjson.loads(v)["event_id"]: t for t, v in _read(bootstrap, tin)}
+            _wait_for(kafka, tout, before + want, 120, proc)
+            ins = {orjson.loads(v)["event_id"]: t for t, v in _read(kafka, tin)}
             lat = []
-            for t, v in _read(bootstrap, tout):
+            for t, v in _read(kafka, tout):
+                if v is None:  # an erasure tombstone on decision-log: no decision
+                    continue
                 eid = _out_event_id(system, v)
                 if eid.startswith(f"lat{rid}") and eid in ins:
                     lat.append(t - ins[eid])
@@ -271,16 +280,20 @@ def main(args) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="sa-bench-"))
     broker_cfg = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
+    if args.bootstrap:  # the user's broker, reached with their STREAMAGENT_KAFKA_* security
+        from streamagent.config import Settings
+        from streamagent.ops.kafka import kafka_client
+
+        kafka = kafka_client(Settings(), bootstrap=args.bootstrap)
+    else:
         broker_cfg = BrokerConfig(data_dir=tmp / "kafka", port=free_port_pair(), heap="1g")
         start(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
-        bootstrap = broker_cfg.bootstrap
+        kafka = broker_cfg.client()
     try:
         backlog = _events(args.events, args.users, seed=1, prefix="b")
         triggers = {e["event_id"] for e in backlog if e["type"] in ("session_start", "add_to_cart")}
         con.print(f"backlog: {len(backlog)} events, {len(triggers)} triggers, {args.users} users, "
-                  f"{args.partitions} partitions, broker {bootstrap}")
+                  f"{args.partitions} partitions, broker {kafka.bootstrap}")
         results: dict = {}
         profile = None
         if args.profile:
@@ -291,14 +304,14 @@ def main(args) -> int:
         for system in order:
             if system == "decide" and not rate:
                 # peak first, then pace the latency phase at half of it
-                r = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, 0, 0,
+                r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, 0, 0,
                                args.users, log=con.print, profile=profile)
                 rate = max(50.0, round(r["events_per_s"] / 2, -1))
-                lat = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, rate,
+                lat = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rate,
                                  args.latency_seconds, args.users, log=con.print)
                 r["latency_ms"] = lat.get("latency_ms")
             else:
-                r = run_system(system, bootstrap, backlog, triggers, args.partitions, tmp, rate,
+                r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rate,
                                args.latency_seconds, args.users, log=con.print)
             results[system] = r
     finally:

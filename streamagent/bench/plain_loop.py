@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 import signal
 
-from streamagent.ops.kafka import make_consumer, make_producer, send
+from streamagent.config import Settings
+from streamagent.ops.kafka import kafka_client, make_consumer, make_producer, send
 
 
 def main() -> None:
-    bootstrap = os.environ["BENCH_BOOTSTRAP"]
-    c = make_consumer(bootstrap, os.environ["BENCH_APP_ID"], **{"enable.auto.commit": True})
+    kafka = kafka_client(Settings(), bootstrap=os.environ["BENCH_BOOTSTRAP"])
+    c = make_consumer(kafka, os.environ["BENCH_APP_ID"], **{"enable.auto.commit": True})
     # the producer measured in docs/BENCHMARKS.md: no compression, not idempotent
-    p = make_producer(bootstrap, **{"linger.ms": 1, "compression.type": "none",
+    p = make_producer(kafka, **{"linger.ms": 1, "compression.type": "none",
                                     "enable.idempotence": False})
     c.subscribe([os.environ["BENCH_IN"]])
     out = os.environ["BENCH_OUT"]

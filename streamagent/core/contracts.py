@@ -310,14 +310,17 @@ class PendingConversion(_Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JoinRecord(_Record):
-    """One user's record in the reward join. Kept even with nothing pending: the order and
-    decision ids remembered are the duplicate memory."""
+    """One user's record in the reward join. Kept with nothing pending (the order and
+    decision ids remembered are the duplicate memory) until it expires: nothing pending and
+    ``last_ts`` older than the partition's event time minus the TTL (core/join.py)."""
 
     user_id: str
     decisions: tuple[PendingDecision, ...] = ()  # sorted by (ts, decision_id)
     conversions: tuple[PendingConversion, ...] = ()
     orders: tuple[str, ...] = ()  # order ids seen, newest last
     ids: tuple[str, ...] = ()  # decision ids seen, newest last
+    # the latest ts of the user's decisions and orders (0: a record of an older release)
+    last_ts: int = 0
     _nested = {"decisions": PendingDecision, "conversions": PendingConversion}
 
 

@@ -19,8 +19,8 @@ from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, adm
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
-from streamagent.core.state import (StateParams, UserState, apply, find_decision, is_replay,
-                                    record_decision, remember)
+from streamagent.core.state import (StateParams, UserState, apply, expired, find_decision,
+                                    is_replay, record_decision, remember)
 from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
 
@@ -53,6 +53,8 @@ class EngineParams:
     # thompson exploration: an exploring user follows one head for this much event time
     explore_period_ms: int
     time_bounds: TimeBounds  # what a user event's ts may be, against its partition's clock
+    # a coupon is greedy only if its Q beats "no coupon" by this fraction of |Q(none)|
+    greedy_margin: float = 0.0
 
     @property
     def budget_share(self) -> float:
@@ -71,18 +73,29 @@ class StepResult:
     decision: Decision | None = None
     coupon_action: CouponAction | None = None
     replayed: bool = False  # the event had been applied before (crash replay, duplicate)
+    expired: bool = False  # the user's stored state had expired (StateParams.ttl_ms): dropped
 
 
 class _Seen:
-    """What :func:`state.is_replay` reads of a user's state, as the first pass of
-    :meth:`DecisionEngine.step_batch` follows it past the user's first trigger (cheaper than a
-    whole new UserState per event)."""
+    """What :func:`state.is_replay` and the expiry check read of a user's state, as the first
+    pass of :meth:`DecisionEngine.step_batch` follows it past the user's first trigger
+    (cheaper than a whole new UserState per event)."""
 
-    __slots__ = ("last_partition", "last_offset", "event_ids")
+    __slots__ = ("last_partition", "last_offset", "event_ids", "last_ts")
 
     def __init__(self, state: UserState):
         self.last_partition, self.last_offset = state.last_partition, state.last_offset
-        self.event_ids = state.event_ids
+        self.event_ids, self.last_ts = state.event_ids, state.last_ts
+
+    def follow(self, ev: UserEvent, partition: int, offset: int, lapsed: bool,
+               p: StateParams) -> None:
+        """As :func:`state.apply` moves them (on a new state if ``lapsed``)."""
+        if lapsed:
+            self.last_partition, self.last_offset, self.event_ids, self.last_ts = -1, -1, (), 0
+        self.last_ts = max(self.last_ts, ev.ts)
+        if partition >= 0:
+            self.last_partition, self.last_offset = partition, offset
+            self.event_ids = remember(self.event_ids, ev.event_id, p)
 
 
 @dataclass
@@ -159,28 +172,35 @@ class DecisionEngine:
         (the benchmark's baselines use it, so that state, caps and logs see their actions).
         Raises InvalidMessage for input that belongs on the dead-letter topic.
         """
-        ev, state, clock, done = self._admit(raw, key, state, budget, partition, offset,
-                                             clock or StreamClock(), now_ms)
+        ev, state, clock, done, lapsed = self._admit(raw, key, state, budget, partition,
+                                                     offset, clock or StreamClock(), now_ms)
         if done is not None:
             return done
         state = apply(state, ev, self.p.state, partition, offset)
         if ev.type not in self._triggers:
-            return StepResult(state, budget, clock, ev)
-        return self._decide(state, ev, budget, clock, policy)
+            return StepResult(state, budget, clock, ev, expired=lapsed)
+        r = self._decide(state, ev, budget, clock, policy)
+        r.expired = lapsed
+        return r
 
     def _admit(self, raw, key, state, budget, partition, offset, clock, now_ms, seen=None):
         """Decode and check one event: (event, state, clock having seen it, result if it is a
-        replay). ``seen``: what to recognise a replay by, if not ``state`` (a ``_Seen``).
-        Raises InvalidMessage / OutOfBounds as :meth:`step` does."""
+        replay, whether the stored state had expired). ``seen``: what to recognise a replay and
+        expiry by, if not ``state`` (a ``_Seen``). ``clock`` is the partition's clock before
+        the event. Raises InvalidMessage / OutOfBounds as :meth:`step` does."""
         ev = decode_user_event(raw, key)
-        if state is None:
+        # a state idle longer than the TTL, by the partition's event time, is dropped: the
+        # user starts anew (state.expired; the sweep deletes such states, see decide.py)
+        lapsed = state is not None and expired((seen or state).last_ts, clock.stream_time,
+                                               self.p.state.ttl_ms)
+        if state is None or lapsed:
             state = UserState(user_id=ev.user_id)
-        if partition >= 0 and is_replay(seen or state, partition, offset, ev.event_id):
-            return ev, state, clock, self._replayed(state, ev, budget, clock)
+        elif partition >= 0 and is_replay(seen or state, partition, offset, ev.event_id):
+            return ev, state, clock, self._replayed(state, ev, budget, clock), False
         # any gap in the user's own history is legal (a customer may return after a year):
         # the bounds are against the partition's event time, never the user's
         clock = admit(clock, ev.ts, self.p.time_bounds, now_ms)
-        return ev, state, clock, None
+        return ev, state, clock, None, lapsed
 
     def _replayed(self, state: UserState, ev: UserEvent, budget: BudgetShare,
                   clock: StreamClock) -> StepResult:
@@ -221,15 +241,16 @@ class DecisionEngine:
         # followed by this pass (the rest of their state is left to the ordered pass)
         blocked: dict[bytes, _Seen] = {}
         replays: set[int] = set()  # replays of such users, built in the ordered pass
+        lapses: set[int] = set()  # such users' events that found their state expired
         first: list[int] = []  # items that are such first triggers
         feats: list[np.ndarray] = []
         for i, (raw, key, part, off) in enumerate(items):
             clock = clocks.get(part) or StreamClock()
             seen = blocked.get(key)
             try:
-                ev, state, clock, done = self._admit(raw, key, states.get(key),
-                                                     budgets.get(part) or BudgetShare(),
-                                                     part, off, clock, now_ms, seen)
+                ev, state, clock, done, lapsed = self._admit(raw, key, states.get(key),
+                                                             budgets.get(part) or BudgetShare(),
+                                                             part, off, clock, now_ms, seen)
             except OutOfBounds as exc:
                 clocks[part] = exc.clock  # seen: a real jump is followed
                 out[i] = exc
@@ -241,9 +262,10 @@ class DecisionEngine:
             if seen is not None:  # after the user's first trigger: taken in the ordered pass
                 if done is not None:
                     replays.add(i)
-                elif part >= 0:  # as apply will set them
-                    seen.last_partition, seen.last_offset = part, off
-                    seen.event_ids = remember(seen.event_ids, ev.event_id, self.p.state)
+                else:  # as apply will set them
+                    seen.follow(ev, part, off, lapsed, self.p.state)
+                    if lapsed:
+                        lapses.add(i)
                 continue
             if done is not None:
                 out[i] = done
@@ -256,8 +278,11 @@ class DecisionEngine:
                                           self.p.caps.window_ms))
                     first.append(i)
                     blocked[key] = _Seen(state)
+                    if lapsed:
+                        lapses.add(i)
                 else:
-                    out[i] = StepResult(state, budgets.get(part) or BudgetShare(), clock, ev)
+                    out[i] = StepResult(state, budgets.get(part) or BudgetShare(), clock, ev,
+                                        expired=lapsed)
             except Exception as exc:  # noqa: BLE001
                 out[i] = exc
         model = self.model  # one read: the whole batch decides with one version
@@ -280,12 +305,15 @@ class DecisionEngine:
                     r = self._decide(state, ev, budget, clock, model=model, x=feat_of[i],
                                      q_heads=scored[i])
                 else:  # a later event of a user whose first trigger came earlier in the batch
+                    if i in lapses:  # idle past the TTL within the batch: starts anew
+                        state = UserState(user_id=ev.user_id)
                     state = apply(state, ev, self.p.state, part, off)
                     r = (self._decide(state, ev, budget, clock, model=model)
                          if ev.type in self._triggers else StepResult(state, budget, clock, ev))
             except Exception as exc:  # noqa: BLE001
                 out[i] = exc
                 continue
+            r.expired = i in lapses
             states[key], budgets[part], out[i] = r.state, r.budget, r
         return out
 
@@ -308,7 +336,7 @@ class DecisionEngine:
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
                          p.epsilon_decay_steps)
-        greedy = confident_greedy(q_heads, allowed, p.confidence_z)
+        greedy = confident_greedy(q_heads, allowed, p.confidence_z, p.greedy_margin)
         head_greedy = head_choices(q_heads, allowed) if len(q_heads) > 1 else None
         probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature, greedy,
                                      head_greedy)

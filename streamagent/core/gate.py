@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from streamagent.core.ope import LoggedData, cross_fit_rewards, ratio_estimate
+from streamagent.core.policy import greedy_actions
 from streamagent.core.qnet import NumpyQ
 
 
@@ -34,6 +35,7 @@ class GateParams:
     rule: str = "lower_bound"
     n_bootstrap: int = 500
     folds: int = 3
+    greedy_margin: float = 0.0  # the deciders' margin for coupons (EngineParams.greedy_margin)
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,13 @@ class Verdict:
         return asdict(self)
 
 
-def greedy_pi(q: NumpyQ, X: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+def greedy_pi(q: NumpyQ, X: np.ndarray, allowed: np.ndarray | None,
+              greedy_margin: float = 0.0) -> np.ndarray:
     """The greedy policy of a model as action probabilities (n, actions), masked as the
-    deciders masked (ties go to the lowest action, 'no coupon', as in the engine)."""
+    deciders masked, with their margin for coupons (ties go to 'no coupon', as in the engine)."""
     Q = q.batch(X)
-    if allowed is not None:
-        Q = np.where(allowed, Q, -np.inf)
-    pi = np.zeros_like(Q, dtype=np.float64)
-    pi[np.arange(len(Q)), np.argmax(Q, axis=1)] = 1.0
+    pi = np.zeros(Q.shape, dtype=np.float64)
+    pi[np.arange(len(Q)), greedy_actions(Q, allowed, greedy_margin)] = 1.0
     return pi
 
 
@@ -79,8 +80,8 @@ def judge(candidate: NumpyQ, live: NumpyQ, log: LoggedData, p: GateParams,
         return Verdict("unverified", log.n, reason=f"{log.n} held-out decisions, "
                                                    f"{p.min_samples} needed to judge")
     q_hat = cross_fit_rewards(log, folds=p.folds, seed=seed)
-    live_t = _dr_terms(log, greedy_pi(live, log.X, log.allowed), q_hat)
-    cand_t = _dr_terms(log, greedy_pi(candidate, log.X, log.allowed), q_hat)
+    live_t = _dr_terms(log, greedy_pi(live, log.X, log.allowed, p.greedy_margin), q_hat)
+    cand_t = _dr_terms(log, greedy_pi(candidate, log.X, log.allowed, p.greedy_margin), q_hat)
     est = ratio_estimate("dr-diff", cand_t - live_t, np.ones(log.n), p.n_bootstrap, seed)
     live_v = float(live_t.mean())
     floor = -p.margin * abs(live_v)

@@ -19,6 +19,12 @@ depend on arrival order as long as nothing is later than the allowed lateness:
 Per-user pending records (JoinRecord) live in a JoinStore over a key-value store (a Faust table
 in production, a dict in tests), with a due-time index of users by the event time something is
 due.
+
+A user's record stays while something is pending, then as duplicate memory until it expires
+(``ttl_ms`` of event time after the user's last decision or order, by the partition's clock:
+:meth:`Joiner.lapsed`; the handler's sweep deletes expired records, and one read before the
+sweep got to it counts as absent). :meth:`Joiner.erase` removes a user's record at once (an
+erasure request, a null value on decision-log).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from streamagent.core.catalog import Catalog
 from streamagent.core.contracts import (Conversion, Decision, JoinRecord, PendingConversion,
                                         PendingDecision, Reward, Transition)
 from streamagent.core.eventtime import OutOfBounds, TimeBounds, admit
+from streamagent.core.state import expired
 from streamagent.core.tables import JoinStore
 from streamagent.units import HOUR_MS
 
@@ -48,6 +55,9 @@ class JoinParams:
     default_reward: float
     attribution: str  # latest | code_only
     time_bounds: TimeBounds  # what an input's ts may be, against its partition's clock
+    # a record with nothing pending expires this long after its user's last decision or
+    # order, by the partition's event time; 0: never
+    ttl_ms: int
 
 
 @dataclass
@@ -96,6 +106,43 @@ class Joiner:
         if due >= NEVER:
             return
         self.store.add_due(partition, due // BUCKET_MS, user)
+
+    def lapsed(self, partition: int, doc: dict) -> bool:
+        """Whether a record (as its document) has expired: nothing pending, and its last
+        decision or order more than the TTL behind the partition's event time."""
+        return (not doc["decisions"] and not doc["conversions"]
+                and expired(doc.get("last_ts", 0), self.store.clock(partition).stream_time,
+                            self.p.ttl_ms))
+
+    def _record(self, partition: int, user: str) -> JoinRecord:
+        """The user's record; an empty one for a user not seen before or whose record has
+        expired (whether the sweep has deleted it yet or not)."""
+        rec = self.store.record(user)
+        if (self.p.ttl_ms and not rec.decisions and not rec.conversions
+                and expired(rec.last_ts, self.store.clock(partition).stream_time, self.p.ttl_ms)):
+            return JoinRecord(user_id=user)
+        return rec
+
+    def erase(self, partition: int, user: str) -> JoinOutput:
+        """Forget the user: the record goes, with whatever was pending (no reward, no
+        transition); its open decisions leave the pending count. Entries of the due-time
+        index that name the user are skipped when they come due."""
+        out = JoinOutput()
+        if self.store.has_record(user):
+            rec = self.store.record(user)
+            self._add_pending(partition, -sum(1 for d in rec.decisions if not d.closed))
+            self.store.delete_record(user)
+        return out
+
+    def sweep(self, partition: int, after: str | None, limit: int,
+              partition_of=None) -> tuple[list[str], str | None]:
+        """Delete the expired records among the next ``limit`` users of the partition after
+        ``after``: (users deleted, where the next sweep starts: None = from the first again)."""
+        docs = self.store.records(partition, after, limit, partition_of)
+        gone = [user for user, doc in docs if self.lapsed(partition, doc)]
+        for user in gone:
+            self.store.delete_record(user)
+        return gone, (docs[-1][0] if len(docs) >= limit else None)
 
     def _next_due(self, rec: JoinRecord) -> int:
         due = NEVER
@@ -149,7 +196,7 @@ class Joiner:
 
     def _on_decision(self, partition: int, d: Decision) -> JoinOutput:
         out = JoinOutput()
-        rec = self.store.record(d.user_id)
+        rec = self._record(partition, d.user_id)
         if d.decision_id in rec.ids:
             out.count("duplicate_decision")  # a re-sent decision after a crash
             return out
@@ -158,6 +205,7 @@ class Joiner:
             action_index=d.action_index, propensity=d.propensity, features=d.features,
             policy_version=d.policy_version, allowed=d.allowed)
         rec = replace(rec, ids=(rec.ids + (d.decision_id,))[-ORDER_MEMORY:],
+                      last_ts=max(rec.last_ts, d.ts),
                       decisions=tuple(sorted(rec.decisions + (pending,),
                                              key=lambda x: (x.ts, x.decision_id))))
         out.count("decisions")
@@ -174,11 +222,12 @@ class Joiner:
             out.extend(self._observe(partition, "conversions", c.ts))
             return out
         out = JoinOutput()
-        rec = self.store.record(c.user_id)
+        rec = self._record(partition, c.user_id)
         if c.order_id in rec.orders:
             out.count("duplicate_conversion")
             return out
-        rec = replace(rec, orders=(rec.orders + (c.order_id,))[-ORDER_MEMORY:])
+        rec = replace(rec, orders=(rec.orders + (c.order_id,))[-ORDER_MEMORY:],
+                      last_ts=max(rec.last_ts, c.ts))
         if c.ts < self.watermark(partition):
             out.count("late_conversion")  # its attribution point has passed: never re-open
             self.store.put_record(rec)
@@ -214,6 +263,8 @@ class Joiner:
         last = new // b
         for bucket in self._due_buckets(partition, first, last):
             for user in self.store.take_due(partition, bucket):
+                if not self.store.has_record(user):
+                    continue  # erased or expired since it was indexed
                 rec = self._resolve(self.store.record(user), new, out)
                 self.store.put_record(rec)
                 self._index(partition, user, self._next_due(rec))
@@ -232,6 +283,8 @@ class Joiner:
         out = JoinOutput()
         for bucket in self.store.due_buckets(partition):
             for user in self.store.take_due(partition, bucket):
+                if not self.store.has_record(user):
+                    continue
                 rec = self._resolve(self.store.record(user), NEVER - 1, out)
                 self.store.put_record(rec)
         return self._counted(partition, out)

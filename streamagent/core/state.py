@@ -7,6 +7,7 @@ runs on event time: a month replayed in minutes gives the same state as live tra
 """
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +31,9 @@ class StateParams:
     # how many of a user's most recent applied event ids are remembered, to recognise an event
     # seen before whatever its offset (0: none, the offset check alone)
     dedupe_events: int
+    # a state whose last event is more than this far behind its partition's event time has
+    # expired: the user counts as new (see expired); 0: never
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,30 @@ def is_replay(state: UserState, partition: int, offset: int, event_id: str) -> b
         return True
     return (not state.event_ids and partition == state.last_partition
             and offset <= state.last_offset)
+
+
+def expired(last_ts: int, stream_time: int | None, ttl_ms: int) -> bool:
+    """Whether an entry last active at ``last_ts`` has expired by the partition's event time
+    ``stream_time`` (the monotone robust time of its StreamClock; None before it has one).
+
+    Event time only, so a replay expires the same users. The rule is applied when a user's
+    state is read (an expired one is dropped and the user starts anew) and by the sweep that
+    deletes expired entries (stream/decide.py); since the partition's event time only moves
+    forward, everything the sweep deletes would have been dropped on its next read anyway, and
+    what a user's next event sees does not depend on when the sweep ran.
+    """
+    return ttl_ms > 0 and stream_time is not None and last_ts < stream_time - ttl_ms
+
+
+_LAST_TS = re.compile(rb'"last_ts":(-?\d+)')
+
+
+def last_ts_of(raw: bytes) -> int:
+    """A state blob's ``last_ts`` without decoding the rest (the expiry sweep reads many).
+    ``user_id`` is the only field before it that holds text, and a quote inside JSON text is
+    escaped, so the first match is the field itself."""
+    m = _LAST_TS.search(raw, 0, 4096)
+    return int(m.group(1)) if m else UserState.from_bytes(raw).last_ts
 
 
 def remember(event_ids: tuple[str, ...], event_id: str, p: StateParams) -> tuple[str, ...]:

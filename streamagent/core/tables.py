@@ -14,13 +14,14 @@ reads and writes records through them and never sees a key prefix or a byte.
 """
 from __future__ import annotations
 
-from typing import Iterator, MutableMapping
+import heapq
+from typing import Callable, Iterator, MutableMapping
 
 import orjson
 
 from streamagent.core.contracts import BudgetShare, JoinRecord
 from streamagent.core.eventtime import StreamClock
-from streamagent.core.state import UserState
+from streamagent.core.state import UserState, last_ts_of
 
 
 _DELETED = object()
@@ -100,6 +101,32 @@ class Staged(MutableMapping):
                 self.base[k] = v
 
 
+def scan(table: MutableMapping, partition: int, after=None, limit: int = 100, prefix=None,
+         partition_of: Callable[[object], int] | None = None) -> list[tuple]:
+    """Up to ``limit`` (key, value) pairs of one partition's keys, in key order, after the key
+    ``after`` (None: from the first), only keys starting with ``prefix`` if given: a cursor
+    that goes round a partition's keys a slice at a time (the expiry sweep).
+
+    A table that knows its partitions' keys answers itself (``table.scan``: the worker's
+    RocksDB tables, stream/faust_internals.py ``DirectTable``); any other mapping (dicts in
+    tests, Faust's memory store) is filtered with ``partition_of(key)``.
+    """
+    own = getattr(table, "scan", None)
+    if own is not None:
+        return own(partition, after, limit, prefix, partition_of)
+    return scan_mapping(table, partition, after, limit, prefix, partition_of)
+
+
+def scan_mapping(table: MutableMapping, partition: int, after, limit: int, prefix,
+                 partition_of: Callable[[object], int] | None) -> list[tuple]:
+    """:func:`scan` over a mapping that keeps no partitions: every key is looked at."""
+    keys = heapq.nsmallest(limit, (k for k in table
+                                   if (after is None or k > after)
+                                   and (prefix is None or k.startswith(prefix))
+                                   and (partition_of is None or partition_of(k) == partition)))
+    return [(k, table[k]) for k in keys]
+
+
 class UserStates:
     """The user-state table: user id (bytes) -> UserState (its to_bytes blob)."""
 
@@ -112,6 +139,20 @@ class UserStates:
 
     def put(self, key: bytes, state: UserState) -> None:
         self.table[key] = state.to_bytes()
+
+    def delete(self, key: bytes) -> bool:
+        """Remove the user's state (a tombstone in the changelog); whether there was one."""
+        if self.table.get(key) is None:
+            return False
+        del self.table[key]
+        return True
+
+    def last_seen(self, partition: int, after: bytes | None, limit: int,
+                  partition_of: Callable[[bytes], int] | None = None) -> list[tuple[bytes, int]]:
+        """(user key, last event time) of up to ``limit`` users of the partition after
+        ``after`` in key order (see :func:`scan`)."""
+        return [(k, last_ts_of(v)) for k, v in scan(self.table, partition, after, limit, None,
+                                                    partition_of) if v]
 
 
 class BudgetShares:
@@ -200,6 +241,23 @@ class JoinStore:
 
     def put_record(self, rec: JoinRecord) -> None:
         self._put("u:" + rec.user_id, rec, _doc_bytes)
+
+    def has_record(self, user: str) -> bool:
+        return self.table.get("u:" + user) is not None
+
+    def delete_record(self, user: str) -> None:
+        if self.table.get("u:" + user) is not None:
+            del self.table["u:" + user]
+
+    def records(self, partition: int, after: str | None, limit: int,
+                partition_of: Callable[[str], int] | None = None) -> list[tuple[str, dict]]:
+        """(user, record document) of up to ``limit`` users of the partition after the user
+        ``after``, in key order (see :func:`scan`; documents, not JoinRecords: the sweep needs
+        three fields of each)."""
+        of = None if partition_of is None else (lambda k: partition_of(k[2:]))
+        start = None if after is None else "u:" + after
+        return [(k[2:], orjson.loads(v)) for k, v in scan(self.table, partition, start, limit,
+                                                          "u:", of) if v]
 
     # ---------------------------------------------------------------- watermarks
     def watermark(self, partition: int) -> int | None:

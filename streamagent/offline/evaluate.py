@@ -75,10 +75,11 @@ def load_log(args) -> tuple[LoggedData, list[str], str]:
     from streamagent.core.catalog import load_catalog
     from streamagent.core.features import FEATURE_NAMES
     from streamagent.offline.kafka_logs import KafkaRange, read_kafka_log
+    from streamagent.ops.kafka import kafka_client
 
     s = Settings()
     rng = KafkaRange(args.since, args.until, args.start_offset, args.end_offset)
-    kl = read_kafka_log(s.kafka_bootstrap, s.topic_decision_log, s.topic_rewards, rng=rng,
+    kl = read_kafka_log(kafka_client(s), s.topic_decision_log, s.topic_rewards, rng=rng,
                         actions=load_catalog(s.catalog_path).actions, feature_names=FEATURE_NAMES)
     return kl.log, kl.notes, f"kafka {s.topic_decision_log} + {s.topic_rewards}"
 

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from streamagent.core.ope import LoggedData
 from streamagent.errors import OfflineDataError
 from streamagent.offline.logs import from_docs
-from streamagent.ops.kafka import make_consumer
+from streamagent.ops.kafka import KafkaClientConfig, make_consumer
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,13 @@ class KafkaLog:
     notes: list[str] = field(default_factory=list)
 
 
-def read_topic(bootstrap: str, topic: str, start_offset: int | None = None,
+def read_topic(kafka: KafkaClientConfig, topic: str, start_offset: int | None = None,
                end_offset: int | None = None, timeout: float = 60.0) -> list[bytes]:
     """The values on ``topic`` between the offsets, on every partition, up to each partition's
     end as it was when the read started."""
     # partition EOF events end a partition whose last offsets hold no message (a transaction
     # marker, a compacted record), which would otherwise be waited for until the timeout
-    c = make_consumer(bootstrap, **{"enable.partition.eof": True})
+    c = make_consumer(kafka, **{"enable.partition.eof": True})
     try:
         stop = _stop_offsets(c, topic, end_offset)
         start = {p: max(lo, start_offset or 0) for p, (lo, hi) in stop.items()}
@@ -95,6 +95,8 @@ def _docs(raw: Sequence[bytes]) -> tuple[dict[str, dict], int]:
     """Documents by decision_id (first copy wins) and the number of unreadable ones."""
     out, bad = {}, 0
     for v in raw:
+        if v is None:  # a tombstone: an erased user (docs/OPERATIONS.md, erasure), not a decision
+            continue
         try:
             d = orjson.loads(v)
             out.setdefault(d["decision_id"], d)
@@ -112,7 +114,7 @@ def decision_doc(decision: dict, reward: dict) -> dict:
             "features": decision["features"], "allowed": decision["allowed"]}
 
 
-def read_kafka_log(bootstrap: str, decision_topic: str, rewards_topic: str, *,
+def read_kafka_log(kafka: KafkaClientConfig, decision_topic: str, rewards_topic: str, *,
                    rng: KafkaRange = KafkaRange(), actions: Sequence[str] | None = None,
                    feature_names: Sequence[str] | None = None, timeout: float = 60.0) -> KafkaLog:
     """Decisions in ``rng`` joined with their rewards, as a :class:`LoggedData`.
@@ -121,9 +123,9 @@ def read_kafka_log(bootstrap: str, decision_topic: str, rewards_topic: str, *,
     features the decisions logged, if they have that many values (else they are called
     x0, x1, ... and a note says so: the logs come from another feature version).
     """
-    decisions, bad_d = _docs(read_topic(bootstrap, decision_topic, rng.start_offset,
+    decisions, bad_d = _docs(read_topic(kafka, decision_topic, rng.start_offset,
                                         rng.end_offset, timeout))
-    rewards, bad_r = _docs(read_topic(bootstrap, rewards_topic, timeout=timeout))
+    rewards, bad_r = _docs(read_topic(kafka, rewards_topic, timeout=timeout))
     chosen = sorted((d for d in decisions.values() if rng.admits(int(d.get("ts", 0)))),
                     key=lambda d: (d["ts"], d["decision_id"]))
     joined = [decision_doc(d, rewards[d["decision_id"]]) for d in chosen if d["decision_id"] in rewards]

@@ -448,14 +448,14 @@ def feature_note(log: LoggedData) -> str | None:
 def publish(snapshot: ModelSnapshot, s) -> ModelSnapshot:
     """Put the snapshot on model-candidates as the next version (not promoted)."""
     from streamagent.core.features import FEATURE_NAMES
-    from streamagent.ops.kafka import make_producer
+    from streamagent.ops.kafka import kafka_client, make_producer
     from streamagent.stream.registry import candidates
 
     if tuple(snapshot.feature_names) != FEATURE_NAMES:
         raise OfflineDataError("--publish: the model is for another feature set than the live "
                                "one; deciders would refuse it (the snapshot file is written)")
     snapshot.version = max([0, *candidates(s)]) + 1
-    p = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
+    p = make_producer(kafka_client(s), **{"message.max.bytes": 16 * 1024 * 1024})
     p.produce(s.topic_model_candidates, key=str(snapshot.version).encode(),
               value=snapshot.to_bytes())
     if p.flush(30):

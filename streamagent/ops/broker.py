@@ -5,6 +5,10 @@ The jars come from Maven Central through the machine's Maven into a cache outsid
 ``kafka.tools.StorageTool format --standalone`` and the node runs as ``kafka.Kafka``, the
 same two steps Kafka's own ``bin/kafka-storage.sh`` and ``bin/kafka-server-start.sh`` take.
 No Docker, no downloads beyond Maven Central.
+
+With a :class:`BrokerSecurity` the client listener is secured (SASL_SSL with SCRAM users made
+at format time, or SSL with client certificates required), on certificates made for the run
+(streamagent.ops.tls); the controller listener stays PLAINTEXT on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from streamagent.errors import BrokerError
+from streamagent.ops.kafka import KafkaClientConfig
 from streamagent.ops.local import port_busy
 
 KAFKA_VERSION = "4.1.1"
@@ -64,6 +70,37 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class BrokerSecurity:
+    """A secured client listener for the local broker (tests; trying secured settings out).
+
+    - ``SASL_SSL``: TLS, and SCRAM (``mechanism``) with ``users`` (name, password), created
+      when the storage is formatted (so changing them needs a fresh ``data_dir``). Passwords
+      must not contain ``,``, ``]`` or ``"`` (the format tool's syntax).
+    - ``SSL``: TLS with a client certificate required (mTLS); ``users`` is not used.
+
+    The broker's own connections use the same listener (an internal SCRAM user, or its
+    certificate); the controller listener stays PLAINTEXT on 127.0.0.1, where clients can
+    neither produce nor fetch. No ACLs: every authenticated client may do anything.
+    """
+
+    protocol: str = "SASL_SSL"
+    mechanism: str = "SCRAM-SHA-512"
+    users: tuple[tuple[str, str], ...] = (("streamagent", "streamagent-local-secret"),)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("SASL_SSL", "SSL"):
+            raise BrokerError(f"the local broker's secured listener is SASL_SSL or SSL, not "
+                              f"{self.protocol!r}")
+        if self.mechanism not in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+            raise BrokerError(f"the local broker supports SCRAM-SHA-256 or SCRAM-SHA-512, not "
+                              f"{self.mechanism!r}")
+        for name, password in self.users:
+            if any(c in name + password for c in ',]"=[') or not name or not password:
+                raise BrokerError(f"SCRAM user {name!r}: names and passwords must be non-empty "
+                                  f"and free of , ] [ = and \"")
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """Where and how the local broker runs. Defaults suit a laptop or a CI box."""
 
@@ -74,10 +111,33 @@ class BrokerConfig:
     cache_dir: Path | None = None
     heap: str = "1g"
     default_partitions: int = 4
+    security: BrokerSecurity | None = None  # None: the client listener is PLAINTEXT
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    def client(self, user: str | None = None, password: str | None = None) -> KafkaClientConfig:
+        """How a client reaches this broker: as ``user`` (the first of ``security.users`` by
+        default; ``password`` overrides theirs, to try a wrong one), trusting its CA, with the
+        client certificate under SSL. The certificates exist once the broker was started."""
+        sec = self.security
+        if sec is None:
+            return KafkaClientConfig(self.bootstrap)
+        ca = str(self.tls_dir / "ca.pem")
+        if sec.protocol == "SSL":
+            return KafkaClientConfig(self.bootstrap, "SSL", ssl_ca_location=ca,
+                                     ssl_certificate_location=str(self.tls_dir / "client.pem"),
+                                     ssl_key_location=str(self.tls_dir / "client.key"))
+        users = dict(sec.users)
+        name = user or sec.users[0][0]
+        return KafkaClientConfig(self.bootstrap, "SASL_SSL", sasl_mechanism=sec.mechanism,
+                                 sasl_username=name,
+                                 sasl_password=password or users.get(name), ssl_ca_location=ca)
 
     @property
     def ctl_port(self) -> int:
@@ -136,16 +196,75 @@ def _classpath(libs: Path) -> str:
     return os.pathsep.join(jars)
 
 
+_INTERNAL_USER = "streamagent-broker"  # the broker's own SCRAM user, for its own connections
+
+
+def _internal_password(cfg: BrokerConfig) -> str:
+    """The internal user's password, made once per data dir (the format step stores it)."""
+    f = cfg.tls_dir / "internal-user.password"
+    if not f.exists():
+        cfg.tls_dir.mkdir(parents=True, exist_ok=True)
+        f.write_text(secrets.token_hex(16))
+        f.chmod(0o600)
+    return f.read_text().strip()
+
+
+def _listener_properties(cfg: BrokerConfig) -> list[str]:
+    sec = cfg.security
+    if sec is None:
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{cfg.port},CONTROLLER://127.0.0.1:{cfg.ctl_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{cfg.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+        ]
+    from streamagent.ops.tls import make_local_certs
+
+    certs = make_local_certs(cfg.tls_dir)
+    name = sec.protocol  # the listener is named after its protocol
+    props = [
+        f"listeners={name}://127.0.0.1:{cfg.port},CONTROLLER://127.0.0.1:{cfg.ctl_port}",
+        f"advertised.listeners={name}://127.0.0.1:{cfg.port}",
+        "controller.listener.names=CONTROLLER",
+        f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{name}:{name}",
+        f"inter.broker.listener.name={name}",
+        "ssl.keystore.type=PKCS12",
+        f"ssl.keystore.location={certs.server_keystore}",
+        f"ssl.keystore.password={certs.keystore_password}",
+        f"ssl.key.password={certs.keystore_password}",
+        "ssl.truststore.type=PEM",
+        f"ssl.truststore.location={certs.ca}",
+        "ssl.endpoint.identification.algorithm=https",
+    ]
+    if sec.protocol == "SSL":
+        return props + ["ssl.client.auth=required"]
+    mech = sec.mechanism
+    return props + [
+        f"sasl.enabled.mechanisms={mech}",
+        f"sasl.mechanism.inter.broker.protocol={mech}",
+        f"listener.name.{name.lower()}.{mech.lower()}.sasl.jaas.config="
+        f"org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="{_INTERNAL_USER}" password="{_internal_password(cfg)}";',
+    ]
+
+
+def _scram_args(cfg: BrokerConfig) -> list[str]:
+    """``format --add-scram`` arguments: the SCRAM users exist from the first start on."""
+    sec = cfg.security
+    if sec is None or sec.protocol != "SASL_SSL":
+        return []
+    users = [*sec.users, (_INTERNAL_USER, _internal_password(cfg))]
+    return [a for name, pw in users
+            for a in ("--add-scram", f"{sec.mechanism}=[name={name},password={pw}]")]
+
+
 def _server_properties(cfg: BrokerConfig) -> str:
     return "\n".join([
         "process.roles=broker,controller",
         "node.id=1",
         f"controller.quorum.bootstrap.servers=127.0.0.1:{cfg.ctl_port}",
-        f"listeners=PLAINTEXT://127.0.0.1:{cfg.port},CONTROLLER://127.0.0.1:{cfg.ctl_port}",
-        f"advertised.listeners=PLAINTEXT://127.0.0.1:{cfg.port}",
-        "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-        "inter.broker.listener.name=PLAINTEXT",
+        *_listener_properties(cfg),
         f"log.dirs={cfg.data_dir / 'kraft'}",
         f"num.partitions={cfg.default_partitions}",
         "offsets.topic.replication.factor=1",
@@ -186,18 +305,18 @@ def _read_pid(cfg: BrokerConfig) -> int | None:
     return pid
 
 
-def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
+def is_ready(kafka: KafkaClientConfig, timeout: float = 2.0) -> bool:
     """True when the broker answers a metadata request (not merely an open port)."""
     from streamagent.ops.kafka import make_admin
 
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    host, _, port = kafka.bootstrap.split(",")[0].rpartition(":")
     try:  # a cheap TCP probe first: librdkafka logs every refused connection loudly
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
             pass
     except OSError:
         return False
     try:
-        md = make_admin(bootstrap).list_topics(timeout=timeout)
+        md = make_admin(kafka).list_topics(timeout=timeout)
     except Exception:
         return False
     return bool(md.brokers)
@@ -206,7 +325,7 @@ def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
 def status(cfg: BrokerConfig) -> dict:
     pid = _read_pid(cfg)
     return {"pid": pid, "running": pid is not None, "bootstrap": cfg.bootstrap,
-            "ready": pid is not None and is_ready(cfg.bootstrap), "version": cfg.version,
+            "ready": pid is not None and is_ready(cfg.client()), "version": cfg.version,
             "data_dir": str(cfg.data_dir), "log": str(cfg.log_file)}
 
 
@@ -214,7 +333,7 @@ def start(cfg: BrokerConfig, wait: float = 90.0, log=print) -> int:
     """Start the broker in the background and return its pid once it serves requests."""
     pid = _read_pid(cfg)
     if pid is not None:
-        if is_ready(cfg.bootstrap, timeout=5):
+        if is_ready(cfg.client(), timeout=5):
             log(f"kafka already running (pid {pid}) on {cfg.bootstrap}")
             return pid
         raise BrokerError(f"a broker process {pid} from {cfg.data_dir} is alive but not serving "
@@ -230,6 +349,7 @@ def start(cfg: BrokerConfig, wait: float = 90.0, log=print) -> int:
     (cfg.data_dir / "logs").mkdir(exist_ok=True)
     props = cfg.data_dir / "server.properties"
     props.write_text(_server_properties(cfg))
+    props.chmod(0o600)  # keystore and internal user's passwords, with security
     (cfg.data_dir / "log4j2.xml").write_text(_LOG4J2)
     if not (cfg.data_dir / "kraft" / "meta.properties").exists():
         cluster_id = subprocess.run(
@@ -237,10 +357,11 @@ def start(cfg: BrokerConfig, wait: float = 90.0, log=print) -> int:
             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         fmt = subprocess.run(
             _java_cmd(cfg, "kafka.tools.StorageTool", "format", "--standalone",
-                      "-t", cluster_id, "-c", str(props)),
+                      "-t", cluster_id, "-c", str(props), *_scram_args(cfg)),
             capture_output=True, text=True)
         if fmt.returncode != 0:
-            raise BrokerError("formatting KRaft storage failed:\n" + fmt.stdout + fmt.stderr)
+            raise BrokerError("formatting KRaft storage failed:\n"
+                              + _redact(cfg, fmt.stdout + fmt.stderr))
     out = open(cfg.data_dir / "logs" / "stdout.log", "ab")
     proc = subprocess.Popen(_java_cmd(cfg, "kafka.Kafka", str(props)), stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -251,12 +372,20 @@ def start(cfg: BrokerConfig, wait: float = 90.0, log=print) -> int:
         if proc.poll() is not None:
             raise BrokerError(f"the broker exited with code {proc.returncode}; see "
                               f"{cfg.log_file} and {cfg.data_dir / 'logs' / 'stdout.log'}")
-        if is_ready(cfg.bootstrap, timeout=1.0):
+        if is_ready(cfg.client(), timeout=1.0):
             log(f"kafka {cfg.version} ready on {cfg.bootstrap} (pid {proc.pid})")
             return proc.pid
         time.sleep(0.5)
     stop(cfg)
     raise BrokerError(f"the broker did not become ready within {wait:.0f}s; see {cfg.log_file}")
+
+
+def _redact(cfg: BrokerConfig, text: str) -> str:
+    """``text`` without the SCRAM passwords (the format tool may echo its arguments)."""
+    if cfg.security is not None:
+        for _, pw in cfg.security.users:
+            text = text.replace(pw, "**********")
+    return text
 
 
 def stop(cfg: BrokerConfig, timeout: float = 30.0, log=print) -> bool:

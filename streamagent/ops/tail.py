@@ -6,18 +6,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamagent.errors import ConfigError
-from streamagent.ops.kafka import make_consumer
+from streamagent.errors import BrokerError, ConfigError
+from streamagent.ops.kafka import KafkaClientConfig, make_consumer
 
 M = TypeVar("M")
 
 
-def read_all(bootstrap: str, topic: str, idle: float = 3.0, limit: int | None = None,
+def read_all(kafka: KafkaClientConfig, topic: str, idle: float = 3.0, limit: int | None = None,
              max_wait: float = 60.0) -> list:
     """Every message on ``topic`` until none has come for ``idle`` seconds (or ``limit``)."""
-    c = make_consumer(bootstrap)
+    c = make_consumer(kafka)
     c.subscribe([topic])
     out = []
     last = time.monotonic()
@@ -72,7 +72,12 @@ def _check(m: Message) -> bool:
 
 
 def _watermarks(c: Consumer, topic: str, timeout: float) -> dict[int, tuple[int, int]]:
-    meta = c.list_topics(topic, timeout=timeout).topics.get(topic)
+    try:
+        meta = c.list_topics(topic, timeout=timeout).topics.get(topic)
+    except KafkaException as exc:  # unreachable, or TLS/SASL refused (librdkafka logs why)
+        raise BrokerError(f"cannot read {topic!r}: {exc.args[0].str()}. Check "
+                          f"STREAMAGENT_KAFKA_BOOTSTRAP and the security settings "
+                          f"(STREAMAGENT_KAFKA_SECURITY_PROTOCOL, _SASL_*, _SSL_*)") from None
     if meta is None or meta.error is not None or not meta.partitions:
         raise ConfigError(f"there is no topic {topic!r} on the broker: check --topic and "
                           f"STREAMAGENT_KAFKA_BOOTSTRAP, or run `streamagent topics create`")
@@ -80,25 +85,38 @@ def _watermarks(c: Consumer, topic: str, timeout: float) -> dict[int, tuple[int,
             for p in sorted(meta.partitions)}
 
 
-def _read_to_end(c: Consumer, topic: str, n: int, timeout: float) -> list[Message]:
-    """Assign every partition ``n`` back from its end and read up to the end seen at the start
-    (or for ``timeout`` seconds). The consumer stays assigned, so following goes on from there."""
+def iter_to_end(c: Consumer, topic: str, n: int, timeout: float) -> Iterator[Message]:
+    """Assign every partition ``n`` back from its end and yield what is there up to the end seen
+    at the start (or for ``timeout`` seconds). No group join, so it starts at once; the
+    consumer stays assigned, so following goes on from there."""
     marks = _watermarks(c, topic, timeout)
     starts = start_offsets(marks, n)
     c.assign([TopicPartition(topic, p, off) for p, off in starts.items()])
     # an end-of-partition event or the last offset present at the start ends a partition
     # (transaction markers take offsets without ever being delivered, hence the EOF event)
     pending = {p for p, off in starts.items() if off < marks[p][1]}
-    out: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for m in c.consume(1000, timeout=0.2):
             if _check(m):
-                out.append(m)
+                yield m
                 if m.offset() < marks[m.partition()][1] - 1:
                     continue
             pending.discard(m.partition())
-    return out
+
+
+def _read_to_end(c: Consumer, topic: str, n: int, timeout: float) -> list[Message]:
+    return list(iter_to_end(c, topic, n, timeout))
+
+
+def read_to_end(kafka: KafkaClientConfig, topic: str, timeout: float = 30.0) -> Iterator[Message]:
+    """Every message on ``topic`` up to its end when called, in partition order, without
+    waiting for the topic to go idle (compare :func:`read_all`)."""
+    c = make_consumer(kafka, **{"enable.partition.eof": True})
+    try:
+        yield from iter_to_end(c, topic, 2 ** 62, timeout)
+    finally:
+        c.close()
 
 
 def _text(m: Message) -> str:
@@ -106,11 +124,11 @@ def _text(m: Message) -> str:
     return "null" if v is None else v.decode(errors="replace")  # None: a compaction tombstone
 
 
-def tail_lines(bootstrap: str, topic: str, n: int = 20, timeout: float = 10.0,
+def tail_lines(kafka: KafkaClientConfig, topic: str, n: int = 20, timeout: float = 10.0,
                follow: bool = False) -> Iterator[str]:
     """The newest ``n`` messages of ``topic``, oldest first; with ``follow``, then every new
     message as it arrives, for as long as the caller keeps reading."""
-    c = make_consumer(bootstrap, **{"enable.partition.eof": True})
+    c = make_consumer(kafka, **{"enable.partition.eof": True})
     try:
         for m in newest(_read_to_end(c, topic, n, timeout), n):
             yield _text(m)
@@ -122,8 +140,8 @@ def tail_lines(bootstrap: str, topic: str, n: int = 20, timeout: float = 10.0,
         c.close()
 
 
-def tail(bootstrap: str, topic: str, limit: int = 20, timeout: float = 10.0,
+def tail(kafka: KafkaClientConfig, topic: str, limit: int = 20, timeout: float = 10.0,
          follow: bool = False) -> None:
     """Print the newest ``limit`` messages (then new ones with ``follow``, until Ctrl-C)."""
-    for line in tail_lines(bootstrap, topic, limit, timeout, follow):
+    for line in tail_lines(kafka, topic, limit, timeout, follow):
         print(line, flush=follow)

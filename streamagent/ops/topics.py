@@ -7,7 +7,7 @@ from confluent_kafka.admin import NewTopic
 
 from streamagent.config import Settings
 from streamagent.errors import BrokerError
-from streamagent.ops.kafka import make_admin
+from streamagent.ops.kafka import KafkaClientConfig, kafka_client, make_admin
 from streamagent.units import DAY_MS, HOUR_MS
 
 
@@ -48,11 +48,13 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
 def create_topics(s: Settings, specs: list[TopicSpec] | None = None, log=print) -> list[str]:
     """Create missing topics; existing ones are left alone. Returns the names created."""
     specs = specs if specs is not None else topic_specs(s)
-    a = make_admin(s.kafka_bootstrap)
+    a = make_admin(kafka_client(s))
     try:
         existing = set(a.list_topics(timeout=10).topics)
     except Exception as exc:
-        raise BrokerError(f"cannot reach Kafka at {s.kafka_bootstrap}: {exc}") from None
+        raise BrokerError(f"cannot reach Kafka at {s.kafka_bootstrap}: {exc}. Check "
+                          f"STREAMAGENT_KAFKA_BOOTSTRAP and the security settings "
+                          f"(STREAMAGENT_KAFKA_SECURITY_PROTOCOL, _SASL_*, _SSL_*)") from None
     new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=s.replication_factor,
                     config=t.config)
            for t in specs if t.name not in existing]
@@ -68,9 +70,9 @@ def create_topics(s: Settings, specs: list[TopicSpec] | None = None, log=print) 
     return created
 
 
-def partition_count(bootstrap: str, topic: str, default: int) -> int:
+def partition_count(kafka: KafkaClientConfig, topic: str, default: int) -> int:
     try:
-        md = make_admin(bootstrap).list_topics(topic, timeout=10)
+        md = make_admin(kafka).list_topics(topic, timeout=10)
         t = md.topics.get(topic)
         if t is not None and t.error is None and t.partitions:
             return len(t.partitions)

@@ -85,9 +85,10 @@ def start_stack(log) -> Stack:
     tmp = Path(tempfile.mkdtemp(prefix="streamagent-demo-"))
     cfg = BrokerConfig(data_dir=tmp / "kafka", port=free_port_pair(), heap="768m")
     start(cfg, log=log)
-    st = Stack(tmp, cfg, Settings(kafka_bootstrap=cfg.bootstrap),
+    # the demo's own broker: its clients ignore any STREAMAGENT_KAFKA_* security in the shell
+    st = Stack(tmp, cfg, Settings(**cfg.client().settings()),
                ports={"worker": free_port(), "learner": free_port()})
-    env = {**os.environ, **DEMO_ENV, "STREAMAGENT_KAFKA_BOOTSTRAP": cfg.bootstrap,
+    env = {**os.environ, **DEMO_ENV, **cfg.client().env(),
            "STREAMAGENT_DATA_DIR": str(tmp), "STREAMAGENT_METRICS_PORT": str(st.ports["worker"]),
            "STREAMAGENT_LEARNER_METRICS_PORT": str(st.ports["learner"])}
     create_topics(st.settings, log=lambda m: None)
@@ -103,10 +104,10 @@ class DlqCounter:
     """Reads the dead-letter topics of the shop's inputs and counts the reasons."""
 
     def __init__(self, s):
-        from streamagent.ops.kafka import make_consumer
+        from streamagent.ops.kafka import kafka_client, make_consumer
 
         self.reasons: Counter = Counter()
-        self.consumer = make_consumer(s.kafka_bootstrap, f"demo-dlq-{time.time_ns()}")
+        self.consumer = make_consumer(kafka_client(s), f"demo-dlq-{time.time_ns()}")
         self.consumer.subscribe([s.dlq(s.topic_user_events), s.dlq(s.topic_conversions)])
 
     def poll(self, timeout: float = 0.01) -> int:
@@ -162,7 +163,7 @@ def run_demo(args) -> int:
               f"http://127.0.0.1:{st.ports['learner']}/metrics)")
     shop = Shop(scenario(args.scenario), load_catalog(), args.users, seed=args.seed)
     ref = optimum(shop)
-    kshop = KafkaShop(shop, s.kafka_bootstrap, shop_topics(s), s.partitions,
+    kshop = KafkaShop(shop, kafka_client(s), shop_topics(s), s.partitions,
                       decision_timeout_s=120)
     dlq = DlqCounter(s)
     bad_sent = 0

@@ -17,7 +17,8 @@ import orjson
 from streamagent.sim.shop import Shop, expected_profit, purchase_event
 from streamagent.units import DAY_MS
 from streamagent.errors import StreamagentError
-from streamagent.ops.kafka import make_consumer, make_producer, send
+from streamagent.ops.kafka import (KafkaClientConfig, kafka_client, make_consumer,
+                                   make_producer, send)
 
 
 class ShopStalled(StreamagentError):
@@ -62,12 +63,13 @@ class DayResult:
 
 
 class KafkaShop:
-    def __init__(self, shop: Shop, bootstrap: str, topics: dict[str, str], n_partitions: int,
+    def __init__(self, shop: Shop, kafka: KafkaClientConfig, topics: dict[str, str],
+                 n_partitions: int,
                  decision_timeout_s: float = 120.0):
         self.shop, self.catalog = shop, shop.catalog
         self.topics, self.timeout = topics, decision_timeout_s
-        self.producer = make_producer(bootstrap, **{"linger.ms": 5})
-        self.consumer = make_consumer(bootstrap, f"streamagent-shop-{time.time_ns()}")
+        self.producer = make_producer(kafka, **{"linger.ms": 5})
+        self.consumer = make_consumer(kafka, f"streamagent-shop-{time.time_ns()}")
         self.consumer.subscribe([topics["decision_log"], topics["coupon_actions"]])
         self.hb_keys = partition_keys(n_partitions)
         self.decisions: dict[str, dict] = {}  # trigger_event_id -> decision-log entry
@@ -90,7 +92,7 @@ class KafkaShop:
                 raise ShopStalled(f"{len(missing)} of {len(wanted)} sessions got no decision "
                                   f"within {self.timeout:.0f} s")
             for m in self.consumer.consume(1000, timeout=0.2):
-                if m.error():
+                if m.error() or m.value() is None:  # None: an erasure tombstone
                     continue
                 doc = orjson.loads(m.value())
                 if m.topic() == self.topics["coupon_actions"]:
@@ -163,8 +165,9 @@ def simulate(s, scenario_name: str, users: int, days: int, seed: int, timeout: f
     catalog = load_catalog(s.catalog_path)
     shop = Shop(scenario(scenario_name), catalog, users, seed=seed)
     ref = optimum(shop)
-    n_parts = partition_count(s.kafka_bootstrap, s.topic_conversions, s.partitions)
-    ks = KafkaShop(shop, s.kafka_bootstrap, shop_topics(s), n_parts, decision_timeout_s=timeout)
+    kafka = kafka_client(s)
+    n_parts = partition_count(kafka, s.topic_conversions, s.partitions)
+    ks = KafkaShop(shop, kafka, shop_topics(s), n_parts, decision_timeout_s=timeout)
     log(f"simulating {users} users for {days} days ({scenario_name}) against "
         f"{s.kafka_bootstrap}; optimum {ref['optimal']:.3f}, never {ref['never']:.3f} "
         f"profit/user/day")

@@ -20,9 +20,10 @@ from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.metrics import Metrics
+from streamagent.ops.kafka import KafkaClientConfig, kafka_client
 from streamagent.params import engine_params, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
-from streamagent.stream.join import JoinHandler, JoinTopics
+from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.faust_internals import (DirectTable, acting_as, read_offsets,
                                                 set_fetch_max_wait)
 
@@ -31,6 +32,26 @@ log = logging.getLogger("streamagent.decide")
 
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
+
+
+def faust_broker(kafka: KafkaClientConfig) -> dict:
+    """Settings -> Faust/aiokafka: ``faust.App``'s ``broker`` and ``broker_credentials``.
+
+    Faust hands the credentials to every aiokafka client it builds (the worker's consumer,
+    its producers, the admin requests that declare topics) as security_protocol,
+    sasl_mechanism (PLAIN, SCRAM-SHA-256/512: aiokafka implements SCRAM itself),
+    sasl_plain_username/password and an ``ssl.SSLContext`` (CA, client certificate for mTLS).
+    The STREAMAGENT_KAFKA_CONFIG passthrough does not reach aiokafka, except
+    ssl.endpoint.identification.algorithm=none (no hostname check).
+    """
+    ctx = kafka.ssl_context()
+    creds = None
+    if kafka.sasl:
+        creds = faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
+                                      mechanism=kafka.sasl_mechanism, ssl_context=ctx)
+    elif ctx is not None:
+        creds = faust.SSLCredentials(ctx)
+    return {"broker": faust_broker_url(kafka.bootstrap), "broker_credentials": creds}
 
 
 @dataclass
@@ -51,6 +72,12 @@ def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = Non
     return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed, settings.q_heads)
 
 
+def worker_metrics(s: Settings, catalog) -> Metrics:
+    """The worker's metrics, with the label values of its topics and actions pre-set."""
+    return Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
+                   actions=catalog.actions)
+
+
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
                n_partitions: int | None = None,
                snapshot: ModelSnapshot | None = None) -> Wiring:
@@ -59,8 +86,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     n_parts = n_partitions or s.partitions
     engine = DecisionEngine(catalog, engine_params(s, n_parts),
                             load_model(s, catalog, snapshot))
-    m = metrics or Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
-                           actions=catalog.actions)
+    m = metrics or worker_metrics(s, catalog)
     m.model_version.set(engine.model.version)
     m.model_age.set_function(lambda: max(0.0, time.time() - engine.model.snapshot.created_at))
     m.epsilon.set_function(engine.epsilon)
@@ -70,13 +96,14 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
     app = faust.App(
         s.app_id,
-        broker=faust_broker_url(s.kafka_bootstrap),
+        **faust_broker(kafka_client(s)),
         store=s.table_store,
         datadir=str(s.tables_dir),
         topic_partitions=n_parts,
         topic_replication_factor=s.replication_factor,
         web_enabled=s.worker_web_enabled,
         web_port=s.worker_web_port,
+        web_bind=s.metrics_host,  # loopback by default, as /metrics (Faust's own: 0.0.0.0)
         consumer_auto_offset_reset="earliest",
         # outputs go out as soon as they are sent, not batched until the next commit
         stream_publish_on_commit=False,
@@ -134,7 +161,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     handler = DecideHandler(
         engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
         DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
-        send, m, s.trigger_types, worker_name, flush_tables)
+        send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
+        partition_of=lambda key: key_partition(key, n_parts))
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
     # still in flight, and a crash loses them. take_events acknowledges a batch only after
@@ -152,7 +180,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     join_handler = JoinHandler(
         catalog, join_params(s), join_t,
         JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
-                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name, flush_tables)
+                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name, flush_tables,
+        sweep_keys=s.state_sweep_keys)
 
     @app.agent(join_in, concurrency=1)
     async def join(stream):

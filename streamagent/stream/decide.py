@@ -10,7 +10,17 @@ The Faust agent (stream/app.py) takes events in batches and hands each batch to
    per batch, not per event), and the budget, clock and user count once per partition;
 4. hands decision-log records, coupon actions and dead letters to the producer without
    waiting for each delivery: Faust flushes the producer before it commits the batch's
-   offsets, so a crash replays the batch rather than losing its outputs.
+   offsets, so a crash replays the batch rather than losing its outputs;
+5. sweeps a slice of each of the batch's partitions for expired users (``sweep_keys`` keys
+   per partition and batch, a cursor going round the partition's keys): a user whose last
+   event is more than the TTL behind the partition's event time is deleted (core/state.py
+   ``expired``; the engine already treats such a state as absent, so when the sweep runs
+   changes nothing but the table's size).
+
+A null value keyed by a user id on user-events is an **erasure request**: the events before
+it in the batch are handled first, then the user's state is deleted (a tombstone on the
+changelog) and a tombstone for the user goes to decision-log (same key, so the same
+partition), which tells the join agent to forget the user too (stream/join.py).
 
 Tables come in as the typed adapters of core/tables.py over any mutable mapping (Faust tables
 in the worker, dicts in tests), so the handler runs without a broker.
@@ -27,13 +37,15 @@ from streamagent.core.constraints import budget_remaining, period_of
 from streamagent.core.contracts import BudgetShare, dlq_envelope, encode
 from streamagent.core.engine import DecisionEngine, StepResult
 from streamagent.core.eventtime import OutOfBounds
+from streamagent.core.state import expired
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.errors import InvalidMessage
 
 log = logging.getLogger("streamagent.decide")
 
-# send(topic, key, value): hand one record to the producer (awaiting the hand-over only)
-Send = Callable[[str, "bytes | None", bytes], Awaitable[None]]
+# send(topic, key, value): hand one record to the producer (awaiting the hand-over only);
+# value None: a tombstone
+Send = Callable[[str, "bytes | None", "bytes | None"], Awaitable[None]]
 
 
 class Message(Protocol):
@@ -69,10 +81,16 @@ def no_scope(partition: int) -> ContextManager:
 class DecideHandler:
     def __init__(self, engine: DecisionEngine, tables: DecideTables, topics: DecideTopics,
                  send: Send, metrics, trigger_types: Sequence[str], worker: str = "",
-                 flush_tables: Callable[[], Awaitable[None]] | None = None):
+                 flush_tables: Callable[[], Awaitable[None]] | None = None, *,
+                 sweep_keys: int = 0, partition_of: Callable[[bytes], int] | None = None):
         """``flush_tables()`` hands the batch's table changes to the producer (the worker's
-        tables are stream/faust_internals.py DirectTables); in-memory tables need none."""
+        tables are stream/faust_internals.py DirectTables); in-memory tables need none.
+        ``sweep_keys``: users the expiry sweep looks at per partition and batch (0: none);
+        ``partition_of(key)``: a user key's partition, for tables that cannot list one
+        partition's keys themselves (core/tables.py ``scan``)."""
         self.engine, self.t, self.topics, self.send, self.m = engine, tables, topics, send, metrics
+        self.sweep_keys, self.partition_of = sweep_keys, partition_of
+        self.sweep_from: dict[int, bytes | None] = {}  # partition -> the sweep's cursor
         self.flush_tables = flush_tables
         self.triggers = frozenset(trigger_types)
         self.worker = worker
@@ -83,6 +101,56 @@ class DecideHandler:
                      scope: Callable[[int], ContextManager] = no_scope) -> None:
         """``scope(partition)`` wraps the table writes of one partition (Faust needs to know
         which partition's changelog and store a write goes to; see stream/app.py)."""
+        start = 0
+        for i, msg in enumerate(batch):
+            if msg.value is None and msg.key:  # an erasure: in order with the events around it
+                if i > start:
+                    await self._handle(batch[start:i], scope)
+                await self._erase(msg, scope)
+                start = i + 1
+        if start < len(batch) or not batch:
+            await self._handle(batch[start:] if start else batch, scope)
+
+    async def _erase(self, msg: Message, scope: Callable[[int], ContextManager]) -> None:
+        """Delete the user's state and tell the join (a decision-log tombstone). Idempotent:
+        a replayed erasure deletes nothing more and sends the tombstone again."""
+        with scope(msg.partition):
+            had = self.t.users.delete(msg.key)
+            if had:
+                self._count_users(msg.partition, -1)
+        if self.flush_tables is not None:
+            await self.flush_tables()
+        if had:
+            self.m.users.set(sum(self.users_by_part.values()))
+        self.m.erasures.labels("user-state").inc()
+        await self.send(self.topics.decision_log, msg.key, None)  # failing: not acknowledged
+
+    def _count_users(self, p: int, delta: int) -> None:
+        """Move the partition's user count (the users gauge); inside the partition's scope."""
+        if p not in self.users_by_part:
+            self.users_by_part[p] = self.t.counts.get(p)
+        self.users_by_part[p] = max(0, self.users_by_part[p] + delta)
+        self.t.counts.put(p, self.users_by_part[p])
+
+    def _sweep(self, p: int, clock) -> int:
+        """Delete the expired users among the partition's next ``sweep_keys`` users;
+        inside the partition's scope. Returns how many went."""
+        ttl = self.engine.p.state.ttl_ms
+        if not self.sweep_keys or not ttl or clock.stream_time is None:
+            return 0
+        seen = self.t.users.last_seen(p, self.sweep_from.get(p), self.sweep_keys,
+                                      self.partition_of)
+        self.sweep_from[p] = seen[-1][0] if len(seen) >= self.sweep_keys else None
+        gone = [k for k, last_ts in seen if expired(last_ts, clock.stream_time, ttl)]
+        for k in gone:
+            self.t.users.delete(k)
+        if gone:
+            self._count_users(p, -len(gone))
+            self.m.expired.labels("user-state").inc(len(gone))
+        return len(gone)
+
+    async def _handle(self, batch: Sequence[Message],
+                      scope: Callable[[int], ContextManager]) -> None:
         t0 = time.perf_counter()
         m, t = self.m, self.t
         states: dict = {}
@@ -98,6 +166,7 @@ class DecideHandler:
                                          now_ms=int(time.time() * 1000))
         touched: dict[int, set] = {}
         new_users: dict[int, int] = {}
+        swept = 0
         outputs: list[tuple[str, bytes | None, bytes]] = []
         now = time.time()
         for msg, r in zip(batch, results):
@@ -111,6 +180,8 @@ class DecideHandler:
             else:
                 m.events.labels(r.event.type).inc()
                 touched.setdefault(msg.partition, set()).add(msg.key)
+                if r.expired:
+                    m.expired.labels("user-state").inc()
             d = r.decision
             if d is None:
                 continue
@@ -136,14 +207,12 @@ class DecideHandler:
                 if clocks[p] != before[1][p]:
                     t.clocks.put(p, clocks[p])
                 if new_users.get(p):
-                    if p not in self.users_by_part:
-                        self.users_by_part[p] = t.counts.get(p)
-                    self.users_by_part[p] += new_users[p]
-                    t.counts.put(p, self.users_by_part[p])
+                    self._count_users(p, new_users[p])
+                swept += self._sweep(p, clocks[p])
             self.budget_by_part[p] = budgets[p]
         if self.flush_tables is not None:
             await self.flush_tables()
-        if new_users:
+        if new_users or swept:
             m.users.set(sum(self.users_by_part.values()))
         self._budget_gauges(clocks)
         for topic, key, value in outputs:

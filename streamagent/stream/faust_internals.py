@@ -24,13 +24,24 @@ pin, when an upgrade takes away what this module relies on:
   every change goes through Faust's send buffer, which produces one record at a time and, past
   100 waiting records, holds back every stream (measured: "producer buffer full" all along, the
   decide worker at ~1,500 events/s with its state writes waiting on that buffer).
+- ``RocksDB Store._db_for_partition``, ``Store.offset_key`` and ``Store.use_rocksdict``:
+  :meth:`DirectTable.scan` reads one partition's keys from that partition's RocksDB database,
+  in key order from a given key (the expiry sweep's cursor). Faust's own iteration goes over
+  every partition the worker holds, from the first key, each time.
 - ``faust.transport.consumer.Consumer._read_offset``: the offset of the last message read, per
   partition. Faust keeps no public accessor for it; the worker's lag gauge needs it.
+- ``App.rebalancing``, ``App.rebalancing_count``, ``App.in_recovery`` (declared on Faust's
+  ``AppT``, not documented as API) and ``TableManager._recovery`` with its ``completed`` event:
+  :func:`group_state` reads them for the worker's /readyz, from the HTTP server's thread. Never
+  ``app.tables.recovery`` there: that property builds the Recovery service on first use, and
+  built on another thread it is bound to the wrong event loop and the worker never joins its
+  group (seen: a worker hung after "Recovery: Starting...").
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, MutableMapping
 
@@ -54,6 +65,32 @@ def set_fetch_max_wait(ms: int) -> None:
 
         drv.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
     _applied["fetch_max_wait_ms"] = int(ms)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Where a Faust worker is in joining its consumer group and recovering its tables."""
+
+    rebalances: int  # rebalances begun since start (0: not yet joined the group)
+    rebalancing: bool  # a rebalance is under way: from the revocation until recovery is done
+    recovered: bool  # table recovery has completed at least once and none is running now
+
+
+def group_state(app) -> GroupState:
+    """Read from any thread: plain attribute reads of flags Faust sets on its event loop.
+
+    Faust sets ``rebalancing`` when the consumer's partitions are revoked (the start of every
+    rebalance, the first join included) and clears it only once the new assignment's tables
+    are recovered and the streams resumed ("Worker ready"), also when the assignment is empty.
+    ``recovery.completed`` is set after the first recovery and never cleared; ``in_recovery``
+    is true while changelogs are being read. Reads the table manager's Recovery only if Faust
+    has built it (see the module's notes): before that, nothing is recovered.
+    """
+    recovery = getattr(app.tables, "_recovery", None)
+    recovered = (recovery is not None and recovery.completed.is_set()
+                 and not app.in_recovery)
+    return GroupState(rebalances=int(app.rebalancing_count), rebalancing=bool(app.rebalancing),
+                      recovered=recovered)
 
 
 def read_offsets(consumer) -> dict[TP, int]:
@@ -90,12 +127,33 @@ class DirectTable(MutableMapping):
     persisted changelog offset (where a restart resumes recovery) is kept per partition from
     the last record of each flush, as Faust's own callback keeps it per record.
     Writes must run inside :func:`acting_as` (the store picks the partition from the event).
+
+    Changelog keys are the store's own key bytes (the table's key serializer: raw for bytes
+    keys, JSON for str keys), as Faust's ``send_changelog`` writes them: recovery puts the
+    changelog's key bytes into RocksDB as they are, and reads look for the serialized key.
+    (Releases before this one sent a str key's bare UTF-8, which recovery could not read
+    back: a deletion also tombstones that old form, so an erased key leaves no record of
+    either form once the changelog is compacted.)
     """
 
     def __init__(self, table, app, on_error=None):
         """``on_error(exc)`` is called for every changelog record that could not be sent."""
         self.table, self.app, self.on_error = table, app, on_error
         self.pending: list[tuple[bytes, bytes | None, int]] = []
+        self._raw_keys = table.key_type is bytes and table.key_serializer in (None, "raw")
+
+    def _key(self, key) -> bytes:
+        """``key`` as the store and the changelog hold it."""
+        if self._raw_keys:
+            return key
+        return self.app.serializers.dumps_key(self.table.key_type, key,
+                                              serializer=self.table.key_serializer)
+
+    def _unkey(self, raw: bytes):
+        if self._raw_keys:
+            return raw
+        return self.app.serializers.loads_key(self.table.key_type, raw,
+                                              serializer=self.table.key_serializer)
 
     def __getitem__(self, key):
         return self.table.data[key]
@@ -111,17 +169,56 @@ class DirectTable(MutableMapping):
 
     def __setitem__(self, key, value) -> None:
         self.table.data[key] = value
-        self.pending.append((_key_bytes(key), value, _streams.current_event().message.partition))
+        self.pending.append((self._key(key), value, _streams.current_event().message.partition))
 
     def __delitem__(self, key) -> None:
         del self.table.data[key]
-        self.pending.append((_key_bytes(key), None, _streams.current_event().message.partition))
+        part = _streams.current_event().message.partition
+        stored = self._key(key)
+        self.pending.append((stored, None, part))
+        if stored != _key_bytes(key):  # the key as releases before this one sent it
+            self.pending.append((_key_bytes(key), None, part))
 
     def __iter__(self) -> Iterator:
         return iter(self.table.data)
 
     def __len__(self) -> int:
         return len(self.table.data)
+
+    def scan(self, partition: int, after=None, limit: int = 100, prefix=None,
+             partition_of=None) -> list[tuple]:
+        """Up to ``limit`` (key, value) of one partition, in key order, after ``after``, only
+        keys starting with ``prefix`` (core/tables.py ``scan``). On RocksDB straight from the
+        partition's database; on another store (memory://) every key is looked at and
+        ``partition_of(key)`` picks the partition's."""
+        store = self.table.data
+        if not hasattr(store, "_db_for_partition"):
+            from streamagent.core.tables import scan_mapping
+
+            return scan_mapping(self, partition, after, limit, prefix, partition_of)
+        pre = None
+        if prefix is not None:
+            pre = self._key(prefix)
+            if not self._raw_keys:  # a JSON string: "u: without its closing quote
+                if not pre.endswith(b'"'):
+                    from streamagent.core.tables import scan_mapping
+
+                    return scan_mapping(self, partition, after, limit, prefix, partition_of)
+                pre = pre[:-1]
+        db = store._db_for_partition(partition)
+        start = self._key(after) if after is not None else pre
+        out: list[tuple] = []
+        for key, value in _rocks_items(db, start, store.use_rocksdict):
+            if after is not None and key == start:
+                continue
+            if pre is not None and not key.startswith(pre):
+                break
+            if key == store.offset_key:
+                continue
+            out.append((self._unkey(key), value))
+            if len(out) >= limit:
+                break
+        return out
 
     async def flush(self) -> None:
         if not self.pending:
@@ -147,6 +244,20 @@ class DirectTable(MutableMapping):
         setter = getattr(self.table.data, "set_persisted_offset", None)
         if setter is not None:
             setter(tp, fut.result().offset)
+
+
+def _rocks_items(db, start: bytes | None, rocksdict: bool) -> Iterator[tuple[bytes, bytes]]:
+    """A partition database's (key, value) in key order from ``start`` (None: the first)."""
+    if rocksdict:
+        it = db.iter()
+        it.seek(start) if start is not None else it.seek_to_first()
+        while it.valid():
+            yield it.key(), it.value()
+            it.next()
+    else:  # python-rocksdb
+        it = db.iteritems()
+        it.seek(start) if start is not None else it.seek_to_first()
+        yield from it
 
 
 def _key_bytes(key) -> bytes:

@@ -10,6 +10,11 @@ without waiting for each delivery (Faust flushes the producer before it commits 
 
 The outbox (core/outbox.py) remembers what each input produced, so an input replayed after a
 crash re-sends exactly its outputs instead of being joined twice.
+
+A null value on decision-log (keyed by user id: the decide agent's erasure tombstone) erases
+the user's join record, pending decisions and orders included, and produces nothing. After
+each batch a slice of every partition it touched is swept for expired records (core/join.py
+``Joiner.sweep``), as the decide agent sweeps user states.
 """
 from __future__ import annotations
 
@@ -41,11 +46,16 @@ class JoinTopics:
     dlq: Callable[[str], str]  # the dead-letter topic of an input topic
 
 
+def key_partition(key: bytes, n_parts: int) -> int:
+    """The partition Faust and the Java client put a key on (murmur2)."""
+    return (murmur2(key) & 0x7FFFFFFF) % n_parts
+
+
 def check_partition(msg: Message, n_parts: int) -> None:
     """A conversion must sit on the partition the Java client's murmur2 gives its key: that
     is where the user's decisions are (Faust partitions with murmur2). librdkafka's default
     partitioner (CRC32) puts keys elsewhere, and the join would silently misattribute."""
-    want = (murmur2(msg.key) & 0x7FFFFFFF) % n_parts
+    want = key_partition(msg.key, n_parts)
     if msg.partition != want:
         raise InvalidMessage("wrong_partition",
                              f"key {msg.key[:64]!r} is on partition {msg.partition}, murmur2 says "
@@ -56,11 +66,15 @@ def check_partition(msg: Message, n_parts: int) -> None:
 class JoinHandler:
     def __init__(self, catalog: Catalog, params: JoinParams, table: MutableMapping[str, bytes],
                  topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = "",
-                 flush_tables: Callable[[], Awaitable[None]] | None = None):
+                 flush_tables: Callable[[], Awaitable[None]] | None = None, *,
+                 sweep_keys: int = 0):
+        """``sweep_keys``: user records the expiry sweep looks at per partition and batch."""
         self.flush_tables = flush_tables  # as in DecideHandler
         self.catalog, self.p, self.table, self.topics = catalog, params, table, topics
         self.send, self.m, self.n_parts, self.worker = send, metrics, n_partitions, worker
         self.pending_by_part: dict[int, int] = {}
+        self.sweep_keys = sweep_keys
+        self.sweep_from: dict[int, str | None] = {}  # partition -> the sweep's cursor
 
     def joiner(self, store: MutableMapping[str, bytes] | None = None) -> Joiner:
         return Joiner(self.catalog, self.p, JoinStore(self.table if store is None else store))
@@ -85,8 +99,11 @@ class JoinHandler:
                 continue
             joiner = Joiner(self.catalog, self.p, JoinStore(stage))
             now_ms = int(time.time() * 1000)
+            erasure = msg.topic == tp.decision_log and msg.value is None and bool(msg.key)
             try:
-                if msg.topic == tp.decision_log:
+                if erasure:
+                    out = joiner.erase(msg.partition, msg.key.decode())
+                elif msg.topic == tp.decision_log:
                     out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
                                              now_ms=now_ms)
                 else:
@@ -112,6 +129,8 @@ class JoinHandler:
                           [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
                           + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
             self._keep(stage, msg.partition, owner)
+            if erasure:
+                m.erasures.labels("join-state").inc()
             for r in out.rewards:
                 outputs.append((tp.rewards, r.user_id.encode(), encode(r.to_doc())))
                 m.rewards.observe(r.reward)
@@ -126,6 +145,7 @@ class JoinHandler:
         for p in sorted(set(owner.values())):
             with scope(p):
                 batch_stage.apply([k for k, q in owner.items() if q == p])
+                self._sweep(p)
             self.pending_by_part[p] = self.joiner().pending(p)
         if self.flush_tables is not None:
             await self.flush_tables()
@@ -138,6 +158,18 @@ class JoinHandler:
                 if topic not in (tp.dlq(tp.decision_log), tp.dlq(tp.conversions)):
                     raise  # not acknowledged: the batch is read again after a restart
                 log.exception("could not dead-letter a join input")
+
+    def _sweep(self, p: int) -> int:
+        """Delete expired records among the partition's next ``sweep_keys`` users (inside the
+        partition's scope); how many went."""
+        if not self.sweep_keys or not self.p.ttl_ms:
+            return 0
+        gone, self.sweep_from[p] = self.joiner().sweep(
+            p, self.sweep_from.get(p), self.sweep_keys,
+            lambda user: key_partition(user.encode(), self.n_parts))
+        if gone:
+            self.m.expired.labels("join-state").inc(len(gone))
+        return len(gone)
 
     @staticmethod
     def _keep(stage: Staged, partition: int, owner: dict[str, int]) -> None:

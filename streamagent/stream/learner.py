@@ -27,7 +27,7 @@ from streamagent.core.policy import epsilon_at
 from streamagent.core.qnet import ModelSnapshot, NumpyQ
 from streamagent.errors import InvalidMessage, SnapshotRejected
 from streamagent.metrics import Metrics
-from streamagent.ops.kafka import make_consumer, make_producer, send
+from streamagent.ops.kafka import kafka_client, make_consumer, make_producer, send
 from streamagent.params import gate_params_from, learner_params
 
 log = logging.getLogger("streamagent.learner")
@@ -38,6 +38,7 @@ class LearnerService:
         from streamagent.stream.models import latest_snapshot, load_model_file, snapshot_check
 
         self.s = s
+        self.kafka = kafka_client(s)  # brokers and TLS/SASL, checked before anything starts
         self.m = metrics or Metrics(topics=(s.topic_transitions,))
         catalog = load_catalog(s.catalog_path)
         self.check = snapshot_check(s)
@@ -45,7 +46,7 @@ class LearnerService:
         # not usable stops the learner with the reason. A corrupt checkpoint (below) is
         # refused with what to do (CorruptCheckpoint): it holds offsets no model can replace.
         initial = (load_model_file(s.model_path, self.check) if s.model_path
-                   else latest_snapshot(s.kafka_bootstrap, s.topic_model_updates,
+                   else latest_snapshot(self.kafka, s.topic_model_updates,
                                         check=self.check))
         self.learner = QLearner(catalog.actions, FEATURE_NAMES, tuple(s.hidden_sizes),
                                 learner_params(s), initial)
@@ -56,14 +57,17 @@ class LearnerService:
             extra = self.learner.load_checkpoint(s.checkpoint_path)
             self.offsets = {int(k): int(v) for k, v in extra.get("offsets", {}).items()}
             self.holdout.load(extra.get("holdout"))
+            self.started_from = (f"resumed from {s.checkpoint_path}: model "
+                                 f"v{self.learner.version}, {self.learner.train_steps} steps")
         else:  # no checkpoint: never reuse a version number already on model-candidates
             from streamagent.stream.registry import candidates
 
             self.learner.version = max([self.learner.version, *candidates(s)])
-            log.info("resumed from %s: model v%d, %d steps, offsets %s", s.checkpoint_path,
-                     self.learner.version, self.learner.train_steps, self.offsets)
-        self.producer = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
-        self.consumer = make_consumer(s.kafka_bootstrap, f"{s.app_id}-learner")
+            self.started_from = (f"no checkpoint at {s.checkpoint_path}: started fresh from "
+                                 f"model v{self.learner.version}")
+        log.info("%s, offsets %s", self.started_from, self.offsets)
+        self.producer = make_producer(self.kafka, **{"message.max.bytes": 16 * 1024 * 1024})
+        self.consumer = make_consumer(self.kafka, f"{s.app_id}-learner")
         md = self.consumer.list_topics(s.topic_transitions, timeout=10)
         parts = sorted(md.topics[s.topic_transitions].partitions)
         self.consumer.assign([TopicPartition(s.topic_transitions, p, self.offsets.get(p, 0))
@@ -73,6 +77,7 @@ class LearnerService:
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
         self._parts = parts
+        self.polled_at: float | None = None  # monotonic time the last poll returned (/readyz)
         self._lag_at = 0.0
         self._running = True
 
@@ -88,6 +93,11 @@ class LearnerService:
         except Exception:
             log.debug("lag report failed", exc_info=True)
 
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions of the transitions topic this learner's consumer is assigned."""
+        return self._parts
+
     def stop(self, *_):
         self._running = False
 
@@ -95,8 +105,7 @@ class LearnerService:
         """The model the deciders use now (an operator may have promoted or rolled back)."""
         from streamagent.stream.models import latest_snapshot
 
-        live = latest_snapshot(self.s.kafka_bootstrap, self.s.topic_model_updates,
-                               check=self.check)
+        live = latest_snapshot(self.kafka, self.s.topic_model_updates, check=self.check)
         return live if live is not None else self.learner.initial_snapshot()
 
     def publish(self) -> None:
@@ -169,7 +178,9 @@ class LearnerService:
 
     def poll_once(self, timeout: float = 0.5) -> int:
         n = 0
-        for msg in self.consumer.consume(500, timeout=timeout):
+        msgs = self.consumer.consume(500, timeout=timeout)
+        self.polled_at = time.monotonic()
+        for msg in msgs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("transitions: %s", msg.error())
@@ -226,12 +237,54 @@ class LearnerService:
         return 0
 
 
+class LearnerHealth:
+    """The learner's readiness checks (/readyz), registered on its Metrics before it starts.
+
+    - ``checkpoint``: the checkpoint is loaded, or there was none and the learner started
+      fresh (from the newest valid model); fails while that is still being read.
+    - ``consumer``: the transitions consumer has partitions assigned and the loop polled it
+      within ``max_poll_gap_s`` (STREAMAGENT_LEARNER_MAX_POLL_GAP_S): fails when the loop is
+      stuck, or a publish (gate, checkpoint, send) takes longer than that.
+    """
+
+    def __init__(self, metrics: Metrics, topic: str, max_poll_gap_s: float):
+        self.topic, self.max_gap = topic, max_poll_gap_s
+        self.svc: LearnerService | None = None
+        metrics.add_ready_check("checkpoint", self.checkpoint)
+        metrics.add_ready_check("consumer", self.consumer)
+
+    def checkpoint(self) -> tuple[bool, str]:
+        if self.svc is None:
+            return False, "loading the checkpoint and the newest model"
+        return True, self.svc.started_from
+
+    def consumer(self) -> tuple[bool, str]:
+        svc = self.svc
+        if svc is None:
+            return False, "not started"
+        n = len(svc.partitions)
+        if not n:
+            return False, f"no partition of {self.topic} assigned"
+        if svc.polled_at is None:
+            return False, f"{n} partitions of {self.topic} assigned, not polled yet"
+        gap = time.monotonic() - svc.polled_at
+        if gap > self.max_gap:
+            return False, (f"last poll {gap:.0f} s ago, more than {self.max_gap:g} s: the loop "
+                           f"is stuck or busy")
+        return True, f"{n} partitions of {self.topic}, last poll {gap:.1f} s ago"
+
+
 def run_learner(s: Settings) -> int:
     from streamagent.ops.topics import create_topics
 
     logging.basicConfig(level=s.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # serve first: /healthz answers and /readyz says what is missing while the learner starts
+    metrics = Metrics(topics=(s.topic_transitions,))
+    health = LearnerHealth(metrics, s.topic_transitions, s.learner_max_poll_gap_s)
+    metrics.serve(s.learner_metrics_port, s.metrics_host,
+                  setting="STREAMAGENT_LEARNER_METRICS_PORT")
     create_topics(s, log=log.info)
-    svc = LearnerService(s)
-    svc.m.serve(s.learner_metrics_port, s.metrics_host)
+    svc = LearnerService(s, metrics)
+    health.svc = svc
     return svc.run()

@@ -25,7 +25,7 @@ from streamagent.core.features import FEATURE_NAMES
 from streamagent.core.modelcheck import SnapshotCheck, read_snapshot
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.errors import ConfigError, SnapshotRejected
-from streamagent.ops.kafka import make_consumer
+from streamagent.ops.kafka import KafkaClientConfig, make_consumer
 
 log = logging.getLogger("streamagent.models")
 # records read back from the end of model-updates at start (more only if all are refused): a
@@ -33,9 +33,9 @@ log = logging.getLogger("streamagent.models")
 START_WINDOW = 16
 
 
-def _consumer(bootstrap: str) -> Consumer:
+def _consumer(kafka: KafkaClientConfig) -> Consumer:
     # partition EOF events tell a start-up read that it has seen the last record
-    return make_consumer(bootstrap, "streamagent-model-follower",
+    return make_consumer(kafka, "streamagent-model-follower",
                          **{"fetch.message.max.bytes": 16 * 1024 * 1024,
                             "enable.partition.eof": True})
 
@@ -70,7 +70,7 @@ def load_model_file(path: Path | str, check: SnapshotCheck) -> ModelSnapshot:
                           f"or unset the setting to follow model-updates") from None
 
 
-def latest_snapshot(bootstrap: str, topic: str, *, check: SnapshotCheck,
+def latest_snapshot(kafka: KafkaClientConfig, topic: str, *, check: SnapshotCheck,
                     timeout: float = 10.0) -> ModelSnapshot | None:
     """The newest usable snapshot on the topic, or None when it has none.
 
@@ -78,7 +78,7 @@ def latest_snapshot(bootstrap: str, topic: str, *, check: SnapshotCheck,
     it, and the best (highest promotion, version) wins: what a follower that had read them
     would use. Only if all of them are refused is the topic read further back.
     """
-    c = _consumer(bootstrap)
+    c = _consumer(kafka)
     try:
         lo, hi = _watermarks(c, topic, timeout)
         end, size = hi, START_WINDOW
@@ -128,10 +128,10 @@ class ModelFollower(threading.Thread):
     and this build's features, from any producer: there is no follower without a check.
     """
 
-    def __init__(self, bootstrap: str, topic: str, engine, metrics=None, start_after: int = -1,
+    def __init__(self, kafka: KafkaClientConfig, topic: str, engine, metrics=None, start_after: int = -1,
                  *, check: SnapshotCheck | None = None):
         super().__init__(name="model-follower", daemon=True)
-        self.bootstrap, self.topic, self.engine, self.metrics = bootstrap, topic, engine, metrics
+        self.kafka, self.topic, self.engine, self.metrics = kafka, topic, engine, metrics
         self.start_after = start_after
         self.check = check or SnapshotCheck(engine.catalog.actions, FEATURE_NAMES)
         self._stop = threading.Event()
@@ -140,7 +140,7 @@ class ModelFollower(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        c = _consumer(self.bootstrap)
+        c = _consumer(self.kafka)
         try:
             # from the newest snapshot on: one already loaded is skipped by its version
             lo, hi = _watermarks(c, self.topic, 30)

@@ -11,9 +11,9 @@ import time
 from streamagent.config import Settings
 from streamagent.core.modelcheck import MAX_SAFE_INT, PRODUCER_KEY, decode_snapshot
 from streamagent.core.qnet import ModelSnapshot
-from streamagent.errors import SnapshotRejected, StreamagentError
-from streamagent.ops.kafka import make_producer
-from streamagent.ops.tail import read_all
+from streamagent.errors import ConfigError, SnapshotRejected, StreamagentError
+from streamagent.ops.kafka import kafka_client, make_producer
+from streamagent.ops.tail import read_to_end
 from streamagent.stream.models import latest_snapshot, snapshot_check
 
 log = logging.getLogger("streamagent.registry")
@@ -35,7 +35,11 @@ def candidates(s: Settings) -> dict[int, ModelSnapshot]:
     learner's start nor push its version numbers out of range. Other checks wait for
     ``promote``: a candidate of another catalog still holds its version number."""
     out: dict[int, ModelSnapshot] = {}
-    for m in read_all(s.kafka_bootstrap, s.topic_model_candidates, idle=1.5):
+    try:
+        msgs = list(read_to_end(kafka_client(s), s.topic_model_candidates))
+    except ConfigError:  # the topic does not exist yet: no versions
+        return {}
+    for m in msgs:
         if m.value():
             try:
                 snap = decode_snapshot(m.value())
@@ -52,7 +56,7 @@ def candidates(s: Settings) -> dict[int, ModelSnapshot]:
 
 
 def live(s: Settings) -> ModelSnapshot | None:
-    return latest_snapshot(s.kafka_bootstrap, s.topic_model_updates, check=snapshot_check(s))
+    return latest_snapshot(kafka_client(s), s.topic_model_updates, check=snapshot_check(s))
 
 
 def promote(s: Settings, version: int, why: str = "operator") -> ModelSnapshot:
@@ -70,7 +74,7 @@ def promote(s: Settings, version: int, why: str = "operator") -> ModelSnapshot:
         snapshot_check(s).validate(snap, current)
     except SnapshotRejected as exc:
         raise UnusableVersion(f"model v{version} cannot be promoted: {exc}") from None
-    p = make_producer(s.kafka_bootstrap, **{"message.max.bytes": 16 * 1024 * 1024})
+    p = make_producer(kafka_client(s), **{"message.max.bytes": 16 * 1024 * 1024})
     p.produce(s.topic_model_updates, key=b"model", value=snap.to_bytes())
     if p.flush(30):
         raise StreamagentError(f"could not publish to {s.topic_model_updates} within 30 s")

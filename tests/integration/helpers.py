@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from streamagent.ops.kafka import make_consumer, make_producer
+from streamagent.ops.kafka import KafkaClientConfig, make_consumer, make_producer, plaintext
 from streamagent.ops.local import terminate
 from streamagent.ops.tail import read_all
 
@@ -58,8 +58,15 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]]) -> None:
-    p = make_producer(bootstrap)
+def client(kafka: str | KafkaClientConfig) -> KafkaClientConfig:
+    """The test broker's clients: a bootstrap string (the plain session broker, `kafka`
+    fixture) or a secured broker's :class:`KafkaClientConfig`."""
+    return kafka if isinstance(kafka, KafkaClientConfig) else plaintext(kafka)
+
+
+def produce(bootstrap: str | KafkaClientConfig, topic: str,
+            items: list[tuple[bytes | None, bytes]]) -> None:
+    p = make_producer(client(bootstrap))
     for key, value in items:
         p.produce(topic, key=key, value=value)
     assert p.flush(30) == 0
@@ -69,12 +76,12 @@ def event(eid: str, user: str, typ: str, ts: int, **kw) -> tuple[bytes, bytes]:
     return user.encode(), orjson.dumps({"event_id": eid, "user_id": user, "type": typ, "ts": ts, **kw})
 
 
-def read_json(bootstrap: str, topic: str, expect: int, max_wait: float = 60.0) -> list[dict]:
+def read_json(bootstrap: str | KafkaClientConfig, topic: str, expect: int, max_wait: float = 60.0) -> list[dict]:
     """Read ``topic`` until at least ``expect`` messages came (then 2 s more for extras)."""
     out: list = []
     deadline = time.monotonic() + max_wait
     while time.monotonic() < deadline:
-        out = read_all(bootstrap, topic, idle=2.0, max_wait=max_wait)
+        out = read_all(client(bootstrap), topic, idle=2.0, max_wait=max_wait)
         if len(out) >= expect:
             break
         time.sleep(1.0)
@@ -84,8 +91,8 @@ def read_json(bootstrap: str, topic: str, expect: int, max_wait: float = 60.0) -
 class TopicReader:
     """A persistent reader of one topic (from the beginning), for tests that go in rounds."""
 
-    def __init__(self, bootstrap: str, topic: str):
-        self.c = make_consumer(bootstrap)
+    def __init__(self, bootstrap: str | KafkaClientConfig, topic: str):
+        self.c = make_consumer(client(bootstrap))
         self.c.subscribe([topic])
 
     def read(self, count: int, timeout: float = 60.0) -> list[dict]:

@@ -8,7 +8,7 @@ from confluent_kafka.admin import NewTopic
 from streamagent.cli import main
 from streamagent.core.contracts import validator
 from streamagent.offline.kafka_logs import KafkaRange, read_kafka_log
-from streamagent.ops.kafka import make_admin
+from streamagent.ops.kafka import make_admin, plaintext
 from tests.integration.helpers import produce
 
 pytestmark = pytest.mark.kafka
@@ -38,7 +38,7 @@ def reward(d: dict) -> dict:
 @pytest.fixture
 def topics(kafka, run_id):
     names = (f"ev-{run_id}-decision-log", f"ev-{run_id}-rewards")
-    admin = make_admin(kafka)  # kept alive until the topics exist
+    admin = make_admin(plaintext(kafka))  # kept alive until the topics exist
     for f in admin.create_topics([NewTopic(n, 2, 1) for n in names]).values():
         f.result(30)
     decisions = [decision(i) for i in range(120)]
@@ -52,7 +52,7 @@ def topics(kafka, run_id):
 
 
 def test_reads_the_join_in_a_range(kafka, topics):
-    kl = read_kafka_log(kafka, *topics, actions=ACTIONS, feature_names=("bias", "k", "odd"))
+    kl = read_kafka_log(plaintext(kafka), *topics, actions=ACTIONS, feature_names=("bias", "k", "odd"))
     log = kl.log
     assert log.n == 100 and log.action_names == ACTIONS
     assert log.feature_names == ("bias", "k", "odd")
@@ -60,16 +60,16 @@ def test_reads_the_join_in_a_range(kafka, topics):
     assert sorted(log.decision_ids) == sorted(f"{i:032x}" for i in range(100))
     assert log.allowed.shape == (100, 3) and not log.allowed[:, 2].all()
     # an event-time range
-    part = read_kafka_log(kafka, *topics, rng=KafkaRange(since_ms=T0 + 10 * 60_000,
+    part = read_kafka_log(plaintext(kafka), *topics, rng=KafkaRange(since_ms=T0 + 10 * 60_000,
                                                          until_ms=T0 + 30 * 60_000)).log
     assert part.n == 20
     # features of another feature set get generic names and a note
-    other = read_kafka_log(kafka, *topics, feature_names=("only", "two"))
+    other = read_kafka_log(plaintext(kafka), *topics, feature_names=("only", "two"))
     assert other.log.feature_names == ("x0", "x1", "x2") and any("3 features" in n for n in other.notes)
 
 
 def test_offset_range(kafka, topics):
-    log = read_kafka_log(kafka, *topics, rng=KafkaRange(start_offset=0, end_offset=10)).log
+    log = read_kafka_log(plaintext(kafka), *topics, rng=KafkaRange(start_offset=0, end_offset=10)).log
     assert 0 < log.n <= 20  # at most 10 per partition, only those with rewards
 
 

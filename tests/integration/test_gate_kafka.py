@@ -3,6 +3,7 @@ model-candidates with a verdict, promoted ones reach the worker, and an operator
 an older version reaches it too."""
 from __future__ import annotations
 
+import json
 import time
 
 import orjson
@@ -33,7 +34,12 @@ def test_gate_registry_and_rollback(kafka, tmp_path, run_id, monkeypatch, capsys
     users = [f"g-{i}" for i in range(30)]
     try:
         rounds, deadline = 0, time.monotonic() + 180
-        while time.monotonic() < deadline and len(registry.candidates(s)) < 3:
+        def judged_enough() -> bool:  # three versions, and one judged on held-out decisions
+            got = registry.candidates(s)
+            return len(got) >= 3 and any(v.meta.get("outcome") in ("promoted", "rejected")
+                                         for v in got.values())
+
+        while time.monotonic() < deadline and not judged_enough():
             ts = T0 + rounds * 3 * HOUR_MS
             produce(kafka, s.topic_user_events,
                     [event(f"{u}-r{rounds}", u, "session_start", ts) for u in users])
@@ -77,6 +83,25 @@ def test_gate_registry_and_rollback(kafka, tmp_path, run_id, monkeypatch, capsys
             if seen == {1}:
                 break
         assert seen == {1}, worker.tail()
+
+        # explain one of those decisions with the version that made it (from the registry)
+        d = next(d for d in read_json(kafka, s.topic_decision_log, 1)
+                 if d["policy_version"] == 1)
+        capsys.readouterr()
+        t = time.monotonic()
+        assert main(["explain", d["decision_id"], "--json"]) == 0
+        took = time.monotonic() - t
+        e = json.loads(capsys.readouterr().out)
+        assert e["action"] == d["action"] and e["policy_version"] == 1
+        assert list(e["q_values"].values()) == pytest.approx(d["q_values"], abs=1e-4)
+        assert abs(e["completeness_error"]) < 1e-6
+        assert main(["explain", d["decision_id"]]) == 0
+        text = capsys.readouterr().out
+        assert d["decision_id"] in text and "Q per action" in text and "new user" in text
+        with capsys.disabled():
+            print(f"\nexplain took {took:.2f} s\n{text}")
+        assert main(["explain", "0" * 32, "--timeout", "20"]) == 2
+        assert "no decision" in capsys.readouterr().err
     finally:
         learner.kill()
         worker.stop()

@@ -7,6 +7,7 @@ import pytest
 
 from streamagent.core.catalog import load_catalog
 from streamagent.sim.shop import Shop, scenario
+from streamagent.ops.kafka import plaintext
 from streamagent.sim.kafka_shop import KafkaShop, partition_keys
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, read_json
@@ -41,7 +42,7 @@ def test_the_shop_plays_through_kafka(kafka, tmp_path, run_id):
               "conversions": env["STREAMAGENT_TOPIC_CONVERSIONS"],
               "coupon_actions": env["STREAMAGENT_TOPIC_COUPON_ACTIONS"],
               "decision_log": env["STREAMAGENT_TOPIC_DECISION_LOG"]}
-    ks = KafkaShop(shop, kafka, topics, n_partitions=2, decision_timeout_s=90)
+    ks = KafkaShop(shop, plaintext(kafka), topics, n_partitions=2, decision_timeout_s=90)
     try:
         days = [ks.day(d) for d in range(n_days)]
         # a decision's reward comes when the event-time watermark passes its 24 h window:

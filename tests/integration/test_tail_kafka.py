@@ -6,7 +6,7 @@ import pytest
 from confluent_kafka.admin import NewTopic
 
 from streamagent.cli import main
-from streamagent.ops.kafka import make_admin, make_producer
+from streamagent.ops.kafka import make_admin, make_producer, plaintext
 from streamagent.ops.tail import tail_lines
 
 pytestmark = pytest.mark.kafka
@@ -16,7 +16,7 @@ T0 = 1_767_225_600_000
 
 def send(bootstrap: str, topic: str, numbers: range) -> None:
     """Message i on partition i % 3 with timestamp T0 + i: partitions interleave in time."""
-    p = make_producer(bootstrap)
+    p = make_producer(plaintext(bootstrap))
     for i in numbers:
         p.produce(topic, value=f"m{i}".encode(), partition=i % 3, timestamp=T0 + i)
     assert p.flush(30) == 0
@@ -25,7 +25,7 @@ def send(bootstrap: str, topic: str, numbers: range) -> None:
 @pytest.fixture
 def topic(kafka, run_id) -> str:
     name = f"tail-{run_id}"
-    admin = make_admin(kafka)
+    admin = make_admin(plaintext(kafka))
     for f in admin.create_topics([NewTopic(name, 3, 1)]).values():
         f.result(30)
     send(kafka, name, range(40))
@@ -36,11 +36,11 @@ def test_prints_the_newest_n_oldest_first(kafka, topic, capsys, monkeypatch):
     monkeypatch.setenv("STREAMAGENT_KAFKA_BOOTSTRAP", kafka)
     assert main(["tail", "--topic", topic, "-n", "5"]) == 0
     assert capsys.readouterr().out.split() == [f"m{i}" for i in range(35, 40)]
-    assert list(tail_lines(kafka, topic, 100)) == [f"m{i}" for i in range(40)]
+    assert list(tail_lines(plaintext(kafka), topic, 100)) == [f"m{i}" for i in range(40)]
 
 
 def test_follow_goes_on_with_new_messages(kafka, topic):
-    lines = tail_lines(kafka, topic, 2, follow=True)
+    lines = tail_lines(plaintext(kafka), topic, 2, follow=True)
     try:
         assert [next(lines) for _ in range(2)] == ["m38", "m39"]
         send(kafka, topic, range(40, 43))

@@ -93,7 +93,9 @@ def test_wall_clock_bound_is_off_by_default_and_works_when_set():
 
 
 def test_a_customer_returning_after_400_days_is_decided_for():
-    p = Partition(engine(cap_min_gap_hours=0))
+    # with no TTL: the state is still there (with the default TTL of 180 days the customer
+    # comes back as a new user: tests/unit/test_erasure.py)
+    p = Partition(engine(cap_min_gap_hours=0, user_state_ttl_days=0))
     day = 0
     for day in range(6):  # the customer is active for a week, with others on the partition
         p.send(f"x-{day}", "x", "session_start", T0 + day * DAY_MS + 9 * HOUR_MS)

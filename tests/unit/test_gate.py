@@ -21,11 +21,15 @@ STRICT = dataclasses.replace(P, rule="lower_bound")
 LENIENT = dataclasses.replace(P, rule="not_worse")
 
 
-def always(action: int, version: int = 1) -> NumpyQ:
-    """A model whose greedy action is ``action`` everywhere."""
+def always(action: int, version: int = 1, bias: list[float] | None = None) -> NumpyQ:
+    """A model whose greedy action is ``action`` everywhere (or whose output biases are
+    ``bias``: the last layer's weights are zeroed, so Q is the bias in every state)."""
     net = init_network(len(FEATS), len(ACTIONS), (4,), 0)
     with torch.no_grad():
-        net.net[-1].bias.copy_(torch.tensor([1.0 if a == action else 0.0 for a in range(3)]))
+        if bias is not None:
+            net.net[-1].weight.zero_()
+        net.net[-1].bias.copy_(torch.tensor(
+            bias or [1.0 if a == action else 0.0 for a in range(3)]))
     return NumpyQ(ModelSnapshot.from_network(net, version, 0, ACTIONS, FEATS))
 
 
@@ -56,6 +60,16 @@ def test_an_identical_candidate_is_promoted_a_worse_one_is_not():
         worse = judge(always(1, 2), always(0, 1), log, rule)  # 'a' earns 1 less per decision
         assert worse.outcome == "rejected" and worse.diff == pytest.approx(-1.0, abs=0.15)
         assert worse.diff_high < 0 and worse.live_value == pytest.approx(2.0, abs=0.15)
+
+
+def test_the_gate_judges_with_the_deciders_greedy_margin():
+    log = logged(3000).log()
+    # 'a' beats 'none' by 1% of Q(none): greedy without a margin, not with a 2% margin
+    slight = always(1, 2, bias=[10.0, 10.1, 9.0])
+    plain = judge(slight, always(0, 1), log, P)
+    assert plain.outcome == "rejected" and plain.diff == pytest.approx(-1.0, abs=0.15)
+    cautious = judge(slight, always(0, 1), log, dataclasses.replace(P, greedy_margin=0.02))
+    assert cautious.outcome == "promoted" and cautious.diff == 0.0  # the same policy as live
 
 
 def test_masks_are_respected_and_a_cold_start_is_unverified():
@@ -113,11 +127,12 @@ def test_deciders_follow_promotions_so_a_rollback_reaches_them():
     from streamagent.core.engine import DecisionEngine, initial_model
     from streamagent.core.features import FEATURE_NAMES
     from streamagent.params import engine_params
+    from streamagent.ops.kafka import plaintext
     from streamagent.stream.models import ModelFollower
 
     cat = load_catalog()
     eng = DecisionEngine(cat, engine_params(S, 1), initial_model(cat, (8,), 1))
-    follower = ModelFollower("unused:9092", "unused", eng)
+    follower = ModelFollower(plaintext("unused:9092"), "unused", eng)
 
     def snap(version, promotion):
         s = ModelSnapshot.from_network(init_network(len(FEATURE_NAMES), cat.n_actions, (8,), 1),

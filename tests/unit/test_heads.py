@@ -15,7 +15,8 @@ from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import BudgetShare, Transition
 from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.learner import QLearner
-from streamagent.core.policy import action_probs, confident_greedy, head_choices, thompson_pool
+from streamagent.core.policy import (action_probs, confident_greedy, greedy_actions, head_choices,
+                                     thompson_pool)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.params import engine_params, learner_params, shipped
 from streamagent.errors import ConfigError
@@ -51,6 +52,31 @@ def test_a_coupon_is_greedy_only_with_confidence():
     assert confident_greedy(spread[:1], ALL, 5.0) == 1  # one head: no spread, plain argmax
     masked = np.array([True, False, True, True])
     assert confident_greedy(agree, masked, 1.0) in (0, 2, 3)
+
+
+def test_a_coupon_must_clear_the_greedy_margin():
+    q = np.array([[10.0, 10.4, 10.2, 9.0]])  # the best coupon beats 'none' by 4% of |Q(none)|
+    assert confident_greedy(q, ALL, 0.0, 0.0) == 1
+    assert confident_greedy(q, ALL, 0.0, 0.03) == 1
+    assert confident_greedy(q, ALL, 0.0, 0.05) == 0
+    neg = np.array([[-10.0, -9.5, -11.0, -12.0]])  # relative to |Q(none)| also below zero
+    assert confident_greedy(neg, ALL, 0.0, 0.04) == 1
+    assert confident_greedy(neg, ALL, 0.0, 0.06) == 0
+    # 'none' masked (it never is in the product, but the rule must not pick a masked action)
+    no_none = np.array([False, True, True, True])
+    assert confident_greedy(q, no_none, 0.0, 0.5) == 1
+
+
+def test_greedy_actions_is_the_row_wise_rule_of_the_engine():
+    rng = np.random.default_rng(3)
+    Q = 10 + rng.normal(0, 0.5, size=(400, 4))
+    allowed = rng.random((400, 4)) < 0.8
+    allowed[:, 0] = True
+    for margin in (0.0, 0.02, 0.05):
+        rows = greedy_actions(Q, allowed, margin)
+        assert list(rows) == [confident_greedy(Q[i:i + 1], allowed[i], 0.0, margin)
+                              for i in range(len(Q))]
+    assert (greedy_actions(Q, allowed, 0.05) == 0).sum() > (greedy_actions(Q, allowed, 0.0) == 0).sum()
 
 
 def test_thompson_propensities_are_exact():

@@ -196,13 +196,14 @@ def test_a_truncated_or_missing_model_file_is_refused_with_the_setting(tmp_path)
 # ---------------------------------------------------------------- the follower
 
 def follower():
+    from streamagent.ops.kafka import plaintext
     from streamagent.stream.models import ModelFollower
 
     engine = DecisionEngine(CAT, engine_params(S, 1),
                             initial_model(CAT, tuple(S.hidden_sizes), S.seed, S.q_heads))
     m = Metrics(actions=CAT.actions)
     # not started: _apply is what run() calls with every record's bytes
-    return ModelFollower("127.0.0.1:1", "model-updates", engine, m, check=CHECK), engine, m
+    return ModelFollower(plaintext("127.0.0.1:1"), "model-updates", engine, m, check=CHECK), engine, m
 
 
 def rejected(m: Metrics, why: str) -> float:
@@ -328,7 +329,7 @@ def test_candidates_skip_records_that_do_not_decode(monkeypatch):
                snap(version=2, actions=CAT.actions[::-1]).to_bytes()]
     msgs = [SimpleNamespace(value=lambda r=r: r, offset=lambda i=i: i)
             for i, r in enumerate(records)]
-    monkeypatch.setattr(registry, "read_all", lambda *a, **k: msgs)
+    monkeypatch.setattr(registry, "read_to_end", lambda *a, **k: iter(msgs))
     # a candidate of another catalog keeps its version number (never reused); garbage and an
     # absurd version are skipped
     assert list(registry.candidates(S)) == [1, 2]

@@ -10,7 +10,8 @@ from streamagent.core.policy import action_probs, decision_id, epsilon_at, sampl
 from streamagent.params import shipped, state_params
 from streamagent.core.state import StateParams, UserState, apply, is_replay, record_decision
 
-P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000, dedupe_events=32)
+P = StateParams(half_life_ms=86_400_000, cap_window_ms=7 * 86_400_000, dedupe_events=32,
+                ttl_ms=0)
 T0 = 1_767_225_600_000
 
 
