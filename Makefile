@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-learning kafka-start kafka-stop docs clean prometheus
+.PHONY: setup demo test test-fast test-containers bench bench-learning kafka-start kafka-stop docs clean prometheus
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The Compose stack for real (tests/containers): builds the images (Docker engine, Compose v2, a
+# Debian base image and the stand-ins are set up as needed; see deploy/README.md), runs two
+# deciders, the learner, the demo shop and Prometheus, checks them, and takes it all down.
+# `make test` runs it too (it is marked slow and containers). -s: the test reports each step.
+test-containers: setup
+	$(BIN)/python -m pytest -m containers -s tests/containers $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/streamagent bench pipeline

@@ -84,3 +84,22 @@ def test_every_exported_metric_is_documented():
 def test_compose_file_parses_and_names_the_services():
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert {"kafka", "decider", "learner", "prometheus", "grafana"} <= set(doc["services"])
+
+
+def test_compose_defaults_are_safe():
+    """What tests/containers checks by running the stack, checked here statically: each decider
+    has its own /data, monitoring is on loopback, Grafana has no default password and no
+    anonymous access, and the healthchecks ask /readyz."""
+    s = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for v in s["decider"]["volumes"]:  # an anonymous volume per replica, never a shared one
+        assert isinstance(v, dict) and v["type"] in ("volume", "tmpfs") and "source" not in v, v
+        assert v["target"] == "/data"
+    for name in ("kafka", "prometheus", "grafana"):
+        for p in s[name]["ports"]:
+            assert p.startswith(("127.0.0.1:", "${MONITORING_ADDR:-127.0.0.1}:")), (name, p)
+    env = s["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS_ENABLED:-false}"
+    for name, port in (("decider", 9400), ("learner", 9401)):
+        assert f"http://127.0.0.1:{port}/readyz" in " ".join(s[name]["healthcheck"]["test"]), name
+    assert "demo" in s["shop"]["profiles"] and s["shop"]["command"][0] == "simulate"
