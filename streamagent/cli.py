@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "events/s and latency of one worker vs baselines")
     _module_command(bsub, "learning", "streamagent.bench.learning",
                     "policies on the simulated shop vs the MDP optimum")
+    _module_command(bsub, "pacing", "streamagent.bench.pacing",
+                    "budget pacing (shadow price) vs the hard budget mask on the simulated shop")
     _module_command(bsub, "offline", "streamagent.bench.offline",
                     "off-policy estimators on the Open Bandit Dataset vs the measured value "
                     "(and vs obp's estimators)")

@@ -91,6 +91,19 @@ class Metrics:
         self.budget_progress = Gauge("streamagent_decision_budget_period_progress",
                                      "How far the current event-time budget period has run (0-1), "
                                      "from the latest event.", registry=r)
+        # budget pacing (core/pacing.py), per partition of this worker (labels: partition
+        # numbers, bounded by the user-events topic's partition count)
+        self.shadow_price = Gauge("streamagent_decision_budget_shadow_price",
+                                  "Budget pacing's shadow price (lambda, Q units per currency "
+                                  "unit of coupon cost) at the partition's latest decision.",
+                                  ["partition"], registry=r)
+        self.pacing_spent = Gauge("streamagent_decision_budget_partition_spent",
+                                  "Coupon budget the partition spent in its current period "
+                                  "(currency units).", ["partition"], registry=r)
+        self.pacing_target = Gauge("streamagent_decision_budget_partition_target",
+                                   "What budget pacing's straight line says the partition "
+                                   "should have spent by its event time (currency units).",
+                                   ["partition"], registry=r)
         self.model_age = Gauge("streamagent_decision_model_age_seconds",
                                "Wall-clock seconds since the model in use was published.",
                                registry=r)

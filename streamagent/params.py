@@ -13,6 +13,7 @@ from streamagent.core.eventtime import TimeBounds
 from streamagent.core.gate import GateParams
 from streamagent.core.join import JoinParams
 from streamagent.core.learner import LearnerParams
+from streamagent.core.pacing import PacingParams
 from streamagent.core.state import StateParams
 from streamagent.units import DAY_MS, HOUR_MS, MINUTE_MS
 
@@ -52,7 +53,14 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
                         confidence_z=s.confidence_z, greedy_margin=s.greedy_margin,
                         explore_period_ms=int(s.explore_period_days * DAY_MS),
-                        time_bounds=time_bounds(s, past=True))
+                        time_bounds=time_bounds(s, past=True), pacing=pacing_params(s))
+
+
+def pacing_params(s: Settings) -> PacingParams | None:
+    """Pacing is on with a budget (a positive, finite BUDGET_PER_PERIOD) unless PACING is off."""
+    if not s.pacing or not 0 < s.budget_per_period < float("inf"):
+        return None
+    return PacingParams(kp=s.pacing_kp, ki=s.pacing_ki, max_price=s.pacing_max_price)
 
 
 def join_params(s: Settings) -> JoinParams:

@@ -68,9 +68,9 @@ class Result:
 
 
 def bench_settings(**overrides):
-    """The product's defaults (docs/CONFIGURATION.md), with caps and budget off: the optimum
-    knows neither, so a fair race has neither. Benchmarked = shipped."""
-    base = dict(cap_max_coupons=10_000, cap_min_gap_hours=0, budget_per_period=1e12,
+    """The product's defaults (docs/CONFIGURATION.md), with caps and budget (and so budget
+    pacing) off: the optimum knows neither, so a fair race has neither. Benchmarked = shipped."""
+    base = dict(cap_max_coupons=10_000, cap_min_gap_hours=0, budget_per_period=1e12, pacing=False,
                 attribution_window_hours=24, allowed_lateness_minutes=1,
                 transition_horizon_days=3)
     return shipped(**{**base, **overrides})

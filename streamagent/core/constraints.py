@@ -1,7 +1,7 @@
 """Frequency caps and the coupon budget, both on event time, as action masks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,9 +27,10 @@ def budget_remaining(b: BudgetShare, period: int, share: float) -> float:
 
 
 def budget_spend(b: BudgetShare, period: int, cost: float) -> BudgetShare:
+    # replace(): the pacing state (core/pacing.py) rides along unchanged
     if period != b.period:
-        return BudgetShare(period, cost)
-    return BudgetShare(b.period, b.spent + cost)
+        return replace(b, period=period, spent=cost)
+    return replace(b, spent=b.spent + cost)
 
 
 def action_mask(state: UserState, ts: int, costs: list[float], caps: CapParams,

@@ -202,6 +202,16 @@ class Decision(_Record):
     blocked_by: tuple[str, ...]
     features: tuple[float, ...]
     cost: float
+    # the budget pacing's shadow price (core/pacing.py) the decision was taken with: the
+    # policy scored each action by q_values[a] - shadow_price x cost(a); None (left out of the
+    # document): pacing off
+    shadow_price: float | None = None
+
+    def to_doc(self) -> dict:
+        doc = _Record.to_doc(self)
+        if self.shadow_price is None:
+            del doc["shadow_price"]  # the bytes of a record without pacing stay as they were
+        return doc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -326,10 +336,25 @@ class JoinRecord(_Record):
 
 @dataclass(frozen=True, slots=True)
 class BudgetShare:
-    """Spend of one partition's share of the budget in one event-time period."""
+    """Spend of one partition's share of the budget in one event-time period, and the state of
+    the partition's budget pacing (core/pacing.py; all at their defaults when pacing is off)."""
 
     period: int = -1
     spent: float = 0.0
+    shadow_price: float = 0.0  # lambda: the price of a unit of budget, in Q units
+    integral: float = 0.0  # the controller's integral term (carried across periods)
+    paced_ts: int = -1  # event time of the controller's last update (-1: never)
+
+
+@lru_cache(maxsize=None)
+def _integer_fields(schema: str) -> tuple[str, ...]:
+    """The schema's top-level fields of type integer (or integer-or-null)."""
+    out = []
+    for name, prop in load_schema(schema).get("properties", {}).items():
+        t = prop.get("type")
+        if t == "integer" or (isinstance(t, list) and "integer" in t):
+            out.append(name)
+    return tuple(out)
 
 
 def _parse(raw: bytes | None, schema: str) -> dict:
@@ -345,6 +370,13 @@ def _parse(raw: bytes | None, schema: str) -> dict:
         validator(schema)(doc)
     except fastjsonschema.JsonSchemaException as exc:
         raise InvalidMessage("schema", str(exc.message)[:300]) from None
+    # JSON Schema counts 1767225600000.0 as an integer; the records must hold an int (a float
+    # ts became "490896.0" in the join's due-index keys, which it could not read back)
+    for name in _integer_fields(schema):
+        if type(doc.get(name)) is float:
+            if abs(doc[name]) > 2 ** 53:  # beyond, a float is no exact integer
+                raise InvalidMessage("schema", f"{name} {doc[name]!r} is not an exact integer")
+            doc[name] = int(doc[name])
     return doc
 
 
@@ -387,17 +419,52 @@ def encode(doc: dict) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+# The smallest size limit a dead letter passes on its way out: the worker's producer
+# (Faust's producer_max_request_size, aiokafka's max_request_size: 1,000,000 bytes, key and
+# value together) and librdkafka's default message.max.bytes (the same 1,000,000; the learner
+# sends its dead letters with confluent-kafka). The input may have been up to the broker's
+# limit (1 MiB by default), and base64 adds a third: so the envelope keeps at most
+# DLQ_ORIGINAL_MAX bytes of the original value and DLQ_KEY_MAX of its key, with the full
+# length and sha256 of what it cut, and dead letters are keyed by ``dlq_key``.
+DLQ_MAX_BYTES = 1_000_000
+DLQ_ORIGINAL_MAX = 512 * 1024  # base64: 699,052 characters
+DLQ_KEY_MAX = 1024
+
+
+def dlq_key(key: bytes | None) -> bytes | None:
+    """The key a dead letter is sent with: the original key, or, beyond ``DLQ_KEY_MAX`` bytes,
+    the hex sha256 of it (the envelope has the key's first bytes, length and the same hash)."""
+    import hashlib
+
+    if key is None or len(key) <= DLQ_KEY_MAX:
+        return key
+    return hashlib.sha256(key).hexdigest().encode()
+
+
 def dlq_envelope(*, source_topic: str, partition: int, offset: int, key: bytes | None,
                  value: bytes | None, reason: str, detail: str, failed_at_ms: int,
                  worker: str | None = None) -> dict:
-    """The dead-letter record for a rejected message: the original bytes and why."""
-    import base64
+    """The dead-letter record for a rejected message: the original bytes and why.
 
-    return {
+    A value longer than ``DLQ_ORIGINAL_MAX`` bytes (a key longer than ``DLQ_KEY_MAX``) is
+    cut to that many bytes, and the envelope says so: ``truncated`` true, with
+    ``original_len``/``original_sha256`` (``key_len``/``key_sha256``) of the whole. Encoded,
+    the envelope stays well under ``DLQ_MAX_BYTES``, whatever the input."""
+    import base64
+    import hashlib
+
+    value = value or b""
+    env = {
         "schema_version": 1, "source_topic": source_topic, "partition": max(partition, 0),
         "offset": max(offset, 0),
-        "key_b64": base64.b64encode(key).decode() if key is not None else None,
+        "key_b64": base64.b64encode(key[:DLQ_KEY_MAX]).decode() if key is not None else None,
         "reason": reason, "detail": detail[:1000],
-        "original_b64": base64.b64encode(value or b"").decode(),
+        "original_b64": base64.b64encode(value[:DLQ_ORIGINAL_MAX]).decode(),
         "failed_at_ms": failed_at_ms, "worker": worker,
     }
+    if len(value) > DLQ_ORIGINAL_MAX:
+        env.update(truncated=True, original_len=len(value),
+                   original_sha256=hashlib.sha256(value).hexdigest())
+    if key is not None and len(key) > DLQ_KEY_MAX:
+        env.update(truncated=True, key_len=len(key), key_sha256=hashlib.sha256(key).hexdigest())
+    return env

@@ -16,6 +16,7 @@ from streamagent.core.constraints import (CapParams, action_mask, budget_remaini
 from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
                                         UserEvent, decode_user_event)
 from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
+from streamagent.core.pacing import PacingParams, pace
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
@@ -55,6 +56,8 @@ class EngineParams:
     time_bounds: TimeBounds  # what a user event's ts may be, against its partition's clock
     # a coupon is greedy only if its Q beats "no coupon" by this fraction of |Q(none)|
     greedy_margin: float = 0.0
+    # budget pacing (core/pacing.py): a shadow price on coupon cost; None = off
+    pacing: PacingParams | None = None
 
     @property
     def budget_share(self) -> float:
@@ -136,6 +139,7 @@ class DecisionEngine:
         check_compatible(model.snapshot, catalog)
         self.catalog, self.p, self.model = catalog, params, model
         self._costs = catalog.costs()
+        self._cost_arr = np.asarray(self._costs, dtype=float)
         self._triggers = frozenset(params.trigger_types)
 
     @staticmethod
@@ -327,11 +331,21 @@ class DecisionEngine:
             x = F.encode(state, ts, ev.type, p.state.half_life_ms, p.caps.window_ms)
         if q_heads is None:
             q_heads = model.q.heads(x)
-        q = q_heads.mean(0)
         # the budget period of the partition's robust event time, not of this one record (a
         # record ahead of its partition must not open a later period's budget for everyone)
         now = clock.stream_time if clock.stream_time is not None else ts
         period = period_of(now, p.budget_period_ms)
+        q_model = q_heads.mean(0)  # what the model says: logged as q_values
+        price = None
+        if p.pacing is not None:
+            # the partition's pacing controller, moved to this event time; the policy scores
+            # Q - price x cost, so greedy, exploration and the logged propensities all follow
+            # the priced values (the hard budget mask below stays the last line)
+            budget = pace(budget, now, p.budget_period_ms, p.budget_share, p.pacing)
+            price = budget.shadow_price
+            if price > 0:
+                q_heads = q_heads - price * self._cost_arr
+        q = q_heads.mean(0)
         remaining = budget_remaining(budget, period, p.budget_share)
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
@@ -380,9 +394,10 @@ class DecisionEngine:
             exploration=p.exploration,
             epsilon=eps if p.exploration in ("epsilon", "thompson") else None,
             policy_version=model.version, trigger_event_id=ev.event_id,
-            trigger_type=ev.type, q_values=tuple(round(float(v), 6) for v in q),
+            trigger_type=ev.type, q_values=tuple(round(float(v), 6) for v in q_model),
             allowed=tuple(allowed.tolist()), blocked_by=tuple(blocked),
             features=tuple(round(float(v), 6) for v in x), cost=cost,
+            shadow_price=None if price is None else float(price),
         )
         if a:
             budget = budget_spend(budget, period, cost)

@@ -120,6 +120,7 @@ class Explanation:
     attributions: list[tuple[str, float, float]]  # (feature, value, contribution), by |c|
     at_reference: float  # the explained gap for a new user at the same moment
     check: float  # sum of the attributions - (gap - at_reference): ~0 (completeness)
+    hurdle: float = 0.0  # what a coupon had to beat 'none' by (GREEDY_MARGIN x |Q(none)|)
 
     def to_doc(self) -> dict:
         return {"decision_id": self.decision_id, "action": self.action,
@@ -127,14 +128,15 @@ class Explanation:
                 "policy_version": self.policy_version, "q_values": self.q_values,
                 "margin_over_none": self.margin_over_none, "versus": self.versus,
                 "blocked": self.blocked, "at_reference": self.at_reference,
-                "completeness_error": self.check,
+                "completeness_error": self.check, "hurdle": self.hurdle,
                 "attributions": [{"feature": f, "value": v, "contribution": c}
                                  for f, v, c in self.attributions]}
 
 
 def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
-            cap_window_ms: int) -> Explanation:
-    """Explain one decision-log document with the model that made it."""
+            cap_window_ms: int, greedy_margin: float = 0.0) -> Explanation:
+    """Explain one decision-log document with the model that made it (and the deciders'
+    ``greedy_margin``, to say when it held a coupon back)."""
     x = np.asarray(doc["features"], np.float64)
     if len(x) != F.N_FEATURES:
         raise ValueError(f"the decision has {len(x)} features, this build {F.N_FEATURES}")
@@ -160,4 +162,5 @@ def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
         q_values={actions[i]: float(Q[i]) for i in range(len(actions))},
         margin_over_none=float(gaps[0]), versus=actions[versus], blocked=blocked,
         attributions=[(F.FEATURE_NAMES[i], float(x[i]), float(attr[i])) for i in order],
-        at_reference=float(gaps[1]), check=float(attr.sum() - (gaps[0] - gaps[1])))
+        at_reference=float(gaps[1]), check=float(attr.sum() - (gaps[0] - gaps[1])),
+        hurdle=float(greedy_margin * abs(Q[0])))

@@ -34,8 +34,10 @@ from streamagent.core.catalog import Catalog
 from streamagent.core.contracts import (Conversion, Decision, JoinRecord, PendingConversion,
                                         PendingDecision, Reward, Transition)
 from streamagent.core.eventtime import OutOfBounds, TimeBounds, admit
+from streamagent.core.features import N_FEATURES
 from streamagent.core.state import expired
 from streamagent.core.tables import JoinStore
+from streamagent.errors import InvalidMessage
 from streamagent.units import HOUR_MS
 
 NEVER = 2**62
@@ -167,7 +169,9 @@ class Joiner:
 
     # ---------------------------------------------------------------- inputs
     def on_decision(self, partition: int, d: Decision, now_ms: int | None = None) -> JoinOutput:
-        """Raises OutOfBounds (an InvalidMessage) for a decision outside the event-time bounds."""
+        """Raises OutOfBounds (an InvalidMessage) for a decision outside the event-time bounds,
+        InvalidMessage("schema") for one that does not fit the catalog and features."""
+        self._check(d)
         self._admit(partition, d.ts, now_ms)
         return self._counted(partition, self._on_decision(partition, d))
 
@@ -177,6 +181,26 @@ class Joiner:
         event-time bounds: one record dated years ahead must not move the watermark."""
         self._admit(partition, c.ts, now_ms)
         return self._counted(partition, self._on_conversion(partition, c))
+
+    def _check(self, d: Decision) -> None:
+        """A decision the learner could use: an action of this catalog, by index and name,
+        and vectors of its lengths (the schema cannot say how long: a feature vector of
+        length 1 would otherwise travel on to the learner). Checked before the record touches
+        the clock or any state."""
+        n = self.catalog.n_actions
+        what = None
+        if not d.action_index < n:
+            what = f"action_index {d.action_index} is not one of the catalog's {n} actions"
+        elif d.action != self.catalog.actions[d.action_index]:
+            what = (f"action {d.action[:64]!r} is not the catalog's action {d.action_index} "
+                    f"({self.catalog.actions[d.action_index]!r})")
+        elif len(d.features) != N_FEATURES:
+            what = f"features has {len(d.features)} values, not {N_FEATURES}"
+        elif len(d.allowed) != n or len(d.q_values) != n:
+            what = (f"allowed/q_values have {len(d.allowed)}/{len(d.q_values)} values, not "
+                    f"one per action ({n})")
+        if what is not None:
+            raise InvalidMessage("schema", f"decision {d.decision_id}: {what}")
 
     def _admit(self, partition: int, ts: int, now_ms: int | None) -> None:
         # One clock for both inputs of the partition: decisions may be sparse where orders and

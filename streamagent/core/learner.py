@@ -17,6 +17,7 @@ from torch import nn
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
 from streamagent.core.qnet import ModelSnapshot, init_network
+from streamagent.errors import InvalidMessage
 
 
 # proportional prioritised replay (Schaul et al. 2016), their published values
@@ -184,6 +185,35 @@ class QLearner:
             return 0.0
         return float(self.p.gamma ** (max(0.0, dt_ms) / self.p.gamma_unit_ms))
 
+    def check(self, t: Transition) -> None:
+        """Raise ``InvalidMessage("schema")`` unless the transition fits this model: feature
+        vectors of exactly its length (numpy would broadcast a length-1 vector over a replay
+        row), an action index and masks of its actions, values finite as float32 (1e300
+        passes JSON and becomes inf in the replay buffer), a next state unless done."""
+        nf, na = len(self.feature_names), len(self.actions)
+
+        def fail(what: str) -> None:
+            raise InvalidMessage("schema", f"transition {str(t.decision_id)[:64]!r}: {what}")
+
+        if len(t.features) != nf:
+            fail(f"features has {len(t.features)} values, the model {nf}")
+        if not 0 <= t.action_index < na:
+            fail(f"action_index {t.action_index} is not one of the {na} actions")
+        if not t.done and t.next_features is None:
+            fail("next_features is null but done is false")
+        if t.next_features is not None and len(t.next_features) != nf:
+            fail(f"next_features has {len(t.next_features)} values, the model {nf}")
+        for name in ("allowed", "next_allowed"):
+            mask = getattr(t, name)
+            if mask is not None and len(mask) != na:
+                fail(f"{name} has {len(mask)} values, the model {na} actions")
+        if not t.done and t.next_allowed is not None and not any(t.next_allowed):
+            fail("next_allowed allows no action")
+        with np.errstate(over="ignore"):
+            values = np.asarray((*t.features, *(t.next_features or ()), t.reward), np.float32)
+        if not np.isfinite(values).all():
+            fail("a feature or the reward is not finite as float32")
+
     def learn_one(self, t: Transition, train: bool = True) -> dict | None:
         """Store one transition; take a gradient step when one is due.
 
@@ -191,6 +221,7 @@ class QLearner:
         returns (its reward is part of the previous decisions' returns), but no replay item
         starts at it, so the model never learns its own (s, a) from it.
         """
+        self.check(t)
         na = len(self.actions)
         s = np.asarray(t.features, np.float32)
         done = bool(t.done)

@@ -156,7 +156,10 @@ class UserStates:
 
 
 class BudgetShares:
-    """The budget table's spend records: partition -> BudgetShare, stored as "period:spent"."""
+    """The budget table's spend records: partition -> BudgetShare, stored as "period:spent",
+    or, once the partition's pacing has run (core/pacing.py),
+    "period:spent:shadow_price:integral:paced_ts". Without pacing the record stays in the
+    two-field layout that releases before pacing read."""
 
     def __init__(self, table: MutableMapping[bytes, bytes]):
         self.table = table
@@ -169,11 +172,18 @@ class BudgetShares:
         raw = self.table.get(self._key(partition))
         if not raw:
             return BudgetShare()
-        period, spent = raw.decode().split(":")
-        return BudgetShare(int(period), float(spent))
+        parts = raw.decode().split(":")
+        if len(parts) == 2:
+            return BudgetShare(int(parts[0]), float(parts[1]))
+        period, spent, price, integral, paced_ts = parts
+        return BudgetShare(int(period), float(spent), float(price), float(integral),
+                           int(paced_ts))
 
     def put(self, partition: int, share: BudgetShare) -> None:
-        self.table[self._key(partition)] = f"{share.period}:{share.spent!r}".encode()
+        text = f"{share.period}:{share.spent!r}"
+        if share.paced_ts != -1 or share.shadow_price or share.integral:
+            text += f":{share.shadow_price!r}:{share.integral!r}:{share.paced_ts}"
+        self.table[self._key(partition)] = text.encode()
 
 
 class StreamClocks:

@@ -90,6 +90,9 @@ def render(e: Explanation, doc: dict, top: int) -> str:
     if e.action == "none":
         head = (f"why none rather than {e.versus}: Q(none) - Q({e.versus}) = "
                 f"{_num(e.margin_over_none, True)}")
+        if e.margin_over_none < 0 and not e.explored and e.versus not in e.blocked:
+            head += (f"\n  held back: a coupon must beat none by more than {_num(e.hurdle)} "
+                     f"(STREAMAGENT_GREEDY_MARGIN x |Q(none)|)")
     else:
         head = f"why {e.action} rather than none: margin {_num(e.margin_over_none, True)}"
     lines += ["", head,
@@ -110,7 +113,7 @@ def main(args) -> int:
     doc = find_decision(s, args.decision_id, args.timeout)
     snap = model_of(s, int(doc.get("policy_version", 0)), args.model)
     sp, cp = state_params(s), cap_params(s)
-    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms)
+    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms, s.greedy_margin)
     if args.json:
         json.dump({**e.to_doc(), "user_id": doc.get("user_id"), "ts": doc["ts"]}, sys.stdout,
                   indent=2)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import orjson
 
+from streamagent.ops.kafka import kafka_client
+
 # The optimum of the simulator knows no frequency caps and no budget; the demo lifts both so
 # the comparison is fair (production defaults keep them: see docs/CONFIGURATION.md).
 DEMO_ENV = {
@@ -104,7 +106,7 @@ class DlqCounter:
     """Reads the dead-letter topics of the shop's inputs and counts the reasons."""
 
     def __init__(self, s):
-        from streamagent.ops.kafka import kafka_client, make_consumer
+        from streamagent.ops.kafka import make_consumer
 
         self.reasons: Counter = Counter()
         self.consumer = make_consumer(kafka_client(s), f"demo-dlq-{time.time_ns()}")

@@ -190,6 +190,8 @@ class Shop:
     n_users: int
     seed: int = 1
     start_ts: int = 1_767_225_600_000
+    # sessions start uniformly between these hours of each day (event time, UTC)
+    session_hours: tuple[float, float] = (8.0, 20.0)
     users: list[SimUser] = field(init=False)
     rng: np.random.Generator = field(init=False)
 
@@ -201,7 +203,9 @@ class Shop:
 
     def session_events(self, day: int, u: SimUser, i: int) -> list[dict]:
         """The events of a user's session on a day; the first one triggers a decision."""
-        ts = self.start_ts + day * DAY_MS + int(self.rng.integers(8 * HOUR_MS, 20 * HOUR_MS))
+        lo, hi = self.session_hours
+        ts = self.start_ts + day * DAY_MS + int(self.rng.integers(int(lo * HOUR_MS),
+                                                                  int(hi * HOUR_MS)))
         seg = u.segment
         if seg.behaviour is not None:
             return self._noisy_session(day, u, ts, seg.behaviour)

@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         broker_commit_every=10_000,
         broker_commit_interval=s.commit_interval_s,
         table_cleanup_interval=3600.0,
+        table_standby_replicas=s.standby_replicas,  # warm copies on the other workers
     )
 
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, ContextManager, Protocol, Sequence
 
 from streamagent.core.constraints import budget_remaining, period_of
-from streamagent.core.contracts import BudgetShare, dlq_envelope, encode
+from streamagent.core.contracts import BudgetShare, dlq_envelope, dlq_key, encode
 from streamagent.core.engine import DecisionEngine, StepResult
 from streamagent.core.eventtime import OutOfBounds
+from streamagent.core.pacing import target_fraction
 from streamagent.core.state import expired
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.errors import InvalidMessage
@@ -240,7 +241,7 @@ class DecideHandler:
         env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
                            key=msg.key, value=msg.value, reason=reason, detail=detail,
                            failed_at_ms=int(time.time() * 1000), worker=self.worker)
-        return self.topics.dlq, msg.key, encode(env)
+        return self.topics.dlq, dlq_key(msg.key), encode(env)
 
     def _budget_gauges(self, clocks: dict) -> None:
         p = self.engine.p
@@ -254,6 +255,17 @@ class DecideHandler:
         self.m.budget_remaining.set(sum(budget_remaining(b, period, p.budget_share)
                                         for b in shares))
         self.m.budget_progress.set((ts % p.budget_period_ms) / p.budget_period_ms)
+        if p.pacing is None:
+            return
+        for part, clock in clocks.items():  # the batch's partitions, each on its own clock
+            if clock.stream_time is None:
+                continue
+            b, label = self.budget_by_part[part], str(part)
+            own = period_of(clock.stream_time, p.budget_period_ms)
+            self.m.shadow_price.labels(label).set(b.shadow_price)
+            self.m.pacing_spent.labels(label).set(b.spent if b.period == own else 0.0)
+            self.m.pacing_target.labels(label).set(
+                p.budget_share * target_fraction(clock.stream_time, p.budget_period_ms))
 
 
 __all__ = ["DecideHandler", "DecideTables", "DecideTopics", "StepResult"]

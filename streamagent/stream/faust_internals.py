@@ -132,8 +132,8 @@ class DirectTable(MutableMapping):
     keys, JSON for str keys), as Faust's ``send_changelog`` writes them: recovery puts the
     changelog's key bytes into RocksDB as they are, and reads look for the serialized key.
     (Releases before this one sent a str key's bare UTF-8, which recovery could not read
-    back: a deletion also tombstones that old form, so an erased key leaves no record of
-    either form once the changelog is compacted.)
+    back. Those old-form records are not tombstoned: Faust's recovery logs a warning for every
+    key it cannot parse as JSON, on every rebalance; see RELIABILITY.md.)
     """
 
     def __init__(self, table, app, on_error=None):
@@ -176,8 +176,6 @@ class DirectTable(MutableMapping):
         part = _streams.current_event().message.partition
         stored = self._key(key)
         self.pending.append((stored, None, part))
-        if stored != _key_bytes(key):  # the key as releases before this one sent it
-            self.pending.append((_key_bytes(key), None, part))
 
     def __iter__(self) -> Iterator:
         return iter(self.table.data)
@@ -259,6 +257,3 @@ def _rocks_items(db, start: bytes | None, rocksdict: bool) -> Iterator[tuple[byt
         it.seek(start) if start is not None else it.seek_to_first()
         yield from it
 
-
-def _key_bytes(key) -> bytes:
-    return key if isinstance(key, bytes) else str(key).encode()

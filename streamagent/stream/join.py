@@ -26,7 +26,8 @@ from typing import Awaitable, Callable, ContextManager, MutableMapping, Sequence
 from aiokafka.partitioner import murmur2
 
 from streamagent.core.catalog import Catalog
-from streamagent.core.contracts import decode_conversion, decode_decision, dlq_envelope, encode
+from streamagent.core.contracts import (decode_conversion, decode_decision, dlq_envelope,
+                                        dlq_key, encode)
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.outbox import Outbox
@@ -61,6 +62,15 @@ def check_partition(msg: Message, n_parts: int) -> None:
                              f"key {msg.key[:64]!r} is on partition {msg.partition}, murmur2 says "
                              f"{want}; produce with the Java-compatible partitioner "
                              f"(librdkafka/confluent-kafka: partitioner=murmur2_random)")
+
+
+def erasure_user(key: bytes) -> str:
+    """The user an erasure tombstone names; a key that is no UTF-8 names no user."""
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        raise InvalidMessage("key_mismatch", f"erasure key {key[:64]!r} is not UTF-8: it "
+                             f"names no user") from None
 
 
 class JoinHandler:
@@ -102,7 +112,7 @@ class JoinHandler:
             erasure = msg.topic == tp.decision_log and msg.value is None and bool(msg.key)
             try:
                 if erasure:
-                    out = joiner.erase(msg.partition, msg.key.decode())
+                    out = joiner.erase(msg.partition, erasure_user(msg.key))
                 elif msg.topic == tp.decision_log:
                     out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
                                              now_ms=now_ms)
@@ -182,4 +192,4 @@ class JoinHandler:
         env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
                            key=msg.key, value=msg.value, reason=reason, detail=detail,
                            failed_at_ms=int(time.time() * 1000), worker=self.worker)
-        return self.topics.dlq(msg.topic), msg.key, encode(env)
+        return self.topics.dlq(msg.topic), dlq_key(msg.key), encode(env)

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
-from streamagent.core.contracts import decode_transition, dlq_envelope, encode
+from streamagent.core.contracts import decode_transition, dlq_envelope, dlq_key, encode
 from streamagent.core.features import FEATURE_NAMES
 from streamagent.core.gate import Holdout, Verdict, held_out, judge
 from streamagent.core.learner import QLearner
@@ -174,7 +174,45 @@ class LearnerService:
                            offset=msg.offset(), key=msg.key(), value=msg.value(),
                            reason=exc.reason, detail=exc.detail,
                            failed_at_ms=int(time.time() * 1000), worker="learner")
-        send(self.producer, self.s.dlq(msg.topic()), msg.key(), encode(env))
+        send(self.producer, self.s.dlq(msg.topic()), dlq_key(msg.key()), encode(env))
+
+    def ingest(self, msg) -> str:
+        """Decode, check and learn one consumed transitions record (a confluent-kafka message):
+        ``"learned"``, ``"duplicate"`` (a transition re-sent after a worker crash, learned once
+        already) or ``"dead_lettered"`` (undecodable, against the contract or the model's shape,
+        or failing in the learner: sent to transitions.dlq with the reason). Never raises for
+        what the record holds."""
+        self.offsets[msg.partition()] = msg.offset() + 1
+        try:
+            t = decode_transition(msg.value())
+            self.learner.check(t)  # before anything remembers it: a bad record moves nothing
+        except InvalidMessage as exc:
+            self._dead_letter(msg, exc)
+            return "dead_lettered"
+        if t.decision_id in self._recent:
+            self.m.learn_duplicates.inc()
+            return "duplicate"
+        hold = self.s.gate and held_out(t.decision_id, self.s.gate_holdout)
+        try:
+            stats = self.learner.learn_one(t, train=not hold)
+            if hold:  # the gate judges on decisions the model was not trained on
+                self.holdout.add(t.features, t.action_index, t.reward, t.propensity,
+                                 t.allowed, t.user_id)
+        except Exception as exc:  # a bug must cost one record, not the learner
+            self.m.errors.labels("learn").inc()
+            log.exception("learning %s[%s]@%s failed", msg.topic(), msg.partition(), msg.offset())
+            self._dead_letter(msg, InvalidMessage("processing_error",
+                                                  f"{type(exc).__name__}: {exc}"))
+            return "dead_lettered"
+        self._recent[t.decision_id] = None
+        if len(self._recent) > 200_000:
+            del self._recent[next(iter(self._recent))]
+        self.m.learn_transitions.inc()
+        if stats:
+            self.m.learn_updates.inc()
+            self.m.learn_loss.set(stats["loss"])
+            self.m.learn_max_q.set(stats["max_q"])
+        return "learned"
 
     def poll_once(self, timeout: float = 0.5) -> int:
         n = 0
@@ -185,34 +223,7 @@ class LearnerService:
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("transitions: %s", msg.error())
                 continue
-            self.offsets[msg.partition()] = msg.offset() + 1
-            try:
-                t = decode_transition(msg.value())
-            except InvalidMessage as exc:
-                self._dead_letter(msg, exc)
-                continue
-            if t.decision_id in self._recent:
-                self.m.learn_duplicates.inc()
-                continue
-            self._recent[t.decision_id] = None
-            if len(self._recent) > 200_000:
-                del self._recent[next(iter(self._recent))]
-            hold = self.s.gate and held_out(t.decision_id, self.s.gate_holdout)
-            try:
-                stats = self.learner.learn_one(t, train=not hold)
-                if hold:  # the gate judges on decisions the model was not trained on
-                    self.holdout.add(t.features, t.action_index, t.reward, t.propensity,
-                                     t.allowed, t.user_id)
-            except Exception as exc:  # e.g. a feature vector of the wrong length
-                self.m.errors.labels("learn").inc()
-                self._dead_letter(msg, InvalidMessage("processing_error", f"{type(exc).__name__}: {exc}"))
-                continue
-            n += 1
-            self.m.learn_transitions.inc()
-            if stats:
-                self.m.learn_updates.inc()
-                self.m.learn_loss.set(stats["loss"])
-                self.m.learn_max_q.set(stats["max_q"])
+            n += self.ingest(msg) == "learned"
         self.m.learn_replay.set(len(self.learner.replay))
         if time.monotonic() - self._lag_at > 5.0:
             self._report_lag()

@@ -13,7 +13,7 @@ from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import BudgetShare, Conversion
 from streamagent.core.engine import DecisionEngine, initial_model
 from streamagent.core.eventtime import WINDOW, OutOfBounds, StreamClock, TimeBounds, admit
-from streamagent.core.features import FEATURE_NAMES
+from streamagent.core.features import FEATURE_NAMES, N_FEATURES
 from streamagent.core.join import Joiner
 from streamagent.core.tables import JoinStore
 from streamagent.errors import InvalidMessage
@@ -153,8 +153,8 @@ def _decision(did, user, ts):
     return Decision(decision_id=did, user_id=user, ts=ts, action="none", action_index=0,
                     propensity=0.9, explored=False, exploration="epsilon", epsilon=0.1,
                     policy_version=1, trigger_event_id="e-" + did, trigger_type="session_start",
-                    q_values=(0.0,) * n, allowed=(True,) * n, blocked_by=(), features=(1.0,),
-                    cost=0.0)
+                    q_values=(0.0,) * n, allowed=(True,) * n, blocked_by=(),
+                    features=(1.0,) * N_FEATURES, cost=0.0)
 
 
 def test_a_conversion_and_a_heartbeat_years_ahead_are_rejected_and_time_goes_on():

@@ -92,3 +92,16 @@ def test_a_record_of_another_feature_layout_is_refused():
     doc["features"] = doc["features"][:-1]
     with pytest.raises(ValueError, match="features"):
         explain(doc, model(), ACTIONS, 14 * DAY_MS, 7 * DAY_MS)
+
+
+def test_the_text_says_when_the_greedy_margin_held_a_coupon_back():
+    from streamagent.ops.explain import render
+
+    q = model()
+    doc = decision_doc(0)
+    e = explain(doc, q, ACTIONS, 14 * DAY_MS, 7 * DAY_MS, greedy_margin=0.5)
+    assert e.hurdle == pytest.approx(0.5 * abs(e.q_values["none"]))
+    text = render(e, doc, 5)
+    assert f"rather than {e.versus}" in text and "Q per action" in text
+    assert ("held back" in text) == (e.margin_over_none < 0)
+    assert text.count("\n    ") >= 5  # the top features, one line each

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import Conversion, Decision
+from streamagent.core.features import N_FEATURES
 from streamagent.core.join import Joiner
 from streamagent.core.tables import JoinStore
 from streamagent.params import join_params, shipped
@@ -28,7 +29,8 @@ def decision(did, user, ts, action=0):
                     action_index=action, propensity=0.5, explored=False, exploration="epsilon",
                     epsilon=0.1, policy_version=1, trigger_event_id=f"e-{did}",
                     trigger_type="session_start", q_values=(0.0,) * CAT.n_actions,
-                    allowed=(True,) * CAT.n_actions, blocked_by=(), features=(float(ts % 97),),
+                    allowed=(True,) * CAT.n_actions, blocked_by=(),
+                    features=(float(ts % 97),) + (0.0,) * (N_FEATURES - 1),
                     cost=0.0)
 
 

@@ -1,0 +1,268 @@
+"""Budget pacing (core/pacing.py): the shadow price's controller, and the engine deciding by
+Q - lambda x cost with exact propensities, in batches as one at a time."""
+import dataclasses
+from dataclasses import dataclass, replace
+
+import numpy as np
+import orjson
+import pytest
+
+from streamagent.core.contracts import BudgetShare, decode_decision, validator
+from streamagent.core.engine import DecisionEngine, initial_model
+from streamagent.core.pacing import PacingParams, pace, target_fraction
+from streamagent.core.tables import BudgetShares
+from streamagent.params import pacing_params, shipped
+from streamagent.units import DAY_MS, HOUR_MS
+
+from .test_engine_batch import (BINDING, CAT, SHIPPED, engine, messages, same_in_batches,
+                                sequential, summary, trained_like_model)
+
+T0 = 1_767_225_600_000  # a period start (24-hour periods, aligned to the epoch)
+P = PacingParams(kp=2.0, ki=4.0, max_price=2.0)
+SHARE = 100.0
+
+
+def at(hours: float) -> int:
+    return T0 + int(hours * HOUR_MS)
+
+
+def on_the_line(hours: float, **kw) -> BudgetShare:
+    """A share whose spend is exactly on the line at ``hours``, last paced then."""
+    now = at(hours)
+    return BudgetShare(now // DAY_MS, SHARE * target_fraction(now, DAY_MS), paced_ts=now, **kw)
+
+
+# ------------------------------------------------------------------ the controller
+def test_spending_ahead_of_the_line_raises_the_price_and_behind_lowers_it():
+    b = on_the_line(6.0, integral=0.3, shadow_price=0.3)
+    ahead = pace(replace(b, spent=b.spent + 20), at(7.0), DAY_MS, SHARE, P)
+    behind = pace(replace(b, spent=b.spent - 20), at(7.0), DAY_MS, SHARE, P)
+    on = pace(b, at(6.0), DAY_MS, SHARE, P)
+    assert on.shadow_price == pytest.approx(0.3)  # on the line: the integral alone
+    assert ahead.shadow_price > 0.3 and ahead.integral > 0.3
+    assert behind.shadow_price < 0.3 and behind.integral < 0.3
+    # the proportional part answers at once, the integral over time
+    e = (b.spent + 20 - SHARE * 7 / 24) / SHARE
+    assert ahead.integral == pytest.approx(0.3 + P.ki * e / 24)
+    assert ahead.shadow_price == pytest.approx(P.kp * e + ahead.integral)
+
+
+def test_the_price_and_the_integral_are_clamped():
+    b = replace(on_the_line(1.0, integral=1.9), spent=SHARE)  # the whole share by 1:00
+    for h in range(2, 20):
+        b = pace(b, at(h), DAY_MS, SHARE, P)
+        assert 0.0 <= b.integral <= P.max_price and 0.0 <= b.shadow_price <= P.max_price
+    assert b.shadow_price == P.max_price and b.integral == P.max_price
+    # far behind for a long time: the integral stops at 0 (anti-windup), and recovers at once
+    quiet = BudgetShare(T0 // DAY_MS, 0.0, integral=0.5, paced_ts=T0)
+    for h in range(1, 24):
+        quiet = pace(quiet, at(h), DAY_MS, SHARE, P)
+    assert quiet.shadow_price == 0.0 and quiet.integral == 0.0
+    back = pace(replace(quiet, spent=SHARE * 23 / 24 + 10), at(23.0), DAY_MS, SHARE, P)
+    assert back.shadow_price > 0
+
+
+def test_a_new_period_resets_the_spend_and_carries_the_price_level():
+    b = replace(on_the_line(23.0, integral=0.4), spent=SHARE)
+    nxt = pace(b, at(24.5), DAY_MS, SHARE, P)
+    assert nxt.period == b.period + 1 and nxt.spent == 0.0
+    # only the half hour of the new period is integrated (behind the line: a little lower)
+    e = -0.5 / 24
+    assert nxt.integral == pytest.approx(0.4 + P.ki * e * 0.5 / 24)
+    assert nxt.shadow_price == pytest.approx(max(0.0, P.kp * e + nxt.integral))
+
+
+def test_settings_turn_pacing_on_with_a_budget_only():
+    assert pacing_params(shipped()) == PacingParams(2.0, 4.0, 2.0)
+    assert pacing_params(shipped(budget_per_period=0)) is None
+    assert pacing_params(shipped(budget_per_period=float("inf"))) is None
+    assert pacing_params(shipped(pacing=False)) is None
+
+
+def test_the_pacing_state_round_trips_the_budget_table_and_old_records_read():
+    table = {}
+    shares = BudgetShares(table)
+    b = BudgetShare(20_000, 12.5, 0.25, 0.125, T0 + 7)
+    shares.put(1, b)
+    assert shares.get(1) == b
+    shares.put(2, BudgetShare(20_000, 3.0))  # no pacing: the layout earlier releases read
+    assert table[b"p2"] == b"20000:3.0" and shares.get(2) == BudgetShare(20_000, 3.0)
+
+
+# ------------------------------------------------------------------ the engine
+class FixedQ:
+    def __init__(self, q):
+        self.q = np.asarray(q, float)
+
+    def heads(self, x):
+        return self.q[None, :]
+
+    def heads_batch(self, X):
+        return np.repeat(self.q[None, None, :], len(X), axis=0)
+
+
+@dataclass
+class FixedModel:
+    snapshot: object
+    q: FixedQ
+    version: int = 3
+
+
+# costs: none 0, pct10 6, pct20_min80 16, amt5_min30 5, amt15_min100 15, freeship 4.9
+Q = [0.0, 0.5, 0.9, 0.3, -1.0, -1.0]
+
+
+def fixed_engine(q=Q, **kw):
+    params = dataclasses.replace(SHIPPED, pacing=P, budget_per_period=2 * SHARE, **kw)
+    snap = initial_model(CAT, (8,), 7).snapshot
+    return DecisionEngine(CAT, params, FixedModel(snap, FixedQ(q)))
+
+
+def decide(eng, budget, hours=6.0, user="u"):
+    ev = {"event_id": f"e-{user}-{hours}", "user_id": user, "type": "session_start",
+          "ts": at(hours)}
+    return eng.step(orjson.dumps(ev), user.encode(), None, budget)
+
+
+@pytest.mark.parametrize("price,action", [(0.0, "pct20_min80"), (0.05, "pct10"),
+                                           (0.2, "none")])
+def test_the_decision_takes_q_minus_price_times_cost(price, action):
+    eng = fixed_engine(exploration="greedy")
+    r = decide(eng, on_the_line(6.0, integral=price))  # on the line: lambda = the integral
+    d = r.decision
+    assert d.shadow_price == pytest.approx(price)
+    assert d.action == action and d.propensity == 1.0
+    assert d.q_values == tuple(Q)  # the model's values are logged; the price beside them
+    if action != "none":
+        assert r.budget.spent == pytest.approx(SHARE * 0.25 + d.cost)
+
+
+@pytest.mark.parametrize("strategy", ["epsilon", "softmax"])
+def test_propensities_are_those_of_the_priced_policy(strategy):
+    eng = fixed_engine(exploration=strategy, epsilon_start=0.3, epsilon_end=0.3,
+                       temperature=0.1)
+    price = 0.05
+    costs = np.asarray(CAT.costs())
+    scores = np.asarray(Q) - price * costs
+    if strategy == "epsilon":
+        p = np.full(len(Q), 0.3 / len(Q))
+        p[int(np.argmax(scores))] += 0.7
+    else:
+        z = np.exp((scores - scores.max()) / 0.1)
+        p = z / z.sum()
+    assert p.sum() == pytest.approx(1.0)
+    counts = np.zeros(len(Q))
+    for i in range(400):
+        d = decide(eng, on_the_line(6.0, integral=price), user=f"u{i}").decision
+        assert d.shadow_price == pytest.approx(price)
+        assert d.propensity == pytest.approx(p[d.action_index])
+        assert d.explored == (d.action_index != int(np.argmax(scores)))
+        counts[d.action_index] += 1
+    # the draws follow the logged (priced) probabilities
+    assert np.abs(counts / 400 - p).max() < 0.08
+
+
+def test_the_hard_mask_stays_the_last_line():
+    eng = fixed_engine(exploration="greedy")
+    b = replace(on_the_line(6.0), spent=2 * SHARE / 2 - 3)  # 3 left: no coupon fits
+    d = decide(eng, b).decision
+    assert d.action == "none" and "budget" in d.blocked_by
+    assert d.shadow_price > 1.0  # far ahead of the line
+
+
+def test_the_decision_log_record_carries_the_price_and_validates():
+    eng = fixed_engine(exploration="greedy")
+    d = decide(eng, on_the_line(6.0, integral=0.05)).decision
+    doc = d.to_doc()
+    assert doc["shadow_price"] == pytest.approx(0.05)
+    validator("decision-log")(doc)
+    back = decode_decision(orjson.dumps(doc), b"u")
+    assert back == d and back.to_doc() == doc
+    # pacing off: no field at all (the bytes earlier releases wrote), and such records read
+    off = DecisionEngine(CAT, dataclasses.replace(SHIPPED, pacing=None),
+                         initial_model(CAT, (64, 64), 7))
+    old = decide(off, BudgetShare()).decision
+    assert old.shadow_price is None and "shadow_price" not in old.to_doc()
+    validator("decision-log")(old.to_doc())
+    assert decode_decision(orjson.dumps(old.to_doc()), b"u").shadow_price is None
+    with pytest.raises(Exception):
+        validator("decision-log")({**doc, "shadow_price": -1.0})
+
+
+# ------------------------------------------------------------------ replays and batches
+PACED = dict(BINDING, budget_per_period=400.0,
+             pacing=PacingParams(kp=20.0, ki=40.0, max_price=2.0))
+
+
+def test_step_batch_equals_one_at_a_time_with_pacing_on():
+    items = messages()
+    ref = same_in_batches(items, **PACED)
+    prices = [r.decision.shadow_price for r in ref
+              if not isinstance(r, Exception) and r.decision and not r.replayed]
+    assert all(p is not None for p in prices)
+    assert max(prices) > 0 and min(prices) == 0.0  # the price moved both ways
+
+
+def test_a_replay_from_scratch_gives_the_same_prices_and_decisions():
+    items = messages()
+
+    def once():
+        states, budgets, clocks = {}, {}, {}
+        out = sequential(engine(trained_like_model(), **PACED), items, states, budgets,
+                         clocks)
+        return summary(out), [r.decision.shadow_price for r in out
+                              if not isinstance(r, Exception) and r.decision], budgets
+
+    a, b = once(), once()
+    assert a == b and any(a[1])
+
+
+def test_the_price_changes_decisions_on_the_same_stream():
+    """With a binding budget, pacing on and off decide differently (and pacing spends more
+    evenly, so fewer decisions find the budget gone)."""
+    items = messages()
+    off_kw = dict(PACED, pacing=None)
+    runs = {}
+    for name, kw in (("paced", PACED), ("off", off_kw)):
+        states, budgets, clocks = {}, {}, {}
+        runs[name] = sequential(engine(trained_like_model(), **kw), items, states, budgets,
+                                clocks)
+    acts = {n: [r.decision.action for r in rs if not isinstance(r, Exception) and r.decision]
+            for n, rs in runs.items()}
+    assert acts["paced"] != acts["off"]
+    blocked = {n: sum("budget" in r.decision.blocked_by for r in rs
+                      if not isinstance(r, Exception) and r.decision)
+               for n, rs in runs.items()}
+    assert blocked["paced"] < blocked["off"]
+
+
+def test_the_decide_handler_exports_price_spend_and_target_per_partition():
+    import asyncio
+
+    from .test_decide_handler import batch, make
+
+    h, _, budgets, _ = make()
+    asyncio.run(h.handle(batch()))
+    get = h.m.registry.get_sample_value
+    for part in ("0", "1"):
+        b = BudgetShares(budgets).get(int(part))
+        assert b.paced_ts > 0  # the controller ran and its state is in the table
+        assert get("streamagent_decision_budget_shadow_price", {"partition": part}) \
+            == b.shadow_price
+        assert get("streamagent_decision_budget_partition_spent", {"partition": part}) \
+            == b.spent
+        target = get("streamagent_decision_budget_partition_target", {"partition": part})
+        assert 0 <= target < h.engine.p.budget_share
+
+
+def test_the_pacing_benchmark_keeps_the_budget_and_logs_prices():
+    from streamagent.bench.pacing import run
+
+    paced = run("no-fatigue", "uniform", "paced", 40, 3, 1, budget=60.0, gamma=0.995)
+    mask = run("no-fatigue", "uniform", "mask", 40, 3, 1, budget=60.0, gamma=0.995)
+    for r in (paced, mask):
+        by_day = np.zeros(4)
+        for ts, cost in r.coupons:
+            by_day[(ts - 1_767_225_600_000) // DAY_MS] += cost
+        assert by_day.max() <= 60.0 + 1e-9 and r.spend > 0
+    assert paced.prices and max(p for _, p in paced.prices) > 0 and not mask.prices
