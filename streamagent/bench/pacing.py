@@ -82,7 +82,8 @@ def run(sname: str, traffic: str, mode: str, users: int, days: int, seed: int,
     catalog = load_catalog()
     sc = scenario(sname)
     shop = Shop(sc, catalog, users, seed=seed, session_hours=TRAFFIC[traffic])
-    s = bench_settings(exploration="greedy", budget_per_period=budget,
+    # the MDP's exact Q: no estimation noise for the greedy margin to guard against
+    s = bench_settings(exploration="greedy", budget_per_period=budget, greedy_margin=0.0,
                        pacing=mode == "paced", **(overrides or {}))
     ep = replace(engine_params(s, 1), app_id="bench-pacing")
     oracle = _OracleQ(optimal_q(sc, catalog, gamma))

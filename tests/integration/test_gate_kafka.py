@@ -24,7 +24,7 @@ T0 = 1_767_225_600_000
 
 def test_gate_registry_and_rollback(kafka, tmp_path, run_id, monkeypatch, capsys):
     env = topic_env("g" + run_id, kafka, tmp_path, **LOOP_SETTINGS,
-                    STREAMAGENT_GATE_HOLDOUT="0.3", STREAMAGENT_GATE_MIN_SAMPLES="30")
+                    STREAMAGENT_GATE="true", STREAMAGENT_GATE_HOLDOUT="0.3", STREAMAGENT_GATE_MIN_SAMPLES="30")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     s = Settings(_env_file=None)
