@@ -18,8 +18,9 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 yield orjson.loads(line)
 
 
-def send_events(kafka: KafkaClientConfig, topic: str, events: Iterable[dict], log=None) -> int:
-    """Produce events keyed by user_id; returns how many were delivered."""
+def _deliver(kafka: KafkaClientConfig, topic: str, records: Iterable[tuple[bytes, bytes | None]],
+             what: str, log=None) -> int:
+    """Produce ``(key, value)`` records and wait for every delivery; returns how many."""
     p = make_producer(kafka)
     errors: list[str] = []
 
@@ -28,19 +29,25 @@ def send_events(kafka: KafkaClientConfig, topic: str, events: Iterable[dict], lo
             errors.append(str(err))
 
     n = 0
-    for ev in events:
-        send(p, topic, str(ev.get("user_id", "")).encode(), orjson.dumps(ev), on_delivery)
+    for key, value in records:
+        send(p, topic, key, value, on_delivery)
         n += 1
         if log and n % 10000 == 0:
-            log(f"sent {n} events")
+            log(f"sent {n} {what}")
     left = p.flush(60)
     if left:
-        raise BrokerError(f"{left} events were still undelivered after 60 s: is Kafka at "
+        raise BrokerError(f"{left} of {n} {what} were still undelivered after 60 s: is Kafka at "
                           f"{kafka.bootstrap} reachable, and do the security settings "
                           f"(STREAMAGENT_KAFKA_SECURITY_PROTOCOL, _SASL_*, _SSL_*) match it?")
     if errors:
-        raise RuntimeError(f"{len(errors)} events were not delivered, first: {errors[0]}")
+        raise BrokerError(f"{len(errors)} of {n} {what} were not delivered, first: {errors[0]}")
     return n
+
+
+def send_events(kafka: KafkaClientConfig, topic: str, events: Iterable[dict], log=None) -> int:
+    """Produce events keyed by user_id; returns how many were delivered."""
+    return _deliver(kafka, topic, ((str(ev.get("user_id", "")).encode(), orjson.dumps(ev))
+                                   for ev in events), "events", log)
 
 
 def send_erasures(kafka: KafkaClientConfig, topic: str, user_ids: Iterable[str]) -> int:
@@ -50,20 +57,4 @@ def send_erasures(kafka: KafkaClientConfig, topic: str, user_ids: Iterable[str])
     users = list(user_ids)
     if not all(users):
         raise StreamagentError("an empty user id erases nobody: nothing was sent")
-    p = make_producer(kafka)
-    errors: list[str] = []
-
-    def on_delivery(err, _msg):
-        if err is not None:
-            errors.append(str(err))
-
-    n = 0
-    for user in users:
-        send(p, topic, user.encode(), None, on_delivery)
-        n += 1
-    left = p.flush(60)
-    if left or errors:
-        raise BrokerError(f"{left + len(errors)} of {n} erasure requests were not delivered"
-                          + (f", first error: {errors[0]}" if errors else
-                             f" after 60 s: is Kafka at {kafka.bootstrap} reachable?"))
-    return n
+    return _deliver(kafka, topic, ((u.encode(), None) for u in users), "erasure requests")
