@@ -161,6 +161,14 @@ def cmd_model(args) -> int:
     if args.action == "export":
         return cmd_model_export(args)
     s = _settings()
+    if args.action == "import":
+        if not args.file:
+            raise SystemExit("streamagent model import needs --file MODEL_FILE")
+        snap = registry.import_model(s, args.file, args.promote)
+        print(f"imported {args.file} as model v{snap.version} on {s.topic_model_candidates}"
+              + (f"; it is now the deciders' model (promotion {snap.promotion})"
+                 if args.promote else f"; `streamagent model promote {snap.version}` makes it live"))
+        return 0
     if args.action == "list":
         rows = registry.table(s)
         if not rows:
@@ -278,12 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("model", help="model versions: list them with the gate's verdicts, "
                         "promote one or roll back (by hand, on record); export a learner "
                         "checkpoint as a model file")
-    mo.add_argument("action", choices=["list", "promote", "rollback", "export"])
+    mo.add_argument("action", choices=["list", "promote", "rollback", "export", "import"])
     mo.add_argument("version", nargs="?", type=int,
                     help="the version (rollback without one: the version the live one replaced)")
     mo.add_argument("--checkpoint", help="export: the learner checkpoint to read "
                     "(STREAMAGENT_LEARNER_CHECKPOINT, default $STREAMAGENT_DATA_DIR/learner/checkpoint.pt)")
     mo.add_argument("--out", help="export: the model file to write (for STREAMAGENT_MODEL_PATH)")
+    mo.add_argument("--file", help="import: the model file to bring in as the next version")
+    mo.add_argument("--promote", action="store_true",
+                    help="import: make the imported version the deciders' model at once")
     mo.set_defaults(fn=cmd_model)
 
     sm = sub.add_parser("simulate", help="play the simulated shop against a running worker "

@@ -59,12 +59,14 @@ class LearnerService:
             self.holdout.load(extra.get("holdout"))
             self.started_from = (f"resumed from {s.checkpoint_path}: model "
                                  f"v{self.learner.version}, {self.learner.train_steps} steps")
-        else:  # no checkpoint: never reuse a version number already on model-candidates
-            from streamagent.stream.registry import candidates
-
-            self.learner.version = max([self.learner.version, *candidates(s)])
+        else:
             self.started_from = (f"no checkpoint at {s.checkpoint_path}: started fresh from "
                                  f"model v{self.learner.version}")
+        # never reuse a version number already on model-candidates (an imported model's, or
+        # a checkpoint older than the topic)
+        from streamagent.stream.registry import candidates
+
+        self.learner.version = max([self.learner.version, *candidates(s)])
         log.info("%s, offsets %s", self.started_from, self.offsets)
         self.producer = make_producer(self.kafka, **{"message.max.bytes": 16 * 1024 * 1024})
         self.consumer = make_consumer(self.kafka, f"{s.app_id}-learner")

@@ -81,6 +81,36 @@ def promote(s: Settings, version: int, why: str = "operator") -> ModelSnapshot:
     return snap
 
 
+def import_model(s: Settings, path: str, promote_it: bool = False) -> ModelSnapshot:
+    """Bring a model file from elsewhere (`streamagent model export`, `train-offline`) onto
+    model-candidates as this deployment's next version, checked as the deciders would check it;
+    with ``promote_it``, make it the deciders' model too. Run it with the learner stopped: the
+    learner takes version numbers after the newest on model-candidates when it starts."""
+    try:
+        snap = decode_snapshot(open(path, "rb").read())
+    except OSError as exc:
+        raise StreamagentError(f"cannot read {path}: {exc}") from None
+    except SnapshotRejected as exc:
+        raise UnusableVersion(f"{path} is not a model snapshot: {exc}") from None
+    existing = candidates(s)
+    current = live(s)
+    original = snap.version
+    snap.version = max([0, *existing, current.version if current else 0]) + 1
+    snap.promotion = 0
+    snap.meta = {"outcome": "imported", "imported_from": str(path),
+                 "imported_version": original, "imported_at": time.time(),
+                 PRODUCER_KEY: s.app_id}
+    try:
+        snapshot_check(s).validate(snap, current)
+    except SnapshotRejected as exc:
+        raise UnusableVersion(f"{path} cannot decide here: {exc}") from None
+    p = make_producer(kafka_client(s), **{"message.max.bytes": 16 * 1024 * 1024})
+    p.produce(s.topic_model_candidates, key=str(snap.version).encode(), value=snap.to_bytes())
+    if p.flush(30):
+        raise StreamagentError(f"could not publish to {s.topic_model_candidates} within 30 s")
+    return promote(s, snap.version, why="operator import") if promote_it else snap
+
+
 def rollback(s: Settings, version: int | None = None) -> ModelSnapshot:
     """Back to ``version``, or to the version the live model replaced."""
     if version is None:

@@ -102,6 +102,19 @@ def test_gate_registry_and_rollback(kafka, tmp_path, run_id, monkeypatch, capsys
             print(f"\nexplain took {took:.2f} s\n{text}")
         assert main(["explain", "0" * 32, "--timeout", "20"]) == 2
         assert "no decision" in capsys.readouterr().err
+
+        # a model file from elsewhere (here: version 2, saved) comes in as the next version
+        f = tmp_path / "elsewhere.pt"
+        registry.candidates(s)[2].save(f)
+        newest = max(registry.candidates(s))
+        assert main(["model", "import", "--file", str(f), "--promote"]) == 0
+        now = registry.live(s)
+        assert now.version == newest + 1 and now.meta["promoted_by"] == "operator import"
+        assert now.meta["imported_version"] == 2
+        assert registry.candidates(s)[newest + 1].meta["outcome"] == "imported"
+        (tmp_path / "junk.pt").write_bytes(b"not a model")
+        assert main(["model", "import", "--file", str(tmp_path / "junk.pt")]) == 2
+        assert "not a model snapshot" in capsys.readouterr().err
     finally:
         learner.kill()
         worker.stop()
