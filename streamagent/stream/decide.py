@@ -110,7 +110,7 @@ class DecideHandler:
                 await self._erase(msg, scope)
                 start = i + 1
         if start < len(batch) or not batch:
-            await self._handle(batch[start:] if start else batch, scope)
+            await self._handle(batch[start:], scope)
 
     async def _erase(self, msg: Message, scope: Callable[[int], ContextManager]) -> None:
         """Delete the user's state and tell the join (a decision-log tombstone). Idempotent:

@@ -136,6 +136,17 @@ def batches(msgs: list[Msg], size: int) -> list[list[Msg]]:
     return [msgs[i:i + size] for i in range(0, len(msgs), size)]
 
 
+def run_handler(h, msgs: list[Msg], size: int) -> int:
+    """Feed a handler the stream in batches of ``size``; how many batches raised (a crash)."""
+    crashed = 0
+    for b in batches(msgs, size):
+        try:
+            asyncio.run(h.handle(b))
+        except Exception:  # noqa: BLE001 - counted, then asserted to be 0
+            crashed += 1
+    return crashed
+
+
 # ---------------------------------------------------------------- broken bytes, shared
 def garbage_key(draw) -> bytes | None:
     return draw(st.sampled_from([None, b"", b"\xff\xfe\x00", b"k" * (DLQ_KEY_MAX + 7),
@@ -322,12 +333,7 @@ def run_decide(msgs: list[Msg], size: int):
                                            UserCounts(budgets), StreamClocks(budgets)),
                       DecideTopics("decision-log", "coupon-actions", "user-events.dlq"),
                       send, Metrics(), S.trigger_types)
-    crashed = 0
-    for b in batches(msgs, size):
-        try:
-            asyncio.run(h.handle(b))
-        except Exception:  # noqa: BLE001 - counted, then asserted to be 0
-            crashed += 1
+    crashed = run_handler(h, msgs, size)
     return users, budgets, sent, h.m, crashed
 
 
@@ -564,12 +570,7 @@ def run_join(msgs: list[Msg], size: int):
     h = JoinHandler(CAT, JP, table, JoinTopics("decision-log", "conversions", "rewards",
                                                "transitions", lambda t: t + ".dlq"),
                     send, Metrics(), N_PARTS)
-    crashed = 0
-    for b in batches(msgs, size):
-        try:
-            asyncio.run(h.handle(b))
-        except Exception:  # noqa: BLE001 - counted, then asserted to be 0
-            crashed += 1
+    crashed = run_handler(h, msgs, size)
     store = JoinStore(table)
     records = {u: store.record(u).to_doc() for u in PRIMERS + GOOD_USERS if store.has_record(u)}
     pending = [h.joiner().pending(p) for p in range(N_PARTS)]
