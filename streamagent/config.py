@@ -140,6 +140,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, description="Port of the worker's HTTP endpoints: Prometheus /metrics, /healthz and /readyz; 0 disables them.")
     learner_metrics_port: int = Field(9401, ge=0, description="Port of the learner's /metrics, /healthz and /readyz endpoints; 0 disables them.")
     metrics_host: str = Field("127.0.0.1", description="Address the /metrics, /healthz and /readyz endpoints bind (worker and learner). 0.0.0.0 in a container, so that Prometheus and the kubelet reach them.")
+    learner_lock_timeout_s: float = Field(10.0, ge=6, le=300, description="One learner is active at a time: the one holding the learner lock (a consumer group on model-updates; stream/leader.py). A standby learner takes over this long after the active one was killed (at once after a clean stop). Shorter than the learner's longest pause and it may lose the lock while working; it then stops, fenced, without publishing (6 s is the broker's minimum session timeout).")
     learner_max_poll_gap_s: float = Field(60.0, gt=0, description="The learner's /readyz fails (check `consumer`) when its loop has not polled transitions for this long: stuck, or a publish (gate, checkpoint, send) taking longer.")
     worker_web_port: int = Field(6066, description="Port of Faust's own web server (used only if worker_web_enabled).")
     worker_web_enabled: bool = Field(False, description="Run Faust's built-in web server.")

@@ -219,7 +219,7 @@ class Metrics:
         for tbl in ("user-state", "join-state"):
             self.erasures.labels(tbl)
             self.expired.labels(tbl)
-        for s in ("decide", "join", "learn", "dlq", "send", "changelog"):
+        for s in ("decide", "join", "learn", "dlq", "send", "changelog", "publish"):
             self.errors.labels(s)
         for reason in SnapshotRejected.REASONS:
             self.model_rejected.labels(reason)

@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
@@ -29,15 +29,22 @@ from streamagent.errors import InvalidMessage, SnapshotRejected
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import kafka_client, make_consumer, make_producer, send
 from streamagent.params import gate_params_from, learner_params
+from streamagent.stream.leader import Fenced, LearnerLock, ModelPublisher
 
 log = logging.getLogger("streamagent.learner")
 
+FENCED_EXIT = 3  # the exit status of a learner that found another one active
+
 
 class LearnerService:
-    def __init__(self, s: Settings, metrics: Metrics | None = None):
+    def __init__(self, s: Settings, metrics: Metrics | None = None,
+                 lock: LearnerLock | None = None):
+        """``lock``: the learner lock, already held (run_learner acquires it before the
+        checkpoint is read, so a standby that takes over reads the newest one)."""
         from streamagent.stream.models import latest_snapshot, load_model_file, snapshot_check
 
         self.s = s
+        self.lock = lock
         self.kafka = kafka_client(s)  # brokers and TLS/SASL, checked before anything starts
         self.m = metrics or Metrics(topics=(s.topic_transitions,))
         catalog = load_catalog(s.catalog_path)
@@ -68,7 +75,9 @@ class LearnerService:
 
         self.learner.version = max([self.learner.version, *candidates(s)])
         log.info("%s, offsets %s", self.started_from, self.offsets)
-        self.producer = make_producer(self.kafka, **{"message.max.bytes": 16 * 1024 * 1024})
+        self.producer = make_producer(self.kafka)  # dead letters
+        # models go out in transactions: starting this fences any earlier learner (leader.py)
+        self.models_out = ModelPublisher(self.kafka, s.app_id)
         self.consumer = make_consumer(self.kafka, f"{s.app_id}-learner")
         md = self.consumer.list_topics(s.topic_transitions, timeout=10)
         parts = sorted(md.topics[s.topic_transitions].partitions)
@@ -111,9 +120,9 @@ class LearnerService:
         return live if live is not None else self.learner.initial_snapshot()
 
     def publish(self) -> None:
-        """Judge, checkpoint, then publish: the candidate always to model-candidates, to the
-        deciders (model-updates) only if promoted. Checkpoint first: a crash in between never
-        reuses a version number. A version that fails the deciders' own check (weights gone
+        """Judge, then publish and checkpoint: the candidate always to model-candidates, to the
+        deciders (model-updates) only if promoted, in one transaction that commits after the
+        checkpoint is written: a crash in between never reuses a visible version number. A version that fails the deciders' own check (weights gone
         NaN when training diverged) is neither checkpointed nor published: the last
         checkpoint stays the last good state."""
         snap = self.learner.snapshot()
@@ -131,15 +140,31 @@ class LearnerService:
                      PRODUCER_KEY: self.s.app_id}
         if verdict.promote:
             snap.promotion = live.promotion + 1
-        self.learner.save_checkpoint(self.s.checkpoint_path, extra={
-            "offsets": {str(k): v for k, v in self.offsets.items()},
-            "holdout": self.holdout.state()})
         raw = snap.to_bytes()
-        self.producer.produce(self.s.topic_model_candidates, key=str(snap.version).encode(),
-                              value=raw)
+        records = [(self.s.topic_model_candidates, str(snap.version).encode(), raw)]
         if verdict.promote:
-            self.producer.produce(self.s.topic_model_updates, key=b"model", value=raw)
-        self.producer.flush(30)
+            records.append((self.s.topic_model_updates, b"model", raw))
+        checkpointed = []
+
+        def checkpoint() -> None:
+            self.learner.save_checkpoint(self.s.checkpoint_path, extra={
+                "offsets": {str(k): v for k, v in self.offsets.items()},
+                "holdout": self.holdout.state()})
+            checkpointed.append(True)
+
+        # sent in a transaction, checkpointed once the broker has them, then committed: a
+        # crash before the commit leaves nothing visible, and the version number is spent
+        try:
+            self.models_out.publish(records, before_commit=checkpoint)
+        except KafkaException as exc:  # the broker away: learning goes on, publish later
+            if not checkpointed:
+                self.learner.version = snap.version - 1  # never visible: the number stays free
+            self.m.errors.labels("publish").inc()
+            self.steps_at_snapshot = self.learner.train_steps
+            self.time_at_snapshot = time.monotonic()
+            log.warning("could not publish model v%d (%s); trying again at the next interval",
+                        snap.version, exc.args[0].str() if exc.args else exc)
+            return
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
         self._report_gate(snap, verdict, live)
@@ -217,6 +242,8 @@ class LearnerService:
         return "learned"
 
     def poll_once(self, timeout: float = 0.5) -> int:
+        if self.lock is not None and not self.lock.poll():
+            raise Fenced("lost the learner lock: another learner is active")
         n = 0
         msgs = self.consumer.consume(500, timeout=timeout)
         self.polled_at = time.monotonic()
@@ -244,9 +271,15 @@ class LearnerService:
                 self.poll_once()
             if self.learner.train_steps > self.steps_at_snapshot:
                 self.publish()
+        except Fenced as exc:
+            log.error("stopping: %s. Nothing more is published or checkpointed by this "
+                      "learner; the active one carries on from its own checkpoint", exc)
+            return FENCED_EXIT
         finally:
             self.producer.flush(30)
             self.consumer.close()
+            if self.lock is not None:
+                self.lock.close()
         return 0
 
 
@@ -263,11 +296,14 @@ class LearnerHealth:
     def __init__(self, metrics: Metrics, topic: str, max_poll_gap_s: float):
         self.topic, self.max_gap = topic, max_poll_gap_s
         self.svc: LearnerService | None = None
+        self.lock: LearnerLock | None = None
         metrics.add_ready_check("checkpoint", self.checkpoint)
         metrics.add_ready_check("consumer", self.consumer)
 
     def checkpoint(self) -> tuple[bool, str]:
         if self.svc is None:
+            if self.lock is not None and not self.lock.held:
+                return False, "standby: another learner holds the learner lock"
             return False, "loading the checkpoint and the newest model"
         return True, self.svc.started_from
 
@@ -298,6 +334,29 @@ def run_learner(s: Settings) -> int:
     metrics.serve(s.learner_metrics_port, s.metrics_host,
                   setting="STREAMAGENT_LEARNER_METRICS_PORT")
     create_topics(s, log=log.info)
-    svc = LearnerService(s, metrics)
+    running = [True]
+
+    def stop(*_):
+        running[0] = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # one active learner: wait for the lock as a standby, then fence any earlier holder
+    lock = LearnerLock(kafka_client(s), s.app_id, s.topic_model_updates, s.learner_lock_timeout_s)
+    health.lock = lock
+    try:
+        if not lock.acquire(lambda: running[0]):
+            lock.close()
+            return 0
+        svc = LearnerService(s, metrics, lock)
+    except Fenced as exc:
+        log.error("stopping: %s", exc)
+        lock.close()
+        return FENCED_EXIT
+    except BaseException:
+        lock.close()
+        raise
     health.svc = svc
+    if not running[0]:
+        svc.stop()
     return svc.run()

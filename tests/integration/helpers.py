@@ -24,12 +24,17 @@ class WorkerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 90.0) -> "WorkerProcess":
+    def launch(self) -> "WorkerProcess":
+        """Start it without waiting for it to be ready."""
         self._log = open(self.log_path, "ab")
-        start_at = self.log_path.stat().st_size
         self.proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", self.command],
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
+        return self
+
+    def start(self, ready_timeout: float = 90.0) -> "WorkerProcess":
+        start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.launch()
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -361,3 +361,39 @@ def test_torch_is_at_least_2_6():
     assert '"torch>=2.6' in (ROOT / "pyproject.toml").read_text()
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     assert (major, minor) >= (2, 6)
+
+
+class _BrokerAway:
+    """A ModelPublisher whose broker is gone: the records never acknowledged (``at`` =
+    "flush") or the commit refused after the checkpoint (``at`` = "commit")."""
+
+    def __init__(self, at: str):
+        self.at = at
+
+    def publish(self, records, before_commit):
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.at == "commit":
+            before_commit()
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker away"))
+
+
+@pytest.mark.parametrize("at", ["flush", "commit"])
+def test_a_publish_that_fails_leaves_the_learner_learning(tmp_path, caplog, at):
+    from streamagent.core.gate import Holdout
+
+    L = learner()
+    L.version, L.train_steps = 4, 50
+    svc = service(tmp_path, L)
+    svc.s = shipped(learner_checkpoint=tmp_path / "ck.pt", gate=False)
+    svc.offsets, svc.holdout = {0: 10}, Holdout(10, len(FEATURE_NAMES), CAT.n_actions)
+    svc._live = lambda: L.initial_snapshot()
+    svc.models_out = _BrokerAway(at)
+    svc.publish()  # does not raise: the loop goes on and tries at the next interval
+    assert svc.m.registry.get_sample_value("streamagent_stream_processing_errors_total",
+                                           {"stage": "publish"}) == 1
+    assert svc.steps_at_snapshot == 50
+    assert "could not publish model v5" in caplog.text
+    # never visible: the number is free unless the checkpoint already spent it
+    assert L.version == (5 if at == "commit" else 4)
+    assert (tmp_path / "ck.pt").exists() == (at == "commit")
