@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     kafka_ssl_certificate_location: Path | None = Field(None, description="PEM file of this client's certificate, for mTLS (with KAFKA_SSL_KEY_LOCATION).")
     kafka_ssl_key_location: Path | None = Field(None, description="PEM file of this client's private key, for mTLS.")
     kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted KAFKA_SSL_KEY_LOCATION (a secret: never printed or logged).")
+    pseudonym_key: SecretStr | None = Field(None, description="Pseudonymise user ids at ingress with this key (HMAC-SHA256, at least 16 bytes; a secret: never printed or logged). State, changelogs, decision-log, rewards, transitions, dead letters and logs then carry pseudonyms only; coupon-actions keeps the raw id for delivery. Changing the key makes every user new. Or PSEUDONYM_KEY_FILE. Unset: raw ids (docs/RELIABILITY.md, Pseudonymisation).")
+    pseudonym_key_file: Path | None = Field(None, description="File holding the pseudonymisation key (e.g. a mounted Kubernetes Secret; a trailing newline is ignored). Instead of PSEUDONYM_KEY.")
     kafka_config: Annotated[dict[str, str], NoDecode] = Field({}, description="More librdkafka settings for the confluent-kafka clients (learner, tools, model follower), as key=value,key=value or a JSON object, e.g. ssl.endpoint.identification.algorithm=none. Faust's aiokafka clients take only the settings above (and that one key). Values of keys naming a password or secret are masked by `streamagent config`.")
 
     # --- Decisions ---------------------------------------------------------------------
@@ -158,7 +160,8 @@ class Settings(BaseSettings):
     @field_validator("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
                      "kafka_sasl_password_file", "kafka_ssl_ca_location",
                      "kafka_ssl_certificate_location", "kafka_ssl_key_location",
-                     "kafka_ssl_key_password", mode="before")
+                     "kafka_ssl_key_password", "pseudonym_key", "pseudonym_key_file",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

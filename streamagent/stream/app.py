@@ -26,6 +26,7 @@ from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.faust_internals import (DirectTable, acting_as, read_offsets,
                                                 set_fetch_max_wait)
+from streamagent.stream.ingress import pseudonyms
 
 log = logging.getLogger("streamagent.decide")
 
@@ -159,11 +160,13 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             m.errors.labels("send").inc()
             log.error("send failed: %r", fut.exception())
 
+    partition_of = lambda key: key_partition(key, n_parts)  # noqa: E731
+    ps = pseudonyms(s, partition_of)  # None unless STREAMAGENT_PSEUDONYM_KEY[_FILE] is set
     handler = DecideHandler(
         engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
         DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
         send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
-        partition_of=lambda key: key_partition(key, n_parts))
+        partition_of=partition_of, pseudonyms=ps)
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
     # still in flight, and a crash loses them. take_events acknowledges a batch only after
@@ -182,7 +185,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         catalog, join_params(s), join_t,
         JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
                    s.topic_transitions, s.dlq), send, m, n_parts, worker_name, flush_tables,
-        sweep_keys=s.state_sweep_keys)
+        sweep_keys=s.state_sweep_keys, pseudonyms=ps)
 
     @app.agent(join_in, concurrency=1)
     async def join(stream):

@@ -34,13 +34,15 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, ContextManager, Protocol, Sequence
 
 from streamagent.core.constraints import budget_remaining, period_of
-from streamagent.core.contracts import BudgetShare, dlq_envelope, dlq_key, encode
+from streamagent.core.contracts import BudgetShare, dlq_key, encode
 from streamagent.core.engine import DecisionEngine, StepResult
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.pacing import target_fraction
 from streamagent.core.state import expired
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
+from streamagent.core.pseudonym import Pseudonyms
 from streamagent.errors import InvalidMessage
+from streamagent.stream.ingress import envelope, pseudonymise, raw_key
 
 log = logging.getLogger("streamagent.decide")
 
@@ -83,7 +85,8 @@ class DecideHandler:
     def __init__(self, engine: DecisionEngine, tables: DecideTables, topics: DecideTopics,
                  send: Send, metrics, trigger_types: Sequence[str], worker: str = "",
                  flush_tables: Callable[[], Awaitable[None]] | None = None, *,
-                 sweep_keys: int = 0, partition_of: Callable[[bytes], int] | None = None):
+                 sweep_keys: int = 0, partition_of: Callable[[bytes], int] | None = None,
+                 pseudonyms: Pseudonyms | None = None):
         """``flush_tables()`` hands the batch's table changes to the producer (the worker's
         tables are stream/faust_internals.py DirectTables); in-memory tables need none.
         ``sweep_keys``: users the expiry sweep looks at per partition and batch (0: none);
@@ -95,6 +98,7 @@ class DecideHandler:
         self.flush_tables = flush_tables
         self.triggers = frozenset(trigger_types)
         self.worker = worker
+        self.ps = pseudonyms
         self.budget_by_part: dict[int, BudgetShare] = {}  # for the budget gauges
         self.users_by_part: dict[int, int] = {}
 
@@ -102,6 +106,7 @@ class DecideHandler:
                      scope: Callable[[int], ContextManager] = no_scope) -> None:
         """``scope(partition)`` wraps the table writes of one partition (Faust needs to know
         which partition's changelog and store a write goes to; see stream/app.py)."""
+        batch = pseudonymise(batch, self.ps)
         start = 0
         for i, msg in enumerate(batch):
             if msg.value is None and msg.key:  # an erasure: in order with the events around it
@@ -186,9 +191,11 @@ class DecideHandler:
             d = r.decision
             if d is None:
                 continue
-            if r.coupon_action is not None:
-                outputs.append((self.topics.coupon_actions, msg.key,
-                                encode(r.coupon_action.to_doc())))
+            if r.coupon_action is not None:  # for the shop's delivery: the raw user id
+                doc = r.coupon_action.to_doc()
+                if self.ps is not None:
+                    doc["user_id"] = raw_key(msg).decode()
+                outputs.append((self.topics.coupon_actions, raw_key(msg), encode(doc)))
             outputs.append((self.topics.decision_log, msg.key, encode(d.to_doc())))
             if not r.replayed:
                 m.decisions.labels(d.action, "true" if d.explored else "false").inc()
@@ -238,9 +245,8 @@ class DecideHandler:
                       exc_info=exc)
             reason, detail = "processing_error", f"{type(exc).__name__}: {exc}"
         self.m.dlq.labels(msg.topic, reason).inc()
-        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                           key=msg.key, value=msg.value, reason=reason, detail=detail,
-                           failed_at_ms=int(time.time() * 1000), worker=self.worker)
+        env = envelope(msg, self.ps, reason=reason, detail=detail,
+                       failed_at_ms=int(time.time() * 1000), worker=self.worker)
         return self.topics.dlq, dlq_key(msg.key), encode(env)
 
     def _budget_gauges(self, clocks: dict) -> None:

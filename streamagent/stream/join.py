@@ -26,8 +26,9 @@ from typing import Awaitable, Callable, ContextManager, MutableMapping, Sequence
 from aiokafka.partitioner import murmur2
 
 from streamagent.core.catalog import Catalog
-from streamagent.core.contracts import (decode_conversion, decode_decision, dlq_envelope,
-                                        dlq_key, encode)
+from streamagent.core.contracts import decode_conversion, decode_decision, dlq_key, encode
+from streamagent.core.pseudonym import Pseudonyms
+from streamagent.stream.ingress import envelope, pseudonymise
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.outbox import Outbox
@@ -77,8 +78,11 @@ class JoinHandler:
     def __init__(self, catalog: Catalog, params: JoinParams, table: MutableMapping[str, bytes],
                  topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = "",
                  flush_tables: Callable[[], Awaitable[None]] | None = None, *,
-                 sweep_keys: int = 0):
-        """``sweep_keys``: user records the expiry sweep looks at per partition and batch."""
+                 sweep_keys: int = 0, pseudonyms: Pseudonyms | None = None):
+        """``sweep_keys``: user records the expiry sweep looks at per partition and batch.
+        ``pseudonyms``: replace the user ids of conversions at ingress (decision-log records
+        come from the deciders, already pseudonymous; core/pseudonym.py)."""
+        self.ps = pseudonyms
         self.flush_tables = flush_tables  # as in DecideHandler
         self.catalog, self.p, self.table, self.topics = catalog, params, table, topics
         self.send, self.m, self.n_parts, self.worker = send, metrics, n_partitions, worker
@@ -93,6 +97,7 @@ class JoinHandler:
                      scope: Callable[[int], ContextManager] = no_scope) -> None:
         """``scope(partition)`` wraps the table writes of one partition (see stream/app.py)."""
         m, tp = self.m, self.topics
+        batch = pseudonymise(batch, self.ps, frozenset((tp.conversions,)))
         batch_stage = Staged(self.table)
         owner: dict[str, int] = {}  # staged key -> the partition whose input wrote it
         outputs: list[tuple[str, bytes | None, bytes]] = []
@@ -189,7 +194,6 @@ class JoinHandler:
 
     def _dead_letter(self, msg: Message, reason: str, detail: str):
         self.m.dlq.labels(msg.topic, reason).inc()
-        env = dlq_envelope(source_topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                           key=msg.key, value=msg.value, reason=reason, detail=detail,
-                           failed_at_ms=int(time.time() * 1000), worker=self.worker)
+        env = envelope(msg, self.ps, reason=reason, detail=detail,
+                       failed_at_ms=int(time.time() * 1000), worker=self.worker)
         return self.topics.dlq(msg.topic), dlq_key(msg.key), encode(env)
