@@ -60,7 +60,9 @@ def pacing_params(s: Settings) -> PacingParams | None:
     """Pacing is on with a budget (a positive, finite BUDGET_PER_PERIOD) unless PACING is off."""
     if not s.pacing or not 0 < s.budget_per_period < float("inf"):
         return None
-    return PacingParams(kp=s.pacing_kp, ki=s.pacing_ki, max_price=s.pacing_max_price)
+    return PacingParams(kp=s.pacing_kp, ki=s.pacing_ki, max_price=s.pacing_max_price,
+                        bins=s.pacing_bins, memory=s.pacing_memory,
+                        line_weight=s.pacing_line_weight)
 
 
 def join_params(s: Settings) -> JoinParams:

@@ -344,6 +344,10 @@ class BudgetShare:
     shadow_price: float = 0.0  # lambda: the price of a unit of budget, in Q units
     integral: float = 0.0  # the controller's integral term (carried across periods)
     paced_ts: int = -1  # event time of the controller's last update (-1: never)
+    # the pacing's traffic profile (share of a period's triggers per slice, from the periods
+    # before) and this period's triggers per slice; empty: none yet (core/pacing.py)
+    profile: tuple[float, ...] = ()
+    counts: tuple[float, ...] = ()
 
 
 @lru_cache(maxsize=None)

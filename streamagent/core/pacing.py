@@ -28,13 +28,24 @@ All of it is state of the partition (core/contracts.py BudgetShare), updated at 
 on the partition's robust event time (never the wall clock), so it moves with the partition on
 rebalance and a replay gives the same prices and decisions.
 
-The straight line is simple and honest, and wrong for traffic that is not spread evenly over
-the period (a shop busy 8:00-20:00 with a 24-hour period starts each morning a third behind
-it): see docs/DECISIONS.md and docs/BENCHMARKS.md.
+The target curve follows the partition's traffic (``bins`` > 0, the default): the controller
+counts the triggers it prices in each of ``bins`` slices of the period, and at the end of a
+period folds that period's shape into a traffic profile (an exponential average over periods,
+weight ``memory`` for the newest). The target by time t is the profile's cumulative share of
+the period's triggers up to t, blended with the straight line (weight ``line_weight``) so a
+slice that was empty before still gets some budget:
+
+    target(t) = share x [(1 - w) x profile_cum(t) + w x (t - period start) / period]
+
+A shop busy 8:00-20:00 thus spends nothing overnight by design instead of falling behind a
+line it cannot follow. Until a first period has ended there is no profile, and the target is
+the straight line (docs/DECISIONS.md, docs/BENCHMARKS.md). ``bins`` = 0 keeps the line always.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from streamagent.core.contracts import BudgetShare
 
@@ -44,26 +55,62 @@ class PacingParams:
     kp: float  # lambda per unit of error (error: fraction of the share ahead of the line)
     ki: float  # lambda per unit of error sustained for a whole period
     max_price: float  # lambda's upper bound
+    bins: int = 24  # slices of the period the traffic profile counts (0: the straight line)
+    memory: float = 0.5  # weight of the newest period in the profile's average
+    line_weight: float = 0.1  # the straight line's share of the target curve
 
 
-def target_fraction(now: int, period_ms: int) -> float:
-    """How much of the share the line says should be spent by ``now`` (0-1)."""
-    return (now % period_ms) / period_ms
+def target_fraction(now: int, period_ms: int, profile: tuple[float, ...] = (),
+                    line_weight: float = 0.0) -> float:
+    """How much of the share should be spent by ``now`` (0-1): the straight line, or with a
+    traffic ``profile`` (shares of the period's triggers per slice, summing to 1) its
+    cumulative share, blended with the line."""
+    x = (now % period_ms) / period_ms
+    if not profile:
+        return x
+    pos = x * len(profile)
+    k = int(pos)
+    cum = sum(profile[:k]) + (pos - k) * (profile[k] if k < len(profile) else 0.0)
+    return (1.0 - line_weight) * cum + line_weight * x
+
+
+def target_of(b: BudgetShare, now: int, period_ms: int, p: PacingParams) -> float:
+    """The target fraction of the partition's share by ``now``, by its own profile."""
+    profile = b.profile if p.bins and len(b.profile) == p.bins else ()
+    return target_fraction(now, period_ms, profile, p.line_weight)
+
+
+def _fold(b: BudgetShare, p: PacingParams) -> tuple[float, ...]:
+    """The profile after the period whose counts ``b`` holds."""
+    n = sum(b.counts)
+    if not n or len(b.counts) != p.bins:
+        return b.profile
+    shape = np.asarray(b.counts, dtype=float) / n
+    if len(b.profile) == p.bins:
+        shape = (1.0 - p.memory) * np.asarray(b.profile) + p.memory * shape
+    return tuple(float(v) for v in shape / shape.sum())
 
 
 def pace(b: BudgetShare, now: int, period_ms: int, share: float,
          p: PacingParams) -> BudgetShare:
     """The partition's budget share with the controller updated to event time ``now`` (the
-    partition's robust stream time): the period rolled over if ``now`` is in a later one (spend
-    reset, price carried), then the error against the line and a new shadow price."""
+    partition's robust stream time) for one more trigger: the period rolled over if ``now`` is
+    in a later one (spend reset, price carried, the traffic profile updated), the trigger
+    counted in its slice, then the error against the target and a new shadow price."""
     period = now // period_ms
     if period != b.period:
         # a new period: nothing spent yet; the integral (the price level) carries over, and
         # the integral counts error from the period's start only
-        b = replace(b, period=period, spent=0.0, paced_ts=max(b.paced_ts, period * period_ms))
+        profile = _fold(b, p) if b.period >= 0 else b.profile
+        b = replace(b, period=period, spent=0.0, paced_ts=max(b.paced_ts, period * period_ms),
+                    profile=profile, counts=())
+    if p.bins:
+        counts = list(b.counts) if len(b.counts) == p.bins else [0.0] * p.bins
+        counts[min(p.bins - 1, int((now % period_ms) * p.bins // period_ms))] += 1.0
+        b = replace(b, counts=tuple(counts))
     if share <= 0:
         return replace(b, shadow_price=p.max_price, paced_ts=now)
-    e = (b.spent - share * target_fraction(now, period_ms)) / share
+    e = (b.spent - share * target_of(b, now, period_ms, p)) / share
     dt = min(1.0, max(0.0, (now - b.paced_ts) / period_ms)) if b.paced_ts >= 0 else 0.0
     integral = min(p.max_price, max(0.0, b.integral + p.ki * e * dt))
     price = min(p.max_price, max(0.0, p.kp * e + integral))

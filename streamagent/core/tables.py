@@ -159,7 +159,8 @@ class BudgetShares:
     """The budget table's spend records: partition -> BudgetShare, stored as "period:spent",
     or, once the partition's pacing has run (core/pacing.py),
     "period:spent:shadow_price:integral:paced_ts". Without pacing the record stays in the
-    two-field layout that releases before pacing read."""
+    two-field layout that releases before pacing read; the traffic profile and this period's
+    counts follow as two comma-separated fields once the pacing has counted triggers."""
 
     def __init__(self, table: MutableMapping[bytes, bytes]):
         self.table = table
@@ -175,14 +176,19 @@ class BudgetShares:
         parts = raw.decode().split(":")
         if len(parts) == 2:
             return BudgetShare(int(parts[0]), float(parts[1]))
-        period, spent, price, integral, paced_ts = parts
+        period, spent, price, integral, paced_ts = parts[:5]
+        profile, counts = (tuple(float(v) for v in f.split(",") if v) for f in
+                           (parts[5:7] if len(parts) >= 7 else ("", "")))
         return BudgetShare(int(period), float(spent), float(price), float(integral),
-                           int(paced_ts))
+                           int(paced_ts), profile, counts)
 
     def put(self, partition: int, share: BudgetShare) -> None:
         text = f"{share.period}:{share.spent!r}"
         if share.paced_ts != -1 or share.shadow_price or share.integral:
             text += f":{share.shadow_price!r}:{share.integral!r}:{share.paced_ts}"
+            if share.profile or share.counts:
+                text += (":" + ",".join(repr(v) for v in share.profile)
+                         + ":" + ",".join(f"{v:g}" for v in share.counts))
         self.table[self._key(partition)] = text.encode()
 
 

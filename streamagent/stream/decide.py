@@ -37,7 +37,7 @@ from streamagent.core.constraints import budget_remaining, period_of
 from streamagent.core.contracts import BudgetShare, dlq_key, encode
 from streamagent.core.engine import DecisionEngine, StepResult
 from streamagent.core.eventtime import OutOfBounds
-from streamagent.core.pacing import target_fraction
+from streamagent.core.pacing import target_of
 from streamagent.core.state import expired
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.core.pseudonym import Pseudonyms
@@ -271,7 +271,7 @@ class DecideHandler:
             self.m.shadow_price.labels(label).set(b.shadow_price)
             self.m.pacing_spent.labels(label).set(b.spent if b.period == own else 0.0)
             self.m.pacing_target.labels(label).set(
-                p.budget_share * target_fraction(clock.stream_time, p.budget_period_ms))
+                p.budget_share * target_of(b, clock.stream_time, p.budget_period_ms, p.pacing))
 
 
 __all__ = ["DecideHandler", "DecideTables", "DecideTopics", "StepResult"]

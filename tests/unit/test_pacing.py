@@ -266,3 +266,53 @@ def test_the_pacing_benchmark_keeps_the_budget_and_logs_prices():
             by_day[(ts - 1_767_225_600_000) // DAY_MS] += cost
         assert by_day.max() <= 60.0 + 1e-9 and r.spend > 0
     assert paced.prices and max(p for _, p in paced.prices) > 0 and not mask.prices
+
+
+# ------------------------------------------------------------------ the traffic-shaped target
+def _day_of_traffic(b: BudgetShare, day: int, hours: tuple[float, float], p=P) -> BudgetShare:
+    """Triggers every 10 minutes between ``hours`` of ``day``, priced one by one."""
+    for m in range(int(hours[0] * 6), int(hours[1] * 6)):
+        b = pace(b, at(day * 24 + m / 6), DAY_MS, SHARE, p)
+    return b
+
+
+def test_the_target_follows_the_traffic_of_the_periods_before():
+    from streamagent.core.pacing import target_of
+
+    b = _day_of_traffic(BudgetShare(), 0, (8.0, 20.0))
+    assert b.profile == () and sum(b.counts) == 72  # the first period: the straight line
+    assert target_of(b, at(8.0), DAY_MS, P) == pytest.approx(8 / 24)
+    b = pace(b, at(24 + 1.0), DAY_MS, SHARE, P)  # the next period starts: the profile folds
+    assert len(b.profile) == 24 and sum(b.profile) == pytest.approx(1.0)
+    assert sum(b.profile[:8]) == 0 and sum(b.profile[20:]) == 0
+    w = P.line_weight
+    for h, share_of_traffic in ((8.0, 0.0), (14.0, 0.5), (20.0, 1.0)):
+        assert target_of(b, at(24 + h), DAY_MS, P) == pytest.approx(
+            (1 - w) * share_of_traffic + w * h / 24, abs=1e-6)
+    # a quiet morning with nothing spent is only the line's part behind: the price holds
+    # most of its level, where the straight line would have pulled it to 0 by 8:00
+    quiet = pace(replace(b, integral=0.3), at(24 + 7.9), DAY_MS, SHARE, P)
+    by_line = pace(replace(b, integral=0.3, profile=()), at(24 + 7.9), DAY_MS, SHARE, P)
+    assert quiet.shadow_price > 0.15 and by_line.shadow_price == 0.0
+    # a second period of another shape (the trigger at 1:00 above, six at 12:00) is averaged
+    # in with weight `memory`
+    b = _day_of_traffic(b, 1, (12.0, 13.0))
+    b = pace(b, at(48 + 1.0), DAY_MS, SHARE, P)
+    assert b.profile[12] == pytest.approx(P.memory * 6 / 7 + (1 - P.memory) / 12)
+    assert b.profile[1] == pytest.approx(P.memory / 7)
+
+
+def test_the_line_only_with_no_bins_and_the_profile_survives_the_table():
+    line = replace(P, bins=0)
+    b = _day_of_traffic(BudgetShare(), 0, (8.0, 20.0), line)
+    b = pace(b, at(25.0), DAY_MS, SHARE, line)
+    assert b.profile == () and b.counts == ()
+    shaped = pace(_day_of_traffic(BudgetShare(), 0, (8.0, 20.0)), at(25.0), DAY_MS, SHARE, P)
+    table: dict = {}
+    BudgetShares(table).put(3, shaped)
+    assert BudgetShares(table).get(3) == shaped
+    # a record written before the profile existed reads with none
+    table[next(iter(table))] = b"492:12.5:0.25:0.5:1767229200000"
+    old = BudgetShares(table).get(3)
+    assert (old.period, old.spent, old.shadow_price, old.profile, old.counts) == (
+        492, 12.5, 0.25, (), ())
