@@ -166,6 +166,36 @@ def deviation(curves: np.ndarray, targets: np.ndarray | None = None) -> np.ndarr
     return np.abs(curves - (LINE if targets is None else targets)).max(axis=1)
 
 
+def engine_cost(users: int = 2000, days: int = 3, repeats: int = 5, batch: int = 500,
+                budget: float = 50.0) -> dict:
+    """What pacing costs the decide path: ``DecisionEngine.step_batch`` per event, with the
+    shipped model and a binding budget, pacing off against on, alternating in one process
+    (the best of ``repeats`` each, so other load on the machine counts least)."""
+    catalog = load_catalog()
+    shop = Shop(scenario("no-fatigue"), catalog, users, seed=1)
+    raw = []
+    for day in range(days):
+        evs = [ev for i, u in enumerate(shop.users) for ev in shop.session_events(day, u, i)]
+        evs.sort(key=lambda e: (e["ts"], e["event_id"]))
+        raw += [(orjson.dumps(e), e["user_id"].encode()) for e in evs]
+    model = initial_model(catalog, (64, 64), 7)
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            s = bench_settings(budget_per_period=budget, pacing=mode == "on")
+            eng = DecisionEngine(catalog, engine_params(s, 1), model)
+            states: dict = {}
+            budgets, clocks = {0: BudgetShare()}, {0: StreamClock()}
+            t0 = time.perf_counter()
+            for i in range(0, len(raw), batch):
+                items = [(v, k, 0, i + j) for j, (v, k) in enumerate(raw[i:i + batch])]
+                eng.step_batch(items, states, budgets, clocks)
+            us = (time.perf_counter() - t0) / len(raw) * 1e6
+            best[mode] = min(best.get(mode, us), us)
+    return {"events": len(raw), "us_per_event_pacing_off": best["off"],
+            "us_per_event_pacing_on": best["on"], "ratio_on_off": best["on"] / best["off"]}
+
+
 def add_arguments(p) -> None:
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--days", type=int, default=60)
@@ -178,6 +208,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gamma", type=float, default=0.995, help="discount of the optimum's Q*")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a setting of the paced run, e.g. --set pacing_kp=4")
+    p.add_argument("--engine-cost", action="store_true",
+                   help="only measure what pacing costs DecisionEngine.step_batch per event "
+                        "(pacing off vs on, same process) and print it")
     p.add_argument("--out", default="bench-results/pacing.json")
     p.add_argument("--plot", default="docs/img/pacing.png")
 
@@ -201,6 +234,12 @@ def main(args) -> int:
     from rich.console import Console
 
     con = Console(width=max(Console().width, 150))
+    if args.engine_cost:
+        c = engine_cost()
+        con.print(f"step_batch over {c['events']:,} events (batches of 500, best of 5): "
+                  f"pacing off {c['us_per_event_pacing_off']:.1f} µs/event, on "
+                  f"{c['us_per_event_pacing_on']:.1f} µs/event, ratio {c['ratio_on_off']:.3f}")
+        return 0
     over = _overrides(args.set)
     seeds = [int(x) for x in args.seeds.split(",") if x]
     report: dict = {"users": args.users, "days": args.days, "seeds": seeds,

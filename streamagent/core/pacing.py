@@ -96,22 +96,24 @@ def pace(b: BudgetShare, now: int, period_ms: int, share: float,
     """The partition's budget share with the controller updated to event time ``now`` (the
     partition's robust stream time) for one more trigger: the period rolled over if ``now`` is
     in a later one (spend reset, price carried, the traffic profile updated), the trigger
-    counted in its slice, then the error against the target and a new shadow price."""
-    period = now // period_ms
+    counted in its slice, then the error against the target and a new shadow price. (One
+    BudgetShare built per call: this runs at every decision.)"""
+    period, spent, paced_ts = now // period_ms, b.spent, b.paced_ts
+    profile, counts = b.profile, b.counts
     if period != b.period:
         # a new period: nothing spent yet; the integral (the price level) carries over, and
         # the integral counts error from the period's start only
-        profile = _fold(b, p) if b.period >= 0 else b.profile
-        b = replace(b, period=period, spent=0.0, paced_ts=max(b.paced_ts, period * period_ms),
-                    profile=profile, counts=())
+        profile = _fold(b, p) if b.period >= 0 else profile
+        spent, paced_ts, counts = 0.0, max(paced_ts, period * period_ms), ()
     if p.bins:
-        counts = list(b.counts) if len(b.counts) == p.bins else [0.0] * p.bins
-        counts[min(p.bins - 1, int((now % period_ms) * p.bins // period_ms))] += 1.0
-        b = replace(b, counts=tuple(counts))
+        slots = list(counts) if len(counts) == p.bins else [0.0] * p.bins
+        slots[min(p.bins - 1, int((now % period_ms) * p.bins // period_ms))] += 1.0
+        counts = tuple(slots)
     if share <= 0:
-        return replace(b, shadow_price=p.max_price, paced_ts=now)
-    e = (b.spent - share * target_of(b, now, period_ms, p)) / share
-    dt = min(1.0, max(0.0, (now - b.paced_ts) / period_ms)) if b.paced_ts >= 0 else 0.0
+        return BudgetShare(period, spent, p.max_price, b.integral, now, profile, counts)
+    shaped = profile if p.bins and len(profile) == p.bins else ()
+    e = (spent - share * target_fraction(now, period_ms, shaped, p.line_weight)) / share
+    dt = min(1.0, max(0.0, (now - paced_ts) / period_ms)) if paced_ts >= 0 else 0.0
     integral = min(p.max_price, max(0.0, b.integral + p.ki * e * dt))
     price = min(p.max_price, max(0.0, p.kp * e + integral))
-    return replace(b, shadow_price=price, integral=integral, paced_ts=max(b.paced_ts, now))
+    return BudgetShare(period, spent, price, integral, max(paced_ts, now), profile, counts)
