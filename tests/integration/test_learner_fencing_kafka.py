@@ -22,7 +22,7 @@ from streamagent.ops.topics import create_topics
 from streamagent.stream.leader import Fenced, LearnerLock, ModelPublisher
 from tests.conftest import topic_env
 from tests.integration.helpers import WorkerProcess, produce
-from tests.integration.test_scaleout_kafka import transitions
+from tests.integration.test_scaleout_kafka import QUICK_LEARNER, transitions
 
 pytestmark = [pytest.mark.kafka]
 
@@ -78,9 +78,7 @@ def test_frozen_learner_comes_back_fenced_after_the_standby_took_over(kafka, tmp
     env = topic_env("lf" + run_id, kafka, tmp_path, STREAMAGENT_PARTITIONS="2",
                     STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"lf{run_id}-model-candidates",
                     STREAMAGENT_LEARNER_LOCK_TIMEOUT_S="6",
-                    STREAMAGENT_N_STEP="1", STREAMAGENT_GATE="false", STREAMAGENT_TRAIN_EVERY="1",
-                    STREAMAGENT_LEARNING_STARTS="32", STREAMAGENT_BATCH_SIZE="16",
-                    STREAMAGENT_SNAPSHOT_EVERY_UPDATES="20", STREAMAGENT_SNAPSHOT_INTERVAL_S="1")
+                    **{**QUICK_LEARNER, "STREAMAGENT_SNAPSHOT_INTERVAL_S": "1"})
     n_actions = load_catalog(Settings().catalog_path).n_actions
     rng = np.random.default_rng(3)
     topic, cands = env["STREAMAGENT_TOPIC_TRANSITIONS"], env["STREAMAGENT_TOPIC_MODEL_CANDIDATES"]

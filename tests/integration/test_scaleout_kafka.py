@@ -247,6 +247,14 @@ def test_scale_out_kill_and_empty_disk_restore_decide_as_one_worker(kafka, tmp_p
 # ------------------------------------------------------------------ learner
 
 
+# a learner that trains and publishes at once on a few hundred transitions; one transition,
+# one replay item (n-step 1): the checkpoint's `seen` counts what was learned
+QUICK_LEARNER = dict(STREAMAGENT_N_STEP="1", STREAMAGENT_GATE="false",
+                     STREAMAGENT_TRAIN_EVERY="1", STREAMAGENT_LEARNING_STARTS="32",
+                     STREAMAGENT_BATCH_SIZE="16", STREAMAGENT_SNAPSHOT_EVERY_UPDATES="20",
+                     STREAMAGENT_SNAPSHOT_INTERVAL_S="2")
+
+
 def transitions(n: int, start: int, n_actions: int, rng) -> list[tuple[bytes, bytes]]:
     out = []
     for i in range(start, start + n):
@@ -288,10 +296,7 @@ def test_learner_sigkill_and_restart_learns_each_transition_once(kafka, tmp_path
     env = topic_env("sl" + run_id, kafka, tmp_path, STREAMAGENT_PARTITIONS=str(PARTITIONS),
                     STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"sl{run_id}-model-candidates",
                     STREAMAGENT_LEARNER_METRICS_PORT=str(port),
-                    # one transition, one replay item: `seen` counts what was learned
-                    STREAMAGENT_N_STEP="1", STREAMAGENT_GATE="false", STREAMAGENT_TRAIN_EVERY="1",
-                    STREAMAGENT_LEARNING_STARTS="32", STREAMAGENT_BATCH_SIZE="16",
-                    STREAMAGENT_SNAPSHOT_EVERY_UPDATES="20", STREAMAGENT_SNAPSHOT_INTERVAL_S="2")
+                    **QUICK_LEARNER)
     n_actions = load_catalog(Settings().catalog_path).n_actions
     rng = np.random.default_rng(14)
     topic, cands = env["STREAMAGENT_TOPIC_TRANSITIONS"], env["STREAMAGENT_TOPIC_MODEL_CANDIDATES"]
