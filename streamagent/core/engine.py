@@ -5,7 +5,7 @@ the partition's budget from tables, calls step, writes both back and sends the o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,8 +20,8 @@ from streamagent.core.pacing import PacingParams, pace
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
-from streamagent.core.state import (StateParams, UserState, apply, expired, find_decision,
-                                    is_replay, record_decision, remember)
+from streamagent.core.state import (StateParams, UserState, apply, evolve, expired,
+                                    find_decision, is_replay, record_decision, remember)
 from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
 
@@ -335,7 +335,8 @@ class DecisionEngine:
         # record ahead of its partition must not open a later period's budget for everyone)
         now = clock.stream_time if clock.stream_time is not None else ts
         period = period_of(now, p.budget_period_ms)
-        q_model = q_heads.mean(0)  # what the model says: logged as q_values
+        # what the model says: logged as q_values (one head: no mean to take)
+        q_model = q_heads[0] if len(q_heads) == 1 else q_heads.mean(0)
         price = None
         if p.pacing is not None:
             # the partition's pacing controller, moved to this event time; the policy scores
@@ -345,7 +346,7 @@ class DecisionEngine:
             price = budget.shadow_price
             if price > 0:
                 q_heads = q_heads - price * self._cost_arr
-        q = q_heads.mean(0)
+        q = q_heads[0] if len(q_heads) == 1 else q_heads.mean(0)
         remaining = budget_remaining(budget, period, p.budget_share)
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
@@ -377,7 +378,7 @@ class DecisionEngine:
             a = state.explore_action
             probs = np.zeros(len(q))
             probs[a] = 1.0
-            state = replace(state, explore_left=state.explore_left - 1)
+            state = evolve(state, {"explore_left": state.explore_left - 1})
         else:
             a = sample(probs, uniform_from(p.seed, did))
             left = 0
@@ -385,7 +386,7 @@ class DecisionEngine:
                 # geometric run length with the configured mean, from the decision's own draw
                 u = uniform_from(p.seed + 1, did)
                 left = int(np.log1p(-u) / np.log1p(-1.0 / p.explore_run_mean))
-            state = replace(state, explore_action=a, explore_left=left)
+            state = evolve(state, {"explore_action": a, "explore_left": left})
         cost = self._costs[a]
         decision = Decision(
             decision_id=did, user_id=ev.user_id, ts=ts,
@@ -394,9 +395,9 @@ class DecisionEngine:
             exploration=p.exploration,
             epsilon=eps if p.exploration in ("epsilon", "thompson") else None,
             policy_version=model.version, trigger_event_id=ev.event_id,
-            trigger_type=ev.type, q_values=tuple(round(float(v), 6) for v in q_model),
+            trigger_type=ev.type, q_values=tuple(np.round(q_model, 6).tolist()),
             allowed=tuple(allowed.tolist()), blocked_by=tuple(blocked),
-            features=tuple(round(float(v), 6) for v in x), cost=cost,
+            features=tuple(np.round(x, 6).tolist()), cost=cost,
             shadow_price=None if price is None else float(price),
         )
         if a:
