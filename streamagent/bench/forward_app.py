@@ -15,7 +15,9 @@ from streamagent.stream.app import faust_broker
 from streamagent.stream.faust_internals import make_worker, set_fetch_max_wait
 
 
-def make_app() -> faust.App:
+def make_app(agent: bool = True) -> faust.App:
+    """The baseline app; ``agent`` False: the app with its settings and no agent (count_app
+    adds its own)."""
     # the same consumer tuning the decide worker gets, so the baseline is like for like
     set_fetch_max_wait(int(os.environ.get("STREAMAGENT_CONSUMER_FETCH_MAX_WAIT_MS", "20")))
     kafka = kafka_client(Settings(), bootstrap=os.environ["BENCH_BOOTSTRAP"])
@@ -23,6 +25,8 @@ def make_app() -> faust.App:
                     store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
                     topic_replication_factor=1, producer_linger_ms=5, broker_commit_every=10_000,
                     broker_commit_interval=2.8, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))
+    if not agent:
+        return app
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     src = app.topic(os.environ["BENCH_IN"], **raw)
     dst = app.topic(os.environ["BENCH_OUT"], **raw)

@@ -1,7 +1,8 @@
 """`streamagent bench pipeline`: one decide worker against two baselines, on one broker, in one run.
 
 For each system (a plain confluent-kafka consume->produce loop, a Faust agent that only
-forwards, and the streamagent decide worker) the benchmark:
+forwards, a Faust agent that only counts with the decide agent's batching (the ceiling of the
+Faust path), and the streamagent decide worker) the benchmark:
 
 1. pre-loads the same seeded stream of N user events into a fresh input topic, starts the
    system as its own process and measures sustained throughput while it drains the backlog
@@ -43,8 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--latency-seconds", type=float, default=10.0, help="length of the paced phase")
     p.add_argument("--rate", type=float, default=0.0,
                    help="paced-phase events/s (default: half the decide worker's peak)")
-    p.add_argument("--systems", default="plain,faust,decide",
-                   help="comma list of plain, faust, decide")
+    p.add_argument("--systems", default="plain,faust,count,decide",
+                   help="comma list of plain, faust (forward), count (faust, batched), decide")
     p.add_argument("--bootstrap", default=None,
                    help="use this broker (default: start a local one for the run)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
@@ -148,6 +149,8 @@ def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path
         cmd = [sys.executable, "-m", "streamagent.bench.plain_loop"]
     elif system == "faust":
         cmd = [sys.executable, "-m", "streamagent.bench.forward_app"]
+    elif system == "count":
+        cmd = [sys.executable, "-m", "streamagent.bench.count_app"]
     else:
         cmd = [sys.executable, "-m", "streamagent.cli", "worker"]
         env.update({"STREAMAGENT_APP_ID": app_id,
@@ -220,6 +223,11 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
     expect = len(backlog) if system != "decide" else sum(
         1 for e in backlog if e["event_id"] in triggers)
     proc, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile)
+    if system == "count":
+        try:
+            return _run_count(kafka, tout, len(backlog), proc, log)
+        finally:
+            terminate(proc)
     try:
         t0 = time.monotonic()
         got = _wait_for(kafka, tout, expect, 600, proc)
@@ -265,6 +273,44 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
         return result
     finally:
         terminate(proc)
+
+
+def _run_count(kafka: KafkaClientConfig, tout: str, n: int, proc, log) -> dict:
+    """The counting agent: one output per batch with its size; throughput over the events
+    counted after its first batch, from that output's append to the last one's."""
+    t0 = time.monotonic()
+    outs: list = []
+    while time.monotonic() - t0 < 600:
+        outs = sorted((t, orjson.loads(v)["n"]) for t, v in _read(kafka, tout))
+        if sum(k for _, k in outs) >= n or proc.poll() is not None:
+            break
+        time.sleep(1.0)
+    counted = sum(k for _, k in outs)
+    span = (outs[-1][0] - outs[0][0]) / 1000.0 if len(outs) > 1 else float("nan")
+    events_per_s = (counted - outs[0][1]) / span if span > 0 else float("nan")
+    log(f"  count   backlog: {counted} events in {len(outs)} batches, {span:.2f}s -> "
+        f"{events_per_s:,.0f} events/s")
+    return {"outputs": len(outs), "events_counted": counted, "span_s": span,
+            "events_per_s": events_per_s, "wall_incl_startup_s": time.monotonic() - t0,
+            "complete": counted >= n, "mean_batch": counted / max(1, len(outs))}
+
+
+def figures(results: dict) -> dict:
+    """The stable keys of the JSON report (``decide.events_per_s``, ...)."""
+    names = {"plain": "plain", "faust": "faust_forward", "count": "faust_count",
+             "decide": "decide"}
+    out: dict = {}
+    for system, r in results.items():
+        key = names.get(system, system)
+        out[f"{key}.events_per_s"] = r.get("events_per_s")
+        lat = r.get("latency_ms") or {}
+        for q in ("p50", "p95", "p99"):
+            if q in lat:
+                out[f"{key}.latency_ms.{q}_at_50pct"] = lat[q]
+    count = (results.get("count") or {}).get("events_per_s")
+    if count and "decide" in results:
+        out["decide.vs_faust_count"] = results["decide"]["events_per_s"] / count
+    return out
 
 
 def main(args) -> int:
@@ -318,13 +364,16 @@ def main(args) -> int:
         if broker_cfg:
             stop(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
     table = Table(title="pipeline benchmark (one process each, same broker, same run)")
-    for col in ("system", "events/s", "vs faust forward", "p50 ms", "p95 ms", "p99 ms", "paced at /s"):
+    for col in ("system", "events/s", "vs faust forward", "vs faust count", "p50 ms", "p95 ms",
+                "p99 ms", "paced at /s"):
         table.add_column(col, justify="right")
     base = results.get("faust", {}).get("events_per_s")
+    ceiling = results.get("count", {}).get("events_per_s")
     for name, r in results.items():
         lat = r.get("latency_ms") or {}
         table.add_row(name, f"{r['events_per_s']:,.0f}",
                       f"{r['events_per_s'] / base:.0%}" if base else "-",
+                      f"{r['events_per_s'] / ceiling:.0%}" if ceiling else "-",
                       *(f"{lat[k]:.0f}" if lat else "-" for k in ("p50", "p95", "p99")),
                       f"{lat.get('rate_events_per_s', 0):,.0f}" if lat else "-")
     con.print(table)
@@ -332,6 +381,7 @@ def main(args) -> int:
            "cpus": os.cpu_count(), "results": results,
            "decide_vs_faust_forward": (results["decide"]["events_per_s"] / base)
            if base and "decide" in results else None,
+           "figures": figures(results),
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
