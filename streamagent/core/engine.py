@@ -395,9 +395,9 @@ class DecisionEngine:
             exploration=p.exploration,
             epsilon=eps if p.exploration in ("epsilon", "thompson") else None,
             policy_version=model.version, trigger_event_id=ev.event_id,
-            trigger_type=ev.type, q_values=tuple(np.round(q_model, 6).tolist()),
+            trigger_type=ev.type, q_values=tuple([round(v, 6) for v in q_model.tolist()]),
             allowed=tuple(allowed.tolist()), blocked_by=tuple(blocked),
-            features=tuple(np.round(x, 6).tolist()), cost=cost,
+            features=tuple([round(v, 6) for v in x.tolist()]), cost=cost,
             shadow_price=None if price is None else float(price),
         )
         if a:

@@ -138,14 +138,16 @@ class NumpyQ:
     def __init__(self, snapshot: ModelSnapshot):
         sd = snapshot.state_dict
         n_layers = len(snapshot.hidden) + 1
-        self.layers = [(sd[f"net.{2 * i}.weight"].numpy().astype(np.float32).T.copy(),
-                        sd[f"net.{2 * i}.bias"].numpy().astype(np.float32).copy())
+        # float64 for one vector and for a batch alike: a float32 batch and a float64 vector
+        # (float64 features upcast) differed in the 7th digit, and so did the logged Q-values
+        self.layers = [(sd[f"net.{2 * i}.weight"].numpy().astype(np.float64).T.copy(),
+                        sd[f"net.{2 * i}.bias"].numpy().astype(np.float64).copy())
                        for i in range(n_layers)]
         self.n_heads, self.n_actions = snapshot.heads, len(snapshot.actions)
 
     def heads(self, x: np.ndarray) -> np.ndarray:
         """Q values of every head, (heads, actions)."""
-        h = x
+        h = np.asarray(x, np.float64)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
@@ -159,7 +161,7 @@ class NumpyQ:
 
     def heads_batch(self, X: np.ndarray) -> np.ndarray:
         """Q values of every head for many feature vectors at once, (n, heads, actions)."""
-        h = np.asarray(X, np.float32)
+        h = np.asarray(X, np.float64)
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
