@@ -78,9 +78,22 @@ def bench_settings(**overrides):
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         gamma: float | None = None, choose=None, log=None, bandit=None,
-        settings=None) -> Result:
+        settings=None, joiner_feed: str = "time") -> Result:
     """One policy over the horizon: ``gamma`` set: our Q-learner; ``bandit``: a baseline
-    bandit learning from the same reward records; else ``choose(user, decision)``."""
+    bandit learning from the same reward records; else ``choose(user, decision)``.
+
+    ``joiner_feed``: how decisions and orders reach the joiner. "day-end" (the harness before
+    2026-11-26 evening, kept to reproduce older figures): each decision when it is made (users
+    in population order, at random hours), the day's orders after all of them. The decision-log watermark is then at the day's last session
+    (~20:00) before any order arrives, so every order dated before it is a late conversion,
+    never attributed: about 40% of the orders (pulse, seed 1). "time": each day's decisions
+    and orders in event-time order (orders dated after the day carried into the next), as a
+    live shop's topics deliver them; no order is late (the default). Decisions and user state
+    are the same either way (the model only changes at the end of a day)."""
+    if joiner_feed not in ("day-end", "time"):
+        raise ValueError(f"joiner_feed must be day-end or time, not {joiner_feed!r}")
+    in_time = joiner_feed == "time"
+    feed: list = []  # (ts, kind, record) for the joiner in time order: 0 decision, 1 order
     s = settings or bench_settings()
     shop = Shop(sc, catalog, n_users, seed=seed)
     learning = gamma is not None
@@ -133,7 +146,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                 contexts[decision.decision_id] = (np.asarray(decision.features, np.float32),
                                                   a, decision.propensity)
             decisions += 1
-            if joining:
+            if joining and in_time:
+                feed.append((decision.ts, 0, decision))
+            elif joining:
                 _consume(joiner.on_decision(0, decision), learner, bandit, contexts, *held)
             # Report the expected profit of (true state, action), not the sampled one: the
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
@@ -150,7 +165,19 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             states[o["user_id"]], clock = r.state, r.clock
             if joining:
                 conv = Conversion.from_doc({k: v for k, v in o.items() if not k.startswith("_")})
-                _consume(joiner.on_conversion(0, conv), learner, bandit, contexts, *held)
+                if in_time:
+                    feed.append((conv.ts, 1, conv))
+                else:
+                    _consume(joiner.on_conversion(0, conv), learner, bandit, contexts, *held)
+        if joining and in_time:
+            end = shop.start_ts + (day + 1) * DAY_MS
+            feed.sort(key=lambda x: (x[0], x[1]))
+            for ts, kind, rec in feed:
+                if ts >= end:
+                    continue
+                out = joiner.on_decision(0, rec) if kind == 0 else joiner.on_conversion(0, rec)
+                _consume(out, learner, bandit, contexts, *held)
+            feed = [x for x in feed if x[0] >= end]  # orders dated after today: tomorrow
         if joining:
             # end of day: event time moves on for the conversions input as well
             _consume(joiner.on_conversion(0, Conversion(order_id=f"hb-{day}", user_id="hb",
@@ -225,12 +252,18 @@ def add_arguments(p) -> None:
                    help="discount of q_gamma (default: the product's STREAMAGENT_GAMMA)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs in parallel, one process each (default: one per core)")
+    p.add_argument("--joiner-feed", choices=("day-end", "time"), default="time",
+                   help="time (default): decisions and orders reach the joiner in event-time "
+                        "order, as live topics deliver them; day-end (the harness of the figures "
+                        "before 2026-11-26 evening): the day's orders after all its decisions, so "
+                        "those dated before the last decision are late and never attributed "
+                        "(~40%% of orders; see run())")
     p.add_argument("--out", default="bench-results/learning.json")
 
 
 def _run_one(task: tuple) -> dict:
     """One policy on one scenario and seed: a worker process's unit of work."""
-    sname, seed, pname, users, days, gamma, overrides = task
+    sname, seed, pname, users, days, gamma, overrides, feed = task
     import torch
 
     # One thread: the network is small, and several runs (or a run and a broker) on a 2-core
@@ -243,10 +276,10 @@ def _run_one(task: tuple) -> dict:
     if pname in ("q_myopic", "q_gamma"):
         res = run(pname, sc, catalog, users, days, seed,
                   gamma=0.0 if pname == "q_myopic" else gamma,
-                  settings=bench_settings(**overrides))
+                  settings=bench_settings(**overrides), joiner_feed=feed)
     elif pname in BANDITS:
         b = make_bandit(pname, F.FEATURE_NAMES, catalog.n_actions, seed)
-        res = run(pname, sc, catalog, users, days, seed, bandit=b)
+        res = run(pname, sc, catalog, users, days, seed, bandit=b, joiner_feed=feed)
     else:
         rng = np.random.default_rng(seed + 99)
         static = static_best(sc, catalog, shop)
@@ -343,6 +376,7 @@ def main(args) -> int:
     pnames = [x.strip() for x in args.policies.split(",") if x.strip()]
     _check_policies(pnames)
     report: dict = {"users": args.users, "days": args.days, "seeds": seeds,
+                    "joiner_feed": args.joiner_feed,
                     "settings_overrides": overrides, "scenarios": {}}
     per_seed: dict = {sn: [] for sn in snames}
     for sn in snames:
@@ -356,7 +390,7 @@ def main(args) -> int:
                 con.print(f"[bold]{sn}[/]: optimum {opt['optimal']:.3f} profit/user/day (myopic "
                           f"optimum {opt['myopic_optimal']:.3f}, never {opt['never']:.3f}); "
                           f"optimal policy by hidden level: {opt['policies']}")
-    tasks = [(sn, seed, pn, args.users, args.days, args.gamma, overrides)
+    tasks = [(sn, seed, pn, args.users, args.days, args.gamma, overrides, args.joiner_feed)
              for sn in snames for seed in seeds for pn in pnames]
     con.print(f"{len(tasks)} runs ({len(snames)} scenarios x {len(seeds)} seeds x "
               f"{len(pnames)} policies), {args.jobs} at a time ...")
