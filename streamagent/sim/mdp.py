@@ -50,3 +50,47 @@ def average_reward(P: np.ndarray, R: np.ndarray, policy: np.ndarray, start: int 
     """Long-run reward per step of a deterministic policy from state `start`."""
     idx = np.arange(P.shape[1])
     return float(stationary(P[policy, idx, :], start) @ R[policy, idx])
+
+
+def history_optimum(P: np.ndarray, R: np.ndarray, gamma: float, start: int = 0,
+                    steps: int = 20_000, decimals: int = 3) -> float:
+    """Long-run reward per step of the best policy that knows the MDP but not its state: it
+    starts in ``start`` and tracks the state distribution (the belief) from its own actions
+    only, b' = b P[a], observing nothing else. In the simulator that is a policy that knows
+    the user's segment and infers the hidden conditioning from the coupons it sent, not from
+    what the user did: a reference, not a bound (a learner that reads purchases can know more).
+
+    The beliefs reachable from ``start`` (rounded to ``decimals``, which keeps them finite)
+    form a deterministic MDP, solved by value iteration; its greedy policy is then followed
+    for ``steps`` steps and the reward averaged."""
+    n_a = P.shape[0]
+    first = np.eye(P.shape[1])[start]
+    index = {tuple(np.round(first, decimals)): 0}
+    beliefs, nxt = [first], []
+    i = 0
+    while i < len(beliefs):
+        row = []
+        for a in range(n_a):
+            b2 = beliefs[i] @ P[a]
+            key = tuple(np.round(b2, decimals))
+            if key not in index:
+                index[key] = len(beliefs)
+                beliefs.append(np.array(key) / sum(key))
+            row.append(index[key])
+        nxt.append(row)
+        i += 1
+    B, T = np.array(beliefs), np.array(nxt)  # T[belief, action] -> next belief
+    Rb = B @ R.T  # (beliefs, actions)
+    V = np.zeros(len(B))
+    for _ in range(100_000):
+        V_new = (Rb + gamma * V[T]).max(axis=1)
+        if np.max(np.abs(V_new - V)) < 1e-9:
+            V = V_new
+            break
+        V = V_new
+    pi = (Rb + gamma * V[T]).argmax(axis=1)
+    s, total = 0, 0.0
+    for _ in range(steps):
+        total += Rb[s, pi[s]]
+        s = T[s, pi[s]]
+    return total / steps

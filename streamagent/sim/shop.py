@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamagent.core.catalog import Catalog
-from streamagent.sim.mdp import average_reward, value_iteration
+from streamagent.sim.mdp import average_reward, history_optimum, value_iteration
 from streamagent.units import DAY_MS, HOUR_MS
 
 
@@ -288,3 +288,18 @@ def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
         out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
         out["policies"][seg.name] = [catalog.actions[a] for a in pi]
     return out
+
+
+def history_reference(shop: "Shop", gamma: float = 0.995) -> float:
+    """Long-run profit per user per day of the best policy that knows each user's segment and
+    infers the hidden level only from the coupons it sent (sim/mdp.py ``history_optimum``):
+    what timing coupons is worth without reading the user's behaviour. About a minute per
+    segment; a reference for the learning benchmark's pulse scenario, not part of its run."""
+    sc, catalog = shop.scenario, shop.catalog
+    total = 0.0
+    for seg in sc.segments:
+        w = sum(u.segment.name == seg.name for u in shop.users) / len(shop.users)
+        if w:
+            m = mdp(sc, seg, catalog)
+            total += w * history_optimum(m.P, m.R, gamma)
+    return total

@@ -102,3 +102,27 @@ def test_pulse_optimum_times_its_coupons_and_types_show_only_through_behaviour()
                    or ev["device"] != u.segment.device
                    for u in shop.users for ev in shop.session_events(0, u, 0))
     assert off_type > 0
+
+
+def test_the_history_optimum_is_the_full_optimum_when_nothing_is_hidden_and_below_it_else():
+    from streamagent.sim.mdp import average_reward, history_optimum, value_iteration
+
+    # deterministic: action 1 moves 0 -> 1 (reward 0), action 0 stays (reward 1 in state 1)
+    P = np.zeros((2, 2, 2))
+    P[0, 0, 0] = P[0, 1, 1] = 1.0
+    P[1, 0, 1] = P[1, 1, 1] = 1.0
+    R = np.array([[0.0, 1.0], [0.0, 0.5]])
+    _, pi = value_iteration(P, R, 0.99)
+    assert history_optimum(P, R, 0.99) == pytest.approx(average_reward(P, R, pi), abs=1e-3)
+    # hidden: action 1 ("coupon") pays 1 in state 0 and moves to 1 with probability 0.5;
+    # there it pays -1 and "rest" (action 0) returns to 0 with probability 0.3
+    P = np.zeros((2, 2, 2))
+    P[0, 0] = [1.0, 0.0]
+    P[0, 1] = [0.3, 0.7]
+    P[1, 0] = [0.5, 0.5]
+    P[1, 1] = [0.0, 1.0]
+    R = np.array([[0.0, 0.0], [1.0, -1.0]])
+    _, pi = value_iteration(P, R, 0.99)
+    full, never = average_reward(P, R, pi), average_reward(P, R, np.zeros(2, int))
+    h = history_optimum(P, R, 0.99)
+    assert never < h < full
