@@ -5,6 +5,7 @@ BENCH_APP_ID set (and STREAMAGENT_KAFKA_* security, as every client). Not part o
 """
 from __future__ import annotations
 
+import json
 import os
 
 import faust
@@ -20,11 +21,16 @@ def make_app(agent: bool = True) -> faust.App:
     adds its own)."""
     # the same consumer tuning the decide worker gets, so the baseline is like for like
     set_fetch_max_wait(int(os.environ.get("STREAMAGENT_CONSUMER_FETCH_MAX_WAIT_MS", "20")))
-    kafka = kafka_client(Settings(), bootstrap=os.environ["BENCH_BOOTSTRAP"])
+    s = Settings()
+    kafka = kafka_client(s, bootstrap=os.environ["BENCH_BOOTSTRAP"])
     app = faust.App(os.environ["BENCH_APP_ID"], **faust_broker(kafka),
                     store="memory://", web_enabled=False, consumer_auto_offset_reset="earliest",
                     topic_replication_factor=1, producer_linger_ms=5, broker_commit_every=10_000,
-                    broker_commit_interval=2.8, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"))
+                    broker_commit_interval=2.8, datadir=os.environ.get("BENCH_DATA_DIR", "var/bench"),
+                    broker_max_poll_records=s.consumer_max_poll_records,
+                    stream_buffer_maxsize=s.stream_buffer_maxsize,
+                    # experiments: more faust.App settings as a JSON object
+                    **json.loads(os.environ.get("BENCH_FAUST_SETTINGS") or "{}"))
     if not agent:
         return app
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")

@@ -411,6 +411,26 @@ def stop(cfg: BrokerConfig, timeout: float = 30.0, log=print) -> bool:
     return True
 
 
+def kill(cfg: BrokerConfig, log=print) -> bool:
+    """Kill the broker at once (SIGKILL: a crash, no controlled shutdown), for fault tests.
+    Its data dir stays, and :func:`start` brings it back on it (Kafka recovers its logs)."""
+    pid = _read_pid(cfg)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _reap(pid)  # our child (started here): reaped, or it would stay as a zombie
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    cfg.pid_file.unlink(missing_ok=True)
+    log(f"kafka killed (pid {pid})")
+    return True
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)

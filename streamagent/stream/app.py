@@ -24,9 +24,10 @@ from streamagent.ops.kafka import KafkaClientConfig, kafka_client
 from streamagent.params import engine_params, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
-from streamagent.stream.faust_internals import (DirectTable, acting_as, read_offsets,
-                                                set_fetch_max_wait)
 from streamagent.stream.ingress import pseudonyms
+from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acting_as,
+                                                install_commit_guard, read_offsets,
+                                                set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
 
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
+    install_commit_guard()
     app = faust.App(
         s.app_id,
         **faust_broker(kafka_client(s)),
@@ -113,6 +115,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         broker_commit_interval=s.commit_interval_s,
         table_cleanup_interval=3600.0,
         table_standby_replicas=s.standby_replicas,  # warm copies on the other workers
+        # keep the agents fed: bigger polls and stream buffers than Faust's defaults
+        broker_max_poll_records=s.consumer_max_poll_records,
+        stream_buffer_maxsize=s.stream_buffer_maxsize,
     )
 
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -133,9 +138,15 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
                            value_type=bytes)
 
-    def changelog_failed(exc: Exception) -> None:
+    # a record sent but not delivered stops the commits and the worker (faust_internals.py)
+    guard = app.streamagent_delivery_guard = DeliveryGuard(app)
+    dlq_topics = frozenset(s.dlq(t) for t in (s.topic_user_events, s.topic_conversions,
+                                              s.topic_decision_log))
+
+    def changelog_failed(exc: BaseException) -> None:
         m.errors.labels("changelog").inc()
         log.error("a changelog record could not be sent: %r", exc)
+        guard.fail(exc)
 
     # read and written through their stores, changelogs sent per batch (faust_internals)
     users_t, budgets_t, join_t = (DirectTable(t, app, changelog_failed)
@@ -151,14 +162,27 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
         # hand over without waiting for delivery; Faust flushes the producer before it
-        # commits offsets, so a batch is acknowledged only with its outputs delivered
-        fut = await app.producer.send(topic, key, value, None, None, None)
-        fut.add_done_callback(_count_failed_send)
+        # commits offsets, and the guard refuses the commit if any of them failed
+        dead_letter = topic in dlq_topics
+        try:
+            fut = await app.producer.send(topic, key, value, None, None, None)
+        except Exception as exc:  # counted by the handler, which stops the batch
+            if not dead_letter:
+                guard.fail(exc)
+            raise
+        if dead_letter:  # a dead-letter topic failing must not stop the stream
+            fut.add_done_callback(_count_failed_dead_letter)
+        else:
+            guard.watch(fut, _count_failed_send)
 
-    def _count_failed_send(fut) -> None:
+    def _count_failed_send(exc: BaseException) -> None:
+        m.errors.labels("send").inc()
+        log.error("send failed: %r", exc)
+
+    def _count_failed_dead_letter(fut) -> None:
         if not fut.cancelled() and fut.exception() is not None:
-            m.errors.labels("send").inc()
-            log.error("send failed: %r", fut.exception())
+            m.errors.labels("dlq").inc()
+            log.error("a dead letter could not be delivered: %r", fut.exception())
 
     partition_of = lambda key: key_partition(key, n_parts)  # noqa: E731
     ps = pseudonyms(s, partition_of)  # None unless STREAMAGENT_PSEUDONYM_KEY[_FILE] is set
@@ -169,8 +193,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         partition_of=partition_of, pseudonyms=ps)
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
-    # still in flight, and a crash loses them. take_events acknowledges a batch only after
-    # the handler returns.
+    # still in flight, and a crash loses them. take_events acknowledges a batch after the
+    # handler returns (or raises: then the delivery guard holds back every commit).
     @app.agent(user_events, concurrency=1)
     async def decide(stream):
         for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
@@ -200,14 +224,21 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             await join_handler.handle([e.message for e in events],
                                       scope=lambda p: acting_as(by_part[p]))
 
+    inputs = frozenset((s.topic_user_events, s.topic_conversions, s.topic_decision_log))
+
     @app.timer(interval=5.0)
     async def report_lag():
-        """Messages behind the end, per input topic, from what the consumer has fetched."""
+        """Messages behind the end, per input topic, from what the consumer has fetched.
+        Only the input topics: the assignment also holds the tables' changelog partitions,
+        read only while recovering (their "lag" is no backlog, and they are no label of
+        the gauge's: docs/METRICS.md)."""
         try:
             consumer = app.consumer
             lag: dict[str, int] = {}
             offsets = read_offsets(consumer)
             for tp in consumer.assignment():
+                if tp.topic not in inputs:
+                    continue
                 hw = consumer.highwater(tp)
                 read = offsets.get(tp)
                 if hw is None:
@@ -220,6 +251,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             log.debug("lag report failed", exc_info=True)
 
     app.streamagent_decide = decide  # handles for tests
+    app.streamagent_send = send
     app.streamagent_join = join
     app.streamagent_joiner = join_handler.joiner()
     app.streamagent_users = users

@@ -30,6 +30,12 @@ pin, when an upgrade takes away what this module relies on:
   every partition the worker holds, from the first key, each time.
 - ``faust.transport.consumer.Consumer._read_offset``: the offset of the last message read, per
   partition. Faust keeps no public accessor for it; the worker's lag gauge needs it.
+- ``faust.transport.drivers.aiokafka.Consumer._commit`` (the last step of Faust's offset
+  commit, after it has flushed the producer): :func:`install_commit_guard` wraps it so that
+  no offset is committed once a record the worker sent was not delivered
+  (:class:`DeliveryGuard`). Faust's flush waits for every send to end but does not fail when
+  one failed, and an agent whose send raised has its batch acknowledged anyway (the
+  ``finally`` of ``Stream.take_events``) before the supervisor restarts it.
 - ``App.rebalancing``, ``App.rebalancing_count``, ``App.in_recovery`` (declared on Faust's
   ``AppT``, not documented as API) and ``TableManager._recovery`` with its ``completed`` event:
   :func:`group_state` reads them for the worker's /readyz, from the HTTP server's thread. Never
@@ -39,7 +45,9 @@ pin, when an upgrade takes away what this module relies on:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +57,7 @@ from faust import streams as _streams
 from faust.types import TP
 
 _applied: dict[str, int] = {}
+log = logging.getLogger("streamagent.decide")
 
 
 def set_fetch_max_wait(ms: int) -> None:
@@ -65,6 +74,93 @@ def set_fetch_max_wait(ms: int) -> None:
 
         drv.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
     _applied["fetch_max_wait_ms"] = int(ms)
+
+
+class DeliveryGuard:
+    """Holds back every offset commit, and stops the worker, once a record it sent was lost.
+
+    The worker hands its outputs and changelog records to the producer without waiting, and
+    Faust flushes the producer before it commits the input offsets. But the flush waits for
+    every send to end, delivered or not: a record the producer gave up on (the broker away
+    longer than Faust's ``producer_request_timeout``, 20 min by default; a record over the
+    size limit) would not stop the commit, and its input would never be processed again. Nor
+    would a send that raises: the agent crashes, ``Stream.take_events`` acknowledges the batch
+    on its way out, and the supervisor restarts the agent on the next batch.
+
+    So every record the worker sends but dead letters is watched (:meth:`watch`, and
+    :meth:`fail` for a hand-over that raised). At the first failure the guard
+
+    - refuses every offset commit from then on (:func:`install_commit_guard`); Faust believes
+      a refused commit was made, so no later commit may be made either;
+    - crashes the app: the worker stops with exit status 1, for its supervisor (Compose,
+      Kubernetes) to restart it, and the restarted worker reprocesses from the last commit,
+      all of whose outputs were delivered. Replays are idempotent (docs/RELIABILITY.md).
+
+    Failures are counted by the caller (``streamagent_stream_processing_errors_total``).
+    Dead letters are not guarded: a dead-letter topic failing must not stop the stream.
+    """
+
+    def __init__(self, app=None):
+        self.app = app
+        self.failure: BaseException | None = None
+        self.refused = 0  # commits refused since the failure
+
+    def watch(self, fut, on_error=None) -> None:
+        """Fail when the send behind ``fut`` (a producer's delivery future) fails;
+        ``on_error(exc)`` first (to count it)."""
+        fut.add_done_callback(partial(self._done, on_error))
+
+    def _done(self, on_error, fut) -> None:
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:
+            if on_error is not None:
+                on_error(exc)
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """A record was not delivered: no commit from now on, and the worker stops."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        log.critical("a record could not be delivered (%r): no input offset is committed from "
+                     "now on, and the worker stops; restarted, it processes again from the "
+                     "last commit", exc)
+        if self.app is not None:
+            try:
+                asyncio.get_running_loop().create_task(self.app.crash(exc))
+            except RuntimeError:  # no loop running (tests): the commit guard still holds
+                pass
+
+    def allows_commit(self, offsets) -> bool:
+        if self.failure is None:
+            return True
+        self.refused += 1
+        log.error("not committing offsets %s: a record was not delivered (%r)",
+                  {f"{tp.topic}[{tp.partition}]": o for tp, o in offsets.items()}, self.failure)
+        return False
+
+
+def install_commit_guard() -> None:
+    """Make the worker consumer's last commit step ask the app's ``DeliveryGuard`` (the
+    attribute ``streamagent_delivery_guard``; apps without one commit as before)."""
+    from faust.transport.drivers import aiokafka as drv
+
+    if getattr(drv.Consumer._commit, "streamagent_guarded", False):
+        return
+    original = drv.Consumer._commit
+
+    async def _commit(self, offsets) -> bool:
+        guard = getattr(self.app, "streamagent_delivery_guard", None)
+        if guard is not None:
+            # the flush that precedes this step has seen every send end: let their done
+            # callbacks (the guard's among them) run before looking
+            await asyncio.sleep(0)
+            if not guard.allows_commit(offsets):
+                return False
+        return await original(self, offsets)
+
+    _commit.streamagent_guarded = True
+    drv.Consumer._commit = _commit
 
 
 @dataclass(frozen=True)
@@ -137,7 +233,8 @@ class DirectTable(MutableMapping):
     """
 
     def __init__(self, table, app, on_error=None):
-        """``on_error(exc)`` is called for every changelog record that could not be sent."""
+        """``on_error(exc)`` is called for every changelog record that could not be sent
+        (handed over, or delivered)."""
         self.table, self.app, self.on_error = table, app, on_error
         self.pending: list[tuple[bytes, bytes | None, int]] = []
         self._raw_keys = table.key_type is bytes and table.key_serializer in (None, "raw")
@@ -224,11 +321,16 @@ class DirectTable(MutableMapping):
         topic = self.table.changelog_topic.get_topic_name()
         send = self.app.producer.send
         last = {}
-        for key, value, part in self.pending:
-            fut = last[part] = await send(topic, key, value, part, None, None)
+        pending, self.pending = self.pending, []
+        for key, value, part in pending:
+            try:
+                fut = last[part] = await send(topic, key, value, part, None, None)
+            except Exception as exc:
+                if self.on_error is not None:
+                    self.on_error(exc)
+                raise
             if self.on_error is not None:
                 fut.add_done_callback(self._failed)
-        self.pending.clear()
         for part, fut in last.items():
             fut.add_done_callback(partial(self._persisted, TP(topic, part)))
 

@@ -91,6 +91,7 @@ class LearnerService:
         self.polled_at: float | None = None  # monotonic time the last poll returned (/readyz)
         self._lag_at = 0.0
         self._running = True
+        self._suspended = False  # lost the learner lock: not publishing (holds_lock)
 
     def _report_lag(self) -> None:
         self._lag_at = time.monotonic()
@@ -131,7 +132,11 @@ class LearnerService:
         except SnapshotRejected as exc:
             self._refuse(snap, exc)
             return
-        live = self._live()
+        try:
+            live = self._live()
+        except KafkaException as exc:  # the broker away: learning goes on, publish later
+            self._publish_failed(snap, exc, spent=False)
+            return
         if self.s.gate:
             verdict = judge(NumpyQ(snap), NumpyQ(live), self.holdout.log(), self.gate)
         else:
@@ -157,19 +162,24 @@ class LearnerService:
         try:
             self.models_out.publish(records, before_commit=checkpoint)
         except KafkaException as exc:  # the broker away: learning goes on, publish later
-            if not checkpointed:
-                self.learner.version = snap.version - 1  # never visible: the number stays free
-            self.m.errors.labels("publish").inc()
-            self.steps_at_snapshot = self.learner.train_steps
-            self.time_at_snapshot = time.monotonic()
-            log.warning("could not publish model v%d (%s); trying again at the next interval",
-                        snap.version, exc.args[0].str() if exc.args else exc)
+            self._publish_failed(snap, exc, spent=bool(checkpointed))
             return
         self.steps_at_snapshot = self.learner.train_steps
         self.time_at_snapshot = time.monotonic()
         self._report_gate(snap, verdict, live)
         log.info("model v%d (%d training steps, loss %.4f): %s; %s", snap.version,
                  snap.train_steps, self.learner.last_loss, verdict.outcome, verdict.reason)
+
+    def _publish_failed(self, snap: ModelSnapshot, exc: KafkaException, spent: bool) -> None:
+        """A publish the broker did not take: counted, tried again at the next interval."""
+        if not spent:
+            self.learner.version = snap.version - 1  # never visible: the number stays free
+        self.m.errors.labels("publish").inc()
+        self.steps_at_snapshot = self.learner.train_steps
+        self.time_at_snapshot = time.monotonic()
+        err = exc.args[0] if exc.args else exc
+        log.warning("could not publish model v%d (%s); trying again at the next interval",
+                    snap.version, err.str() if hasattr(err, "str") else err)
 
     def _refuse(self, snap: ModelSnapshot, exc: SnapshotRejected) -> None:
         self.learner.version = snap.version - 1  # never published: the number stays free
@@ -241,9 +251,29 @@ class LearnerService:
             self.m.learn_max_q.set(stats["max_q"])
         return "learned"
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this learner may publish: it holds the learner lock (always, without one).
+
+        Losing the lock (the broker away longer than the lock timeout, or this process frozen
+        that long) suspends publishing and checkpointing, not learning: the learner goes on
+        and publishes again once it holds the lock again. If another learner became active
+        meanwhile, that one's transactional id has fenced this one's, and the next publish
+        stops it (:class:`Fenced`) before anything is written."""
+        if self.lock is None:
+            return True
+        held = self.lock.poll()
+        if held == self._suspended:  # it changed
+            self._suspended = not held
+            if held:
+                log.info("holding the learner lock again: publishing resumes")
+            else:
+                log.warning("lost the learner lock (the broker away, or another learner is "
+                            "active): not publishing or checkpointing until it is held again")
+        return held
+
     def poll_once(self, timeout: float = 0.5) -> int:
-        if self.lock is not None and not self.lock.poll():
-            raise Fenced("lost the learner lock: another learner is active")
+        may_publish = self.holds_lock
         n = 0
         msgs = self.consumer.consume(500, timeout=timeout)
         self.polled_at = time.monotonic()
@@ -257,8 +287,9 @@ class LearnerService:
         if time.monotonic() - self._lag_at > 5.0:
             self._report_lag()
         steps = self.learner.train_steps - self.steps_at_snapshot
-        if steps >= self.s.snapshot_every_updates or (
-                steps > 0 and time.monotonic() - self.time_at_snapshot >= self.s.snapshot_interval_s):
+        due = steps >= self.s.snapshot_every_updates or (
+            steps > 0 and time.monotonic() - self.time_at_snapshot >= self.s.snapshot_interval_s)
+        if due and may_publish:
             self.publish()
         return n
 
@@ -269,7 +300,7 @@ class LearnerService:
         try:
             while self._running:
                 self.poll_once()
-            if self.learner.train_steps > self.steps_at_snapshot:
+            if self.learner.train_steps > self.steps_at_snapshot and self.holds_lock:
                 self.publish()
         except Fenced as exc:
             log.error("stopping: %s. Nothing more is published or checkpointed by this "

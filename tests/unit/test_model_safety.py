@@ -371,14 +371,18 @@ class _BrokerAway:
         self.at = at
 
     def publish(self, records, before_commit):
-        from confluent_kafka import KafkaError, KafkaException
-
         if self.at == "commit":
             before_commit()
-        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "broker away"))
+        raise self.error()
+
+    @staticmethod
+    def error():
+        from confluent_kafka import KafkaError, KafkaException
+
+        return KafkaException(KafkaError(KafkaError._TRANSPORT, "broker away"))
 
 
-@pytest.mark.parametrize("at", ["flush", "commit"])
+@pytest.mark.parametrize("at", ["live", "flush", "commit"])
 def test_a_publish_that_fails_leaves_the_learner_learning(tmp_path, caplog, at):
     from streamagent.core.gate import Holdout
 
@@ -388,6 +392,10 @@ def test_a_publish_that_fails_leaves_the_learner_learning(tmp_path, caplog, at):
     svc.s = shipped(learner_checkpoint=tmp_path / "ck.pt", gate=False)
     svc.offsets, svc.holdout = {0: 10}, Holdout(10, len(FEATURE_NAMES), CAT.n_actions)
     svc._live = lambda: L.initial_snapshot()
+    if at == "live":  # reading the live model fails first
+        def away():
+            raise _BrokerAway.error()
+        svc._live = away
     svc.models_out = _BrokerAway(at)
     svc.publish()  # does not raise: the loop goes on and tries at the next interval
     assert svc.m.registry.get_sample_value("streamagent_stream_processing_errors_total",

@@ -1,0 +1,180 @@
+"""A record the worker sent but could not deliver stops every later offset commit, and the
+worker (stream/faust_internals.py ``DeliveryGuard``, wired in stream/app.py). No broker: a
+throwaway Faust app, its consumer's commit reaching a stand-in for aiokafka's.
+
+The same on a real broker: tests/integration/test_broker_restart_kafka.py (the broker killed
+under a busy worker whose producer gives records up after 3 s)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from faust.types import TP
+
+from streamagent.params import shipped
+from streamagent.stream.faust_internals import DeliveryGuard, DirectTable
+
+TPS = {TP("user-events", 0): 10, TP("user-events", 1): 7}
+
+
+def worker(tmp_path):
+    from streamagent.stream.app import create_app
+
+    return create_app(shipped(table_store="memory://", metrics_port=0, data_dir=tmp_path))
+
+
+def errors(w, stage: str) -> float:
+    return w.metrics.errors.labels(stage)._value.get()
+
+
+class Commits:
+    """Stands in for the consumer thread's commit (aiokafka's), recording what reached it."""
+
+    def __init__(self):
+        self.made: list[dict] = []
+
+    async def commit(self, offsets) -> bool:
+        self.made.append(dict(offsets))
+        return True
+
+
+def failed_future(exc: BaseException) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
+
+
+def test_a_lost_delivery_stops_every_later_commit_and_crashes_the_app(tmp_path):
+    w = worker(tmp_path)
+    app = w.app
+    crashed: list = []
+
+    async def crash(reason):
+        crashed.append(reason)
+
+    async def main():
+        app.crash = crash
+        consumer, commits = app.consumer, Commits()
+        consumer._thread.commit = commits.commit
+        assert await consumer._commit(TPS) is True  # nothing failed: committed
+        ok = asyncio.get_running_loop().create_future()
+        ok.set_result(None)
+        app.streamagent_delivery_guard.watch(ok)
+        assert await consumer._commit(TPS) is True
+        lost = RuntimeError("KafkaTimeoutError: batch expired")
+        app.streamagent_delivery_guard.watch(failed_future(lost))
+        # Faust flushed the producer (every send ended) and now commits: refused, now and later
+        assert await consumer._commit(TPS) is False
+        assert await consumer._commit({TP("user-events", 0): 99}) is False
+        await asyncio.sleep(0)
+        return commits.made
+
+    made = asyncio.run(main())
+    assert made == [TPS, TPS]
+    assert crashed == [app.streamagent_delivery_guard.failure]
+    assert app.streamagent_delivery_guard.refused == 2
+
+
+def test_the_worker_send_guards_outputs_and_not_dead_letters(tmp_path):
+    w = worker(tmp_path)
+    app, guard = w.app, w.app.streamagent_delivery_guard
+    s = w.settings
+    handed: list = []
+
+    class Producer:  # the Faust producer's send: hands over, returns the delivery future
+        def __init__(self):
+            self.fail_hand_over: BaseException | None = None
+
+        async def send(self, topic, key, value, partition, timestamp, headers):
+            if self.fail_hand_over is not None:
+                raise self.fail_hand_over
+            fut = asyncio.get_running_loop().create_future()
+            handed.append((topic, fut))
+            return fut
+
+    async def main():
+        app.crash = lambda reason: asyncio.sleep(0)
+        producer = Producer()
+        app.producer = producer
+        send = app.streamagent_send
+        # a dead letter not delivered: counted (stage dlq), the stream goes on
+        await send(s.dlq(s.topic_user_events), b"k", b"{}")
+        handed[-1][1].set_exception(RuntimeError("dlq down"))
+        await asyncio.sleep(0)
+        assert guard.failure is None and errors(w, "dlq") == 1
+        # a dead letter the producer refuses: the handler counts it and goes on
+        producer.fail_hand_over = RuntimeError("buffer full")
+        with pytest.raises(RuntimeError):
+            await send(s.dlq(s.topic_user_events), b"k", b"{}")
+        assert guard.failure is None
+        # an output the producer refuses: the guard fails (the handler counts it)
+        with pytest.raises(RuntimeError):
+            await send(s.topic_decision_log, b"k", b"{}")
+        assert guard.failure is producer.fail_hand_over
+        # an output not delivered: counted once (stage send)
+        producer.fail_hand_over = None
+        await send(s.topic_coupon_actions, b"k", b"{}")
+        handed[-1][1].set_exception(RuntimeError("expired"))
+        await asyncio.sleep(0)
+        assert errors(w, "send") == 1
+
+    asyncio.run(main())
+
+
+class Table:
+    """What DirectTable reads of a Faust table."""
+
+    key_type, key_serializer = bytes, "raw"
+
+    def __init__(self):
+        self.data: dict = {}
+
+        class Topic:
+            @staticmethod
+            def get_topic_name():
+                return "app-user-state-changelog"
+
+        self.changelog_topic = Topic()
+
+
+def test_a_changelog_record_refused_or_lost_is_reported(tmp_path):
+    class App:
+        class producer:
+            fail: BaseException | None = None
+            futures: list = []
+
+            @classmethod
+            async def send(cls, topic, key, value, partition, timestamp, headers):
+                if cls.fail is not None:
+                    raise cls.fail
+                fut = asyncio.get_running_loop().create_future()
+                cls.futures.append(fut)
+                return fut
+
+    reported: list = []
+    t = DirectTable(Table(), App, reported.append)
+
+    async def main():
+        t.pending = [(b"u1", b"state", 0), (b"u2", b"state", 1)]
+        await t.flush()
+        App.producer.futures[0].set_exception(RuntimeError("lost"))
+        App.producer.futures[1].set_result(None)
+        await asyncio.sleep(0)
+        assert [str(e) for e in reported] == ["lost"]
+        App.producer.fail = RuntimeError("MessageSizeTooLargeError")
+        t.pending = [(b"u3", b"x" * 10, 0)]
+        with pytest.raises(RuntimeError):
+            await t.flush()
+        assert [str(e) for e in reported] == ["lost", "MessageSizeTooLargeError"]
+        assert t.pending == []
+
+    asyncio.run(main())
+
+
+def test_a_guard_without_an_app_still_refuses_commits():
+    g = DeliveryGuard()
+    assert g.allows_commit(TPS)
+    g.fail(RuntimeError("x"))
+    g.fail(RuntimeError("y"))  # the first failure is the one kept
+    assert str(g.failure) == "x"
+    assert not g.allows_commit(TPS) and g.refused == 1
