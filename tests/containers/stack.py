@@ -367,6 +367,7 @@ class Stack:
         status, _, body = out.stdout.decode().partition("\n")
         return int(status), body
 
-    def logs(self, tail: int = 60) -> str:
-        out = self("logs", "--no-color", "--tail", str(tail), check=False, timeout=120)
+    def logs(self, tail: int = 60, *services: str) -> str:
+        out = self("logs", "--no-color", "--tail", str(tail), *services, check=False,
+                   timeout=120)
         return (out.stdout + out.stderr).decode(errors="replace")

@@ -260,7 +260,20 @@ def test_compose_stack_end_to_end():
 
         def shop_running() -> None:
             shop = stack.containers("shop")
-            assert shop and shop[0]["State"] == "running", f"the demo shop stopped: {shop}"
+            if shop and shop[0]["State"] == "running":
+                return
+            # CI shows only the end of the output: the evidence goes into the message, the
+            # shop's own last words last
+            ready = []
+            for i in range(1, DECIDERS + 1):
+                status, body = stack.http_get("decider", i, "http://127.0.0.1:9400/readyz")
+                ready.append(f"decider #{i} /readyz {status}: {body.strip()[:600]}")
+            raise AssertionError(
+                f"the demo shop stopped: {[(c.get('State'), c.get('ExitCode')) for c in shop]}"
+                f"\n--- deciders' /readyz\n" + "\n".join(ready)
+                + "\n--- deciders' and learner's last log lines\n"
+                + stack.logs(12, "decider", "learner")[-6000:]
+                + "\n--- the shop's last log lines\n" + stack.logs(15, "shop")[-3000:])
 
         def decisions():
             shop_running()

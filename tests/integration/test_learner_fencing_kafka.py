@@ -101,8 +101,10 @@ def test_frozen_learner_comes_back_fenced_after_the_standby_took_over(kafka, tmp
         while b"learner: model v" not in (tmp_path / "b.log").read_bytes():
             assert time.monotonic() < deadline and b_proc.poll() is None, b.tail()
             time.sleep(0.5)
-        produce(kafka, topic, transitions(300, 300, n_actions, rng))
+        # read what is there before B has anything new to learn: B may publish within a
+        # second or two of the new transitions, faster than a read of the topic takes
         before = keys(kafka, cands)
+        produce(kafka, topic, transitions(300, 300, n_actions, rng))
         deadline = time.monotonic() + 120
         while len(keys(kafka, cands)) <= len(before):
             assert time.monotonic() < deadline, b.tail()
