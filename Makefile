@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-containers bench bench-learning kafka-start kafka-stop docs clean prometheus
+.PHONY: setup demo test test-fast test-containers bench bench-learning soak kafka-start kafka-stop docs clean prometheus
 
 setup: $(STAMP)
 
@@ -52,6 +52,14 @@ bench: setup
 
 bench-learning: setup
 	$(BIN)/streamagent bench learning
+
+# 2,000,000 events through a worker and the learner on a broker of its own, the users churning
+# in event time under a 3-day TTL: RSS, RocksDB size and the users gauge every 10 s (about
+# 30 min on 2 cores). Writes bench-results/soak.{json,csv} and docs/img/soak.png. SOAK_ARGS
+# passes options (streamagent bench soak --help), e.g. SOAK_ARGS="--events 200000".
+SOAK_ARGS ?=
+soak: setup
+	$(BIN)/streamagent bench soak $(SOAK_ARGS)
 
 docs: setup
 	$(BIN)/streamagent config --markdown > docs/CONFIGURATION.md

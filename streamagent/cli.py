@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "policies on the simulated shop vs the MDP optimum")
     _module_command(bsub, "pacing", "streamagent.bench.pacing",
                     "budget pacing (shadow price) vs the hard budget mask on the simulated shop")
+    _module_command(bsub, "soak", "streamagent.bench.soak",
+                    "millions of events with churning users through a worker and the learner: "
+                    "memory and state size over time")
     _module_command(bsub, "offline", "streamagent.bench.offline",
                     "off-policy estimators on the Open Bandit Dataset vs the measured value "
                     "(and vs obp's estimators)")

@@ -31,6 +31,18 @@ from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acti
 
 log = logging.getLogger("streamagent.decide")
 
+# RocksDB memory of each table's database per partition (a worker holding 4 partitions has 12).
+# Faust's defaults are 64 MiB write buffers (up to 3 per database) and a 2 GiB block cache per
+# database: in the soak (docs/RELIABILITY.md, "Soak") the worker's RSS grew past 2 GB on tables
+# of a few tens of MB. These bound it to about 12 x (3 x 16 + 32) MiB at most.
+ROCKSDB_OPTIONS = {"write_buffer_size": 16 << 20, "max_write_buffer_number": 3,
+                   "block_cache_size": 32 << 20}
+
+
+def table_options(store: str) -> dict | None:
+    """Store options of a table (a fresh dict each: Faust's store pops keys from it)."""
+    return dict(ROCKSDB_OPTIONS) if store.startswith("rocksdb") else None
+
 
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
@@ -131,12 +143,12 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
     users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
-                      value_type=bytes)
+                      value_type=bytes, options=table_options(s.table_store))
     budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
-                        value_type=bytes)
+                        value_type=bytes, options=table_options(s.table_store))
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
-                           value_type=bytes)
+                           value_type=bytes, options=table_options(s.table_store))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
     guard = app.streamagent_delivery_guard = DeliveryGuard(app)

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections import defaultdict
-from pathlib import Path
 
 import orjson
 import pytest

@@ -1,0 +1,40 @@
+"""`streamagent bench soak` in small: a churning population through a real worker and learner.
+
+The full soak (`make soak`, 2,000,000 events, docs/RELIABILITY.md "Soak") is too long for
+`make test`; this runs the same command on the session broker with a user population that
+churns fast under a one-day TTL, so that the TTL has to expire users for the user-state
+level to stay where it should."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_soak_runs_and_the_ttl_keeps_user_state_level(kafka, tmp_path):
+    out = tmp_path / "soak.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "streamagent.cli", "bench", "soak", "--bootstrap", kafka,
+         "--events", "30000", "--rate", "0", "--active-users", "400", "--lifetime-days", "1",
+         "--days", "12", "--ttl-days", "1", "--sample-seconds", "3", "--png", "",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=560)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["events_produced"] == 30000
+    # every event processed (or dead-lettered: none should be), nothing failed
+    assert s["events_processed"] == 30000, s
+    assert s["dead_letters"] == 0 and s["errors"] == 0, s
+    assert s["decisions"] > 0 and s["samples"] >= 3, s
+    # about 400 * (1 + 12 / 1) users seen; the TTL keeps about 400 * (1 + 1 / 1)
+    assert s["users_seen"] > 4000, s
+    assert s["expired_user_state"] > 1000, s
+    assert s["users_gauge"]["end"] < 0.5 * s["users_seen"], s
+    assert out.with_suffix(".csv").exists()
+    print(f"\nsoak: {s['events_processed']:,} events in {s['wall_s']:.0f} s, users "
+          f"{s['users_gauge']['end']:,} of {s['users_seen']:,} seen, "
+          f"{s['expired_user_state']:,} expired")
