@@ -7,6 +7,7 @@ transition is gamma ** (dt / gamma_unit), dt being the event time to the user's 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from torch import nn
 
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
-from streamagent.core.qnet import ModelSnapshot, init_network
+from streamagent.core.qnet import ModelSnapshot, as_network, init_network
 from streamagent.errors import InvalidMessage
 
+log = logging.getLogger("streamagent.learner")
 
 # proportional prioritised replay (Schaul et al. 2016), their published values
 PER_ALPHA = 0.6
@@ -66,6 +68,9 @@ class LearnerParams:
     # bootstrap sample of the transitions (each transition is in a head's sample with
     # probability BOOTSTRAP_P). 1 = one plain Q-network.
     heads: int
+    # Dueling heads (qnet.QNetwork): a state value learned from every transition, the actions'
+    # advantages on top. Published snapshots are plain networks either way.
+    dueling: bool = False
 
 
 class Replay:
@@ -144,8 +149,10 @@ class QLearner:
         if initial is not None:
             self._check_initial(initial)
         k = params.heads
-        self.online = initial.network() if initial else init_network(nf, na, hidden, params.seed, k)
-        self.target = init_network(nf, na, hidden, params.seed, k)
+        duel = params.dueling
+        self.online = (as_network(initial.state_dict, nf, na, tuple(initial.hidden), k, duel)
+                       if initial else init_network(nf, na, hidden, params.seed, k, duel))
+        self.target = init_network(nf, na, hidden, params.seed, k, duel)
         self.target.load_state_dict(self.online.state_dict())
         self.opt = torch.optim.Adam(self.online.parameters(), lr=params.lr)
         self.replay = Replay(params.buffer_size, nf, na, params.prioritized, PER_ALPHA, self.rng,
@@ -405,9 +412,19 @@ class QLearner:
             if not all(0 <= n <= MAX_SAFE_INT for n in counts):
                 raise CorruptCheckpoint(f"{what} holds absurd counts (version, steps, seen) "
                                         f"{counts}; {todo}")
-            self.online.load_state_dict(doc["online"])
-            self.target.load_state_dict(doc["target"])
-            self.opt.load_state_dict(doc["opt"])
+            kind = ("value.weight" in doc["online"], "value.weight" in doc["target"])
+            if kind == (self.p.dueling, self.p.dueling):
+                self.online.load_state_dict(doc["online"])
+                self.target.load_state_dict(doc["target"])
+                self.opt.load_state_dict(doc["opt"])
+            else:  # DUELING changed since: the same functions in the other form, a fresh Adam
+                nf, na, k = len(self.feature_names), len(self.actions), self.p.heads
+                for name, net in (("online", self.online), ("target", self.target)):
+                    net.load_state_dict(as_network(doc[name], nf, na, self.hidden, k,
+                                                   self.p.dueling).state_dict())
+                log.info("checkpoint %s: converted to %s heads (STREAMAGENT_DUELING changed); "
+                         "the optimiser starts afresh", path,
+                         "dueling" if self.p.dueling else "plain")
             self.replay.load(doc["replay"])
             self.version, self.train_steps, self.seen = counts
             self._load_pending(doc.get("pending") or {})

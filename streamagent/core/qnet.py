@@ -25,7 +25,7 @@ class QNetwork(nn.Module):
     """
 
     def __init__(self, n_features: int, n_actions: int, hidden: tuple[int, ...] = (64, 64),
-                 heads: int = 1):
+                 heads: int = 1, dueling: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         width = n_features
@@ -35,24 +35,90 @@ class QNetwork(nn.Module):
         layers.append(nn.Linear(width, heads * n_actions))
         self.net = nn.Sequential(*layers)
         self.n_features, self.n_actions, self.hidden = n_features, n_actions, tuple(hidden)
-        self.heads = heads
+        self.heads, self.dueling = heads, dueling
+        # Dueling (Wang et al. 2016): per head a state value V(s) next to the advantages,
+        # Q(s, a) = V(s) + A(s, a) - mean_b A(s, b). A coupon is chosen in a few percent of the
+        # decisions; in the plain layer its Q row learns the state's value from those few
+        # alone, while V learns from every transition and the coupon rows only carry the
+        # difference. The output is still linear in the torso's features, so it folds into a
+        # plain layer (``plain()``): the deciders never see the difference.
+        self.value = nn.Linear(width, heads) if dueling else None
 
     def forward_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(..., heads, actions)."""
-        out = self.net(x)
-        return out.reshape(*out.shape[:-1], self.heads, self.n_actions)
+        if self.value is None:
+            out = self.net(x)
+            return out.reshape(*out.shape[:-1], self.heads, self.n_actions)
+        h = self.net[:-1](x)
+        adv = self.net[-1](h)
+        adv = adv.reshape(*adv.shape[:-1], self.heads, self.n_actions)
+        return self.value(h)[..., None] + adv - adv.mean(-1, keepdim=True)
+
+    def plain(self) -> "QNetwork":
+        """The same function as a plain network (itself when not dueling)."""
+        if self.value is None:
+            return self
+        out = QNetwork(self.n_features, self.n_actions, self.hidden, self.heads)
+        out.load_state_dict(fold_dueling(self.state_dict(), self.heads, self.n_actions))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ensemble's mean Q values, (..., actions)."""
         return self.forward_heads(x).mean(-2)
 
 
+def _out_key(sd: dict) -> str:
+    """The state-dict prefix of the output layer (net.<last index>)."""
+    return max((k for k in sd if k.startswith("net.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))[:-len(".weight")]
+
+
+def fold_dueling(sd: dict, heads: int, n_actions: int) -> dict:
+    """A dueling network's state dict as the plain network computing the same Q:
+    Q_j = (w_V + W_A[j] - mean_k W_A[k]) . h + (b_V + b_A[j] - mean_k b_A[k]), per head."""
+    out_key = _out_key(sd)
+    out = {k: v.detach().clone() for k, v in sd.items() if not k.startswith("value.")}
+    wa = sd[out_key + ".weight"].reshape(heads, n_actions, -1)
+    ba = sd[out_key + ".bias"].reshape(heads, n_actions)
+    wv, bv = sd["value.weight"], sd["value.bias"]  # (heads, width), (heads,)
+    out[out_key + ".weight"] = (wv[:, None, :] + wa - wa.mean(1, keepdim=True)).reshape(
+        heads * n_actions, -1).clone()
+    out[out_key + ".bias"] = (bv[:, None] + ba - ba.mean(1, keepdim=True)).reshape(-1).clone()
+    return out
+
+
+def unfold_dueling(sd: dict, heads: int, n_actions: int) -> dict:
+    """A plain network's state dict as a dueling one computing the same Q (V = the mean of
+    the actions' rows, A = each row minus it)."""
+    out_key = _out_key(sd)
+    out = {k: v.detach().clone() for k, v in sd.items()}
+    w = sd[out_key + ".weight"].reshape(heads, n_actions, -1)
+    b = sd[out_key + ".bias"].reshape(heads, n_actions)
+    out["value.weight"], out["value.bias"] = w.mean(1).clone(), b.mean(1).clone()
+    out[out_key + ".weight"] = (w - w.mean(1, keepdim=True)).reshape(heads * n_actions, -1).clone()
+    out[out_key + ".bias"] = (b - b.mean(1, keepdim=True)).reshape(-1).clone()
+    return out
+
+
+def as_network(sd: dict, n_features: int, n_actions: int, hidden: tuple[int, ...],
+               heads: int, dueling: bool) -> QNetwork:
+    """A network of the wanted kind from a plain or a dueling state dict (converted exactly)."""
+    has_value = "value.weight" in sd
+    if has_value and not dueling:
+        sd = fold_dueling(sd, heads, n_actions)
+    elif dueling and not has_value:
+        sd = unfold_dueling(sd, heads, n_actions)
+    net = QNetwork(n_features, n_actions, hidden, heads, dueling)
+    net.load_state_dict(sd)
+    return net
+
+
 def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int,
-                 heads: int = 1) -> QNetwork:
+                 heads: int = 1, dueling: bool = False) -> QNetwork:
     # Its own generator, so every worker that starts without a model file builds the very
     # same network from the same seed (and nothing else's random state is touched).
     gen = torch.Generator().manual_seed(seed)
-    net = QNetwork(n_features, n_actions, hidden, heads)
+    net = QNetwork(n_features, n_actions, hidden, heads, dueling)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.Linear):
@@ -64,6 +130,9 @@ def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed:
         # random network happens to prefer. The hidden layers stay random, so the first
         # gradient steps still have features to work with.
         net.net[-1].weight.zero_()
+        if net.value is not None:  # (drawn after the rest: the torso equals the plain one's)
+            net.value.weight.zero_()
+            net.value.bias.zero_()
     return net
 
 
@@ -123,6 +192,7 @@ class ModelSnapshot:
     @classmethod
     def from_network(cls, net: QNetwork, version: int, train_steps: int,
                      actions: tuple[str, ...], feature_names: tuple[str, ...]) -> "ModelSnapshot":
+        net = net.plain()  # deciders run plain networks (a dueling one folds exactly)
         return cls(version, train_steps, net.hidden, actions, feature_names,
                    {k: v.detach().clone() for k, v in net.state_dict().items()}, heads=net.heads)
 

@@ -6,6 +6,7 @@ import pytest
 
 from streamagent.core.contracts import Transition
 from streamagent.core.learner import QLearner
+from streamagent.core.qnet import NumpyQ
 from streamagent.params import learner_params, shipped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
@@ -33,9 +34,9 @@ def t(s, a, r, s2=None, dt=None, done=True, allowed=None, user=""):
 A, B = [1.0, 1.0, 0.0], [1.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("prioritized", [False, True])
-def test_learns_a_different_best_action_per_context(prioritized):
-    L = learner(gamma=0.0, prioritized=prioritized)
+@pytest.mark.parametrize("prioritized,dueling", [(False, False), (True, False), (False, True)])
+def test_learns_a_different_best_action_per_context(prioritized, dueling):
+    L = learner(gamma=0.0, prioritized=prioritized, dueling=dueling)
     rng = np.random.default_rng(0)
     # context A: action 1 pays 1; context B: action 2 pays 1; everything else pays 0
     for _ in range(3000):
@@ -44,6 +45,8 @@ def test_learns_a_different_best_action_per_context(prioritized):
         r = 1.0 if (ctx is A and a == 1) or (ctx is B and a == 2) else 0.0
         L.learn_one(t(ctx, a, r + rng.normal(0, 0.1)))
     assert int(np.argmax(L.q_values(A))) == 1 and int(np.argmax(L.q_values(B))) == 2
+    q = NumpyQ(L.snapshot())  # what it publishes (a plain network) decides the same
+    assert int(np.argmax(q(np.asarray(A)))) == 1 and int(np.argmax(q(np.asarray(B)))) == 2
 
 
 def test_bootstraps_through_time_with_gamma_per_day():
