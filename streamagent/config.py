@@ -6,12 +6,13 @@ named by STREAMAGENT_ENV_FILE, is read too; real environment variables win.
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 import json
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     hidden_sizes: Annotated[tuple[int, ...], NoDecode] = Field((64, 64), description="Hidden layer widths of the Q-network (ReLU).")
     exploration: Literal["epsilon", "softmax", "greedy", "thompson"] = Field("epsilon", description="Exploration strategy of the behaviour policy: epsilon (a uniformly random allowed action with probability epsilon), softmax, greedy, or thompson (needs Q_HEADS > 1: with probability epsilon a user explores for a whole EXPLORE_PERIOD_DAYS by following one randomly drawn Q-head; deep exploration, Osband et al. 2016).")
     q_heads: int = Field(1, ge=1, le=32, description="Q-heads on the network's shared torso, each trained on its own bootstrap sample of the transitions (bootstrapped DQN). Their spread is the model's uncertainty: see CONFIDENCE_Z and thompson exploration. 1 = one plain Q-network.")
+    dueling: bool = Field(False, description="Dueling Q-heads (Wang et al. 2016): the learner trains a state value next to the actions' advantages, so the rarely chosen coupons' Q-values share what every transition teaches about the state. Published models are plain networks (the dueling form folds exactly): deciders are unaffected. Changing it converts the learner's checkpoint.")
     confidence_z: float = Field(1.0, ge=0, description="With Q_HEADS > 1, a coupon is the greedy action only if its advantage over 'no coupon', averaged over the heads, exceeds this many standard deviations of that advantage across the heads. 0 = the plain argmax of the mean.")
     greedy_margin: float = Field(0.02, ge=0, lt=1, description="A coupon is the greedy action only if its Q-value beats 'no coupon' by more than this fraction of |Q(no coupon)|. Action gaps that matter are a few percent of Q and the argmax over noisy estimates of several coupons favours a coupon; the margin bounds what being cautious can cost (at most this fraction per decision). 0.02 measured best over five seeds (docs/BENCHMARKS.md); 0 = the plain argmax. The gate judges candidates with the same rule.")
     explore_period_days: float = Field(7.0, gt=0, description="Thompson exploration: how long (event time) an exploring user follows the head drawn for them.")
@@ -86,6 +88,8 @@ class Settings(BaseSettings):
     pacing_bins: int = Field(24, ge=0, le=1440, description="Pacing: the target curve follows the partition's traffic, counted in this many slices of the budget period (24: hours of a day) and averaged over periods; until a first period has ended, and with 0, the target is a straight line over the period (docs/DECISIONS.md, pacing).")
     pacing_memory: float = Field(0.5, gt=0, le=1, description="Pacing: weight of the newest period in the traffic profile's average (1: the last period's shape only).")
     pacing_line_weight: float = Field(0.1, ge=0, le=1, description="Pacing: the straight line's share of the target curve, so that a slice with no traffic before still gets some budget (1: the line only).")
+    pacing_first_gain: float = Field(3.0, ge=1, description="Pacing: KP and KI are multiplied by this in a partition's first period (until it has a traffic profile of its own; with PACING_BINS=0 there is no such period and it has no effect). The integral starts at 0 there, and with the normal gains the spend ran 10-11% of the share ahead of the target in the first hours before the price caught up; later periods start from the price carried over. 3 measured best (docs/BENCHMARKS.md, pacing); 1 = the same gains throughout.")
+    pacing_prior_profile: Annotated[tuple[float, ...], NoDecode] = Field((), description="Pacing: the traffic profile to assume until a partition has learnt its own (its first period): non-negative weights per slice of the budget period, comma-separated (or a JSON list), e.g. the share of a day's sessions per hour from the shop's analytics. Normalised, and resampled to PACING_BINS slices if there are more or fewer. It is the target's profile until the partition's first period ends, and the start of the average that period's shape is folded into. Empty (the default): the straight line until then. Needs PACING_BINS > 0.")
     dedupe_events_per_user: int = Field(32, ge=0, le=1024, description="Ids of each user's most recent applied events kept in their state: an event whose id is among them is not applied again, whatever its offset (a crash replay, or a duplicate re-sent at a new offset), and its decision is re-sent. A crash replay stays exact for a user with at most this many events since the last commit. 0 = off: only the last applied offset is checked (a recreated topic then looks like a replay), and user state is written in the layout releases before this setting read, for a rolling upgrade from them. See docs/RELIABILITY.md.")
     user_state_ttl_days: float = Field(180.0, ge=0, description="A user's state (decide) and join record (rewards) expire after this much event time without activity: once the partition's event time (its robust clock) is more than this past the user's last event, the user counts as new, and a sweep deletes the entry (a tombstone in the table's changelog). Event time only, so a replay expires the same users. 0 = never. A join record with decisions or orders still pending never expires. See docs/RELIABILITY.md, erasure and expiry.")
     state_sweep_keys: int = Field(64, ge=0, description="Keys of a partition's user-state and join-state the expiry sweep looks at per batch that touches the partition (a cursor goes round the partition's keys). Bounds what the sweep adds to a batch; 0 = no sweep (expired users are still treated as new, but their entries stay until an erasure or their next event).")
@@ -161,6 +165,32 @@ class Settings(BaseSettings):
                 return tuple(json.loads(v))
             return tuple(x.strip() for x in v.split(",") if x.strip())
         return v
+
+    @field_validator("pacing_prior_profile", mode="before")
+    @classmethod
+    def _weights(cls, v):
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                v = json.loads(text)
+            else:
+                try:
+                    v = [float(x) for x in text.split(",") if x.strip()]
+                except ValueError:
+                    raise ValueError(f"expected comma-separated numbers, not {v!r}") from None
+        if isinstance(v, (list, tuple)) and v:
+            w = [float(x) for x in v]
+            if any(not math.isfinite(x) or x < 0 for x in w) or not sum(w) > 0:
+                raise ValueError("weights must be finite and non-negative, and not all 0")
+            return tuple(w)
+        return v
+
+    @model_validator(mode="after")
+    def _prior_needs_bins(self):
+        if self.pacing_prior_profile and not self.pacing_bins:
+            raise ValueError("PACING_PRIOR_PROFILE needs PACING_BINS > 0 (0: the straight line "
+                             "always)")
+        return self
 
     @field_validator("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
                      "kafka_sasl_password_file", "kafka_ssl_ca_location",

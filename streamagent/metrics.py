@@ -101,8 +101,10 @@ class Metrics:
                                   "Coupon budget the partition spent in its current period "
                                   "(currency units).", ["partition"], registry=r)
         self.pacing_target = Gauge("streamagent_decision_budget_partition_target",
-                                   "What budget pacing's straight line says the partition "
-                                   "should have spent by its event time (currency units).",
+                                   "What budget pacing's target curve (the partition's "
+                                   "traffic profile, or the prior or the straight line "
+                                   "before it has one) says it should have spent by its "
+                                   "event time (currency units).",
                                    ["partition"], registry=r)
         self.model_age = Gauge("streamagent_decision_model_age_seconds",
                                "Wall-clock seconds since the model in use was published.",

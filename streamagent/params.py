@@ -13,7 +13,7 @@ from streamagent.core.eventtime import TimeBounds
 from streamagent.core.gate import GateParams
 from streamagent.core.join import JoinParams
 from streamagent.core.learner import LearnerParams
-from streamagent.core.pacing import PacingParams
+from streamagent.core.pacing import PacingParams, prior_profile
 from streamagent.core.state import StateParams
 from streamagent.units import DAY_MS, HOUR_MS, MINUTE_MS
 
@@ -62,7 +62,8 @@ def pacing_params(s: Settings) -> PacingParams | None:
         return None
     return PacingParams(kp=s.pacing_kp, ki=s.pacing_ki, max_price=s.pacing_max_price,
                         bins=s.pacing_bins, memory=s.pacing_memory,
-                        line_weight=s.pacing_line_weight)
+                        line_weight=s.pacing_line_weight, first_gain=s.pacing_first_gain,
+                        prior=prior_profile(s.pacing_prior_profile, s.pacing_bins))
 
 
 def join_params(s: Settings) -> JoinParams:
@@ -83,7 +84,7 @@ def learner_params(s: Settings) -> LearnerParams:
                          huber_delta=s.huber_delta, grad_clip=s.grad_clip,
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
-                         seed=s.seed, heads=s.q_heads)
+                         seed=s.seed, heads=s.q_heads, dueling=s.dueling)
 
 
 def gate_params_from(s: Settings) -> GateParams:

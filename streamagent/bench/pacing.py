@@ -11,9 +11,11 @@ Runs per scenario and traffic shape: ``unlimited`` (no budget: what the policy w
 of the unlimited spend, pacing off: the hard mask only) and ``paced`` (the same budget,
 pacing on). Reported: profit per user per day, incremental profit (over ``never``) per unit of
 budget spent, how far the spend strays from the pacing's target curve over the hours of each
-period (the curve the paced run's controller followed that period: the straight line on the
-first day, the learned traffic shape after), and the share of users reached. Profit is the expected profit of (true state,
-action), as in ``bench learning``.
+period (the curve the paced run's controller followed that period: on the first day the prior
+profile, i.e. the shop's known traffic shape with ``--prior-profile known``, or the straight
+line with ``none``; the learned traffic shape after), whether every period of a run stays
+within ±10% of it, and the share of users reached. Profit is the expected profit of (true
+state, action), as in ``bench learning``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,13 @@ from streamagent.sim.shop import Shop, expected_profit, mdp, scenario
 from streamagent.units import DAY_MS, HOUR_MS
 
 TRAFFIC = {"daytime": (8.0, 20.0), "uniform": (0.0, 24.0)}
+
+
+def known_profile(traffic: str) -> tuple[float, ...]:
+    """The shop's traffic shape as its analytics would give it: sessions per hour of the day
+    (the simulator starts sessions uniformly within ``TRAFFIC[traffic]``)."""
+    lo, hi = TRAFFIC[traffic]
+    return tuple(max(0.0, min(h + 1.0, hi) - max(float(h), lo)) for h in range(24))
 
 
 class _OracleQ:
@@ -206,6 +215,12 @@ def add_arguments(p) -> None:
     p.add_argument("--fraction", type=float, default=0.5,
                    help="the budget, as a fraction of what the unlimited policy spends")
     p.add_argument("--gamma", type=float, default=0.995, help="discount of the optimum's Q*")
+    p.add_argument("--prior-profile", choices=("known", "none"), default="known",
+                   help="the paced run's PACING_PRIOR_PROFILE (its target until a first period "
+                        "has ended): known = the shop's traffic shape (sessions per hour), "
+                        "none = the straight line. Default known: a shop going live knows "
+                        "its traffic shape from its analytics, and the target is every "
+                        "period, the first included; none measures the cold start")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a setting of the paced run, e.g. --set pacing_kp=4")
     p.add_argument("--engine-cost", action="store_true",
@@ -244,10 +259,12 @@ def main(args) -> int:
     seeds = [int(x) for x in args.seeds.split(",") if x]
     report: dict = {"users": args.users, "days": args.days, "seeds": seeds,
                     "fraction": args.fraction, "gamma": args.gamma, "overrides": over,
-                    "runs": []}
+                    "prior_profile": args.prior_profile, "runs": []}
     curves_for_plot: dict = {}
     for sname in args.scenarios.split(","):
         for traffic in args.traffic.split(","):
+            prior = ({"pacing_prior_profile": known_profile(traffic)}
+                     if args.prior_profile == "known" else {})
             for seed in seeds:
                 un = run(sname, traffic, "unlimited", args.users, args.days, seed, 1e12,
                          args.gamma)
@@ -258,7 +275,7 @@ def main(args) -> int:
                         run(sname, traffic, "mask", args.users, args.days, seed, budget,
                             args.gamma),
                         run(sname, traffic, "paced", args.users, args.days, seed, budget,
-                            args.gamma, over)]
+                            args.gamma, {**prior, **over})]
                 base = float(np.mean(nv.daily_profit))
                 start = Shop(scenario(sname), load_catalog(), 1).start_ts
                 for r in runs:
@@ -278,7 +295,9 @@ def main(args) -> int:
                         tg = targets_of(r, args.days)
                         # against the paced run's own target (mask: the same, for comparison)
                         dev = deviation(c, targets_of(runs[3], args.days))
-                        row.update(max_deviation=float(dev.max()),
+                        row.update(every_period_within_10pct=bool(dev.max() <= 0.10),
+                                   max_deviation=float(dev.max()),
+                                   max_deviation_day1=float(dev[0]),
                                    max_deviation_after_day1=float(dev[1:].max()),
                                    periods_within_10pct=float((dev <= 0.10).mean()),
                                    periods_within_10pct_after_day1=float(
@@ -309,10 +328,12 @@ def _table(con, report: dict) -> None:
 
     table = Table(title=f"budget pacing: budget = {report['fraction']:.0%} of the unlimited "
                         f"spend ({report['users']} users x {report['days']} days, means over "
-                        f"seeds {report['seeds']})")
+                        f"seeds {report['seeds']}; prior profile: "
+                        f"{report.get('prior_profile', 'none')})")
     cols = ["scenario", "traffic", "policy", "profit/user/day", "budget used",
             "Δprofit per budget", "reached/day", "max |spend-target| (after day 1)",
-            "periods within ±10% (all / after day 1)"]
+            "periods within ±10% (all / after day 1)", "max |spend-target| day 1",
+            "runs with every period within ±10%"]
     for c in cols:
         table.add_column(c, justify="right" if c not in ("scenario", "traffic", "policy")
                          else "left")
@@ -334,7 +355,10 @@ def _table(con, report: dict) -> None:
                       f"{inc:.3f}" if inc is not None else "-",
                       f"{mean('reached_per_day'):.1%}",
                       f"{dev:.1%}" if dev is not None else "-",
-                      f"{within:.0%} / {within1:.0%}" if within is not None else "-")
+                      f"{within:.0%} / {within1:.0%}" if within is not None else "-",
+                      f"{mean('max_deviation_day1'):.1%}" if within is not None else "-",
+                      f"{sum(r['every_period_within_10pct'] for r in rs)}/{len(rs)}"
+                      if within is not None else "-")
     con.print(table)
 
 
@@ -360,6 +384,9 @@ def _plot(curves: dict, path: Path) -> None:
             c = curves[(sname, traffic, pol)][0][1:]
             ax.plot(hours, c.mean(0), color=color, label=f"{pol} (mean)")
             ax.fill_between(hours, c.min(0), c.max(0), color=color, alpha=0.2)
+        if paced is not None:
+            ax.plot(hours, paced[0][0], color="tab:blue", ls=":",
+                    label="paced, day 1 (the first period)")
         ax.set_title(f"{sname}, {traffic} traffic: spend over the period")
         ax.set_xlabel("hour of the 24 h budget period")
         ax.set_ylabel("spent / budget share (band: min-max over days 2+)")

@@ -9,7 +9,8 @@ import pytest
 
 from streamagent.core.contracts import BudgetShare, decode_decision, validator
 from streamagent.core.engine import DecisionEngine, initial_model
-from streamagent.core.pacing import PacingParams, pace, target_fraction
+from streamagent.core.pacing import (PacingParams, pace, prior_profile, target_fraction,
+                                     target_of)
 from streamagent.core.tables import BudgetShares
 from streamagent.params import pacing_params, shipped
 from streamagent.units import DAY_MS, HOUR_MS
@@ -73,7 +74,7 @@ def test_a_new_period_resets_the_spend_and_carries_the_price_level():
 
 
 def test_settings_turn_pacing_on_with_a_budget_only():
-    assert pacing_params(shipped()) == PacingParams(2.0, 4.0, 2.0)
+    assert pacing_params(shipped()) == PacingParams(2.0, 4.0, 2.0, first_gain=3.0)
     assert pacing_params(shipped(budget_per_period=0)) is None
     assert pacing_params(shipped(budget_per_period=float("inf"))) is None
     assert pacing_params(shipped(pacing=False)) is None
@@ -316,3 +317,111 @@ def test_the_line_only_with_no_bins_and_the_profile_survives_the_table():
     old = BudgetShares(table).get(3)
     assert (old.period, old.spent, old.shadow_price, old.profile, old.counts) == (
         492, 12.5, 0.25, (), ())
+
+
+# ------------------------------------------------------------------ the first period
+DAYTIME = tuple([0.0] * 8 + [1.0] * 12 + [0.0] * 4)  # sessions per hour: 8:00-20:00
+
+
+def test_the_prior_profile_setting_parses_normalises_and_resamples(monkeypatch):
+    from pydantic import ValidationError
+
+    from streamagent.config import Settings
+
+    assert shipped().pacing_prior_profile == () and pacing_params(shipped()).prior == ()
+    monkeypatch.setenv("STREAMAGENT_PACING_PRIOR_PROFILE", " 0, 1 ,3 ")
+    s = Settings(_env_file=None)
+    assert s.pacing_prior_profile == (0.0, 1.0, 3.0)
+    # three 8-hour slices onto the 24 hours: each spread evenly over its hours, summing to 1
+    prior = pacing_params(s).prior
+    assert len(prior) == 24 and sum(prior) == pytest.approx(1.0)
+    assert prior[:8] == pytest.approx([0.0] * 8)
+    assert prior[8:16] == pytest.approx([1 / 32] * 8) and prior[16:] == pytest.approx([3 / 32] * 8)
+    monkeypatch.setenv("STREAMAGENT_PACING_PRIOR_PROFILE", "[2, 2]")
+    assert Settings(_env_file=None).pacing_prior_profile == (2.0, 2.0)
+    # the same length as the bins: only normalised; fewer bins: slices summed
+    assert pacing_params(shipped(pacing_prior_profile=DAYTIME)).prior == pytest.approx(
+        [w / 12 for w in DAYTIME])
+    assert prior_profile(DAYTIME, 12) == pytest.approx([0.0] * 4 + [1 / 6] * 6 + [0.0] * 2)
+    assert prior_profile((1.0, 0.0), 4) == pytest.approx([0.5, 0.5, 0.0, 0.0])
+    for bad in ("1,-1,2", "0,0,0", "1,two", "1,nan"):
+        monkeypatch.setenv("STREAMAGENT_PACING_PRIOR_PROFILE", bad)
+        with pytest.raises(ValidationError, match="pacing_prior_profile"):
+            Settings(_env_file=None)
+    monkeypatch.setenv("STREAMAGENT_PACING_PRIOR_PROFILE", "1,2")
+    with pytest.raises(ValidationError, match="PACING_BINS > 0"):
+        Settings(_env_file=None, pacing_bins=0)
+    with pytest.raises(ValueError):
+        prior_profile((1.0, -0.5), 24)
+
+
+def test_the_prior_is_the_target_until_the_first_period_ends_then_seeds_the_profile():
+    p = replace(P, prior=prior_profile(DAYTIME, 24))
+    w = p.line_weight
+    fresh = BudgetShare()
+    # before any traffic, and through the first period: the prior, not the line
+    assert target_of(fresh, at(8.0), DAY_MS, p) == pytest.approx(w * 8 / 24)
+    assert target_of(fresh, at(14.0), DAY_MS, p) == pytest.approx((1 - w) * 0.5 + w * 14 / 24)
+    assert target_of(fresh, at(14.0), DAY_MS, P) == pytest.approx(14 / 24)  # no prior: line
+    # a quiet first morning with nothing spent is not behind the prior's target: with the
+    # line it would be a third behind, the price pulled to 0
+    b = pace(replace(fresh, integral=0.3), at(7.0), DAY_MS, SHARE, p)
+    line = pace(replace(fresh, integral=0.3), at(7.0), DAY_MS, SHARE, P)
+    assert b.profile == () and b.shadow_price > 0.15 and line.shadow_price == 0.0
+    # the first period's traffic runs 12:00-16:00; its shape is averaged into the prior
+    b = _day_of_traffic(BudgetShare(), 0, (12.0, 16.0), p)
+    assert b.profile == () and target_of(b, at(14.0), DAY_MS, p) == pytest.approx(
+        (1 - w) * 0.5 + w * 14 / 24)
+    b = pace(b, at(24 + 1.0), DAY_MS, SHARE, p)
+    m = p.memory
+    assert len(b.profile) == 24 and sum(b.profile) == pytest.approx(1.0)
+    assert b.profile[9] == pytest.approx((1 - m) / 12)  # the prior's part only
+    assert b.profile[13] == pytest.approx((1 - m) / 12 + m / 4)
+    assert b.profile[1] == 0.0 and b.profile[20] == 0.0
+    # from now on the partition's own profile is the target, whatever the prior says
+    other = replace(p, prior=prior_profile((1.0,) * 24, 24))
+    assert target_of(b, at(24 + 14.0), DAY_MS, other) == target_of(b, at(24 + 14.0), DAY_MS, p)
+    assert pace(b, at(24 + 5.0), DAY_MS, SHARE, other) == pace(b, at(24 + 5.0), DAY_MS, SHARE, p)
+    # without a prior the first fold is that period's shape alone
+    plain = pace(_day_of_traffic(BudgetShare(), 0, (12.0, 16.0)), at(25.0), DAY_MS, SHARE, P)
+    assert plain.profile[9] == 0.0 and plain.profile[13] == pytest.approx(1 / 4)
+
+
+def test_the_first_period_has_stronger_gains_and_the_later_ones_the_normal():
+    p = replace(P, first_gain=3.0)
+    b = BudgetShare(T0 // DAY_MS, SHARE * 0.2, integral=0.1, paced_ts=at(1.0))  # 15% ahead
+    first = pace(b, at(2.0), DAY_MS, SHARE, p)
+    e = 0.2 - 2 / 24
+    assert first.integral == pytest.approx(0.1 + 3 * P.ki * e / 24)
+    assert first.shadow_price == pytest.approx(3 * P.kp * e + first.integral)
+    normal = pace(b, at(2.0), DAY_MS, SHARE, P)
+    assert normal.shadow_price == pytest.approx(P.kp * e + 0.1 + P.ki * e / 24)
+    # once the partition has a profile of its own: the normal gains
+    later = replace(b, profile=tuple([1 / 24] * 24))
+    assert pace(later, at(2.0), DAY_MS, SHARE, p) == pace(later, at(2.0), DAY_MS, SHARE, P)
+    # and the first period ends with the fold: a day of traffic, then the next period
+    b = _day_of_traffic(BudgetShare(), 0, (0.0, 24.0), p)
+    b = pace(b, at(24.5), DAY_MS, SHARE, p)
+    assert len(b.profile) == 24
+    ahead = replace(b, spent=SHARE * 0.3)
+    assert pace(ahead, at(25.0), DAY_MS, SHARE, p) == pace(ahead, at(25.0), DAY_MS, SHARE, P)
+
+
+def test_a_replay_with_a_prior_gives_the_same_prices_and_the_prior_is_used():
+    late = prior_profile([0.0] * 20 + [1.0] * 4, 24)  # traffic expected only 20:00-24:00
+    kw = dict(PACED, pacing=replace(PACED["pacing"], prior=late, first_gain=3.0))
+    items = messages()
+
+    def once(**kw):
+        states, budgets, clocks = {}, {}, {}
+        out = sequential(engine(trained_like_model(), **kw), items, states, budgets, clocks)
+        return [r.decision.shadow_price for r in out
+                if not isinstance(r, Exception) and r.decision], budgets
+
+    a, b = once(**kw), once(**kw)
+    assert a == b
+    assert a[0] != once(**PACED)[0]  # the prior (and the first-period gains) changed prices
+    # spending before 20:00 is ahead of a late prior: the first period is priced higher
+    no_prior = once(**dict(PACED, pacing=replace(PACED["pacing"], first_gain=3.0)))[0]
+    assert np.mean(a[0][:100]) > np.mean(no_prior[:100])
+    assert same_in_batches(items, **kw)
