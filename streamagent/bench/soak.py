@@ -190,6 +190,8 @@ def dir_mb(path: Path, match: str | None = None) -> float:
 
 
 def scrape(port: int) -> dict[str, float]:
+    """Every sample of a local /metrics page: 'name{labels}' -> value ({} if it does not
+    answer)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             body = resp.read().decode()

@@ -25,12 +25,10 @@ again (what an orchestrator does), it replays from the last commit and no decisi
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 
 import orjson
@@ -39,6 +37,7 @@ import pytest
 from streamagent.ops.broker import BrokerConfig, kill, start, stop
 from streamagent.ops.kafka import make_producer, plaintext
 from streamagent.ops.local import free_port, free_port_pair
+from streamagent.bench.soak import scrape as metrics
 from streamagent.ops.tail import read_all
 from streamagent.units import HOUR_MS
 from tests.conftest import topic_env
@@ -66,21 +65,6 @@ def own_broker(tmp_path):
         yield cfg
     finally:
         stop(cfg)
-
-
-def metrics(port: int) -> dict[str, float]:
-    """Every sample of a /metrics page: 'name{labels}' -> value ({} if it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in body.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 def errors(port: int, stage: str) -> float:
