@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     app_id: str = Field("streamagent", description="Faust app id: the consumer group and the prefix of changelog topics.")
     partitions: int = Field(4, ge=1, description="Partitions for topics that `streamagent topics create` makes.")
     replication_factor: int = Field(1, ge=1, description="Replication factor of the topics streamagent creates and of the tables' changelog topics (Faust creates those). 1 suits the local single broker; use 3 on a production cluster, so that losing a broker loses no events, decisions or state.")
+    changelog_segment_mb: int = Field(64, ge=1, le=1024, description="Segment size (MiB) of the tables' changelog topics, set when the worker creates them (existing topics keep theirs: `kafka-configs --alter --entity-type topics --add-config segment.bytes=...`). Kafka never compacts a partition's active segment, and its default of 1 GiB let the join-state changelog reach 3 GB over the 2M-event soak while the table itself held 150 MB (docs/RELIABILITY.md, soak); every restore onto an empty disk reads all of it.")
     topic_user_events: str = Field("user-events", description="Inbound user behaviour events (key: user_id).")
     topic_conversions: str = Field("conversions", description="Inbound orders (key: user_id).")
     topic_coupon_actions: str = Field("coupon-actions", description="Outbound coupons to deliver (key: user_id).")

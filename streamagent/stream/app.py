@@ -44,6 +44,12 @@ def table_options(store: str) -> dict | None:
     return dict(ROCKSDB_OPTIONS) if store.startswith("rocksdb") else None
 
 
+def changelog_configs(s: Settings) -> dict:
+    """Topic configs of the tables' changelogs (compacted by Faust): segments small enough
+    for the log cleaner to keep up (it never compacts the active segment)."""
+    return {"segment.bytes": str(s.changelog_segment_mb << 20)}
+
+
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
 
@@ -143,12 +149,15 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
     users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
-                      value_type=bytes, options=table_options(s.table_store))
+                      value_type=bytes, options=table_options(s.table_store),
+                      extra_topic_configs=changelog_configs(s))
     budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
-                        value_type=bytes, options=table_options(s.table_store))
+                        value_type=bytes, options=table_options(s.table_store),
+                        extra_topic_configs=changelog_configs(s))
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
-                           value_type=bytes, options=table_options(s.table_store))
+                           value_type=bytes, options=table_options(s.table_store),
+                           extra_topic_configs=changelog_configs(s))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
     guard = app.streamagent_delivery_guard = DeliveryGuard(app)

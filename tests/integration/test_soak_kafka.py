@@ -35,6 +35,21 @@ def test_the_soak_runs_and_the_ttl_keeps_user_state_level(kafka, tmp_path):
     assert s["expired_user_state"] > 1000, s
     assert s["users_gauge"]["end"] < 0.5 * s["users_seen"], s
     assert out.with_suffix(".csv").exists()
+    # the tables' changelogs were created compacted, in segments the cleaner can keep up with
+    from confluent_kafka.admin import ConfigResource
+
+    from streamagent.ops.kafka import make_admin, plaintext
+    from streamagent.params import shipped
+
+    admin = make_admin(plaintext(kafka))
+    logs = [t for t in admin.list_topics(timeout=10).topics
+            if t.startswith("sa-soak-") and t.endswith("-changelog")]
+    assert len(logs) == 3, logs  # user-state, budget, join-state
+    for res, fut in admin.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, t) for t in logs]).items():
+        cfg = {k: v.value for k, v in fut.result(timeout=10).items()}
+        assert "compact" in cfg["cleanup.policy"], (res, cfg["cleanup.policy"])
+        assert int(cfg["segment.bytes"]) == shipped().changelog_segment_mb << 20, res
     print(f"\nsoak: {s['events_processed']:,} events in {s['wall_s']:.0f} s, users "
           f"{s['users_gauge']['end']:,} of {s['users_seen']:,} seen, "
           f"{s['expired_user_state']:,} expired")
