@@ -221,6 +221,8 @@ class Run:
     orders: int = 0
     lag: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    # the worker's error and dead-letter counters by label, at the last sample
+    problems: dict = field(default_factory=dict)
 
 
 def sample(run: Run, shop: ChurningShop, worker, learner) -> dict:
@@ -255,6 +257,8 @@ def sample(run: Run, shop: ChurningShop, worker, learner) -> dict:
         "errors": int(total(wm, "streamagent_stream_processing_errors_total")),
         "dead_letters": int(total(wm, "streamagent_ingest_dead_letters_total")),
     }
+    run.problems = {k: v for k, v in wm.items() if v and k.startswith((
+        "streamagent_stream_processing_errors_total", "streamagent_ingest_dead_letters_total"))}
     if run.broker_dir is not None:
         kraft = run.broker_dir / "kraft"
         row["changelog_user_state_mb"] = round(dir_mb(kraft, f"{app}-user-state-changelog"), 1)
@@ -418,8 +422,14 @@ def main(args) -> int:
         if broker_cfg is not None:
             stop(broker_cfg, log=lambda m: print(m, flush=True))
     summary = summarise(run, shop, args)
+    summary["problems"] = run.problems
     write(run, summary, args)
     report(summary)
+    if run.problems:  # what the worker said about them
+        said = [line for line in (tmp / "worker.log").read_text(errors="replace").splitlines()
+                if any(w in line for w in ("WARNING", "ERROR", "CRITICAL"))]
+        print("errors and dead letters by label:", run.problems)
+        print("the worker's last warnings:\n" + "\n".join(said[-40:]), flush=True)
     if args.keep:
         print(f"kept {tmp}")
     else:
