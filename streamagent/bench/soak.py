@@ -544,43 +544,36 @@ def plot(rows: list[dict], summary: dict, png: Path) -> None:
 
     x = [r["processed"] / 1e6 for r in rows]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-    a = ax[0][0]
-    a.plot(x, [r["worker_rss_mb"] for r in rows], label="worker")
-    a.plot(x, [r["learner_rss_mb"] for r in rows], label="learner")
-    a.set_ylabel("RSS (MB)")
-    a.set_ylim(bottom=0)
-    a.legend()
-    a.set_title("process memory")
-    a = ax[0][1]
-    a.plot(x, [r["rocksdb_mb"] for r in rows], label="all tables")
-    a.plot(x, [r["rocksdb_user_state_mb"] for r in rows], label="user-state")
-    a.plot(x, [r["rocksdb_join_state_mb"] for r in rows], label="join-state")
-    a.set_ylabel("MB on disk")
-    a.set_ylim(bottom=0)
-    a.legend()
-    a.set_title("worker's RocksDB directory")
-    a = ax[1][0]
-    a.plot(x, [r["users_gauge"] for r in rows], label="users in user-state (gauge)")
-    a.plot(x, [r["users_seen"] for r in rows], "--", label="users seen so far")
+
+    def panel(a, title: str, ylabel: str, series: list[tuple[str, str, str]]):
+        for key, style, label in series:
+            a.plot(x, [r[key] for r in rows], style, label=label)
+        a.set_ylabel(ylabel)
+        a.set_ylim(bottom=0)
+        a.set_title(title)
+        return a
+
+    panel(ax[0][0], "process memory", "RSS (MB)", [
+        ("worker_rss_mb", "-", "worker"), ("learner_rss_mb", "-", "learner")]).legend()
+    panel(ax[0][1], "worker's RocksDB directory", "MB on disk", [
+        ("rocksdb_mb", "-", "all tables"), ("rocksdb_user_state_mb", "-", "user-state"),
+        ("rocksdb_join_state_mb", "-", "join-state")]).legend()
+    a = panel(ax[1][0], "user-state entries", "users", [
+        ("users_gauge", "-", "users in user-state (gauge)"),
+        ("users_seen", "--", "users seen so far")])
     a.axhline(summary["users_expected"]["with_ttl"], color="grey", lw=0.8,
               label="expected level with the TTL")
-    a.set_ylabel("users")
     a.set_xlabel("events processed (millions)")
-    a.set_ylim(bottom=0)
     a.legend()
-    a.set_title("user-state entries")
-    a = ax[1][1]
-    a.plot(x, [r["lag"] for r in rows], label="decide's lag (user-events)")
-    a.plot(x, [r["lag_all"] for r in rows], label="all inputs (join's included)")
-    a.set_ylabel("messages behind")
+    a = panel(ax[1][1], "lag and event time", "messages behind", [
+        ("lag", "-", "decide's lag (user-events)"),
+        ("lag_all", "-", "all inputs (join's included)")])
     a.set_xlabel("events processed (millions)")
-    a.set_ylim(bottom=0)
     a2 = a.twinx()
     a2.plot(x, [r["event_day"] for r in rows], color="C2", label="event time (day)")
     a2.set_ylabel("event-time day produced")
     a.legend(loc="upper left")
     a2.legend(loc="upper right")
-    a.set_title("lag and event time")
     p = summary["params"]
     fig.suptitle(f"soak: {summary['events_processed']:,} events, {p['active_users']:,} active "
                  f"users churning (mean stay {p['lifetime_days']:g} d), TTL {p['ttl_days']:g} d "
