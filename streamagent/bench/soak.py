@@ -60,7 +60,9 @@ def add_arguments(p) -> None:
                    help="events/s to produce at most (0: as fast as the worker keeps up)")
     p.add_argument("--max-lag", type=int, default=20_000,
                    help="hold production back while the worker is this many messages behind "
-                        "on its inputs (user-events, and decision-log and conversions)")
+                        "on its inputs (user-events, and decision-log and conversions), as of "
+                        "the last sample: with --rate 0 the producer can run far ahead before "
+                        "the first one")
     p.add_argument("--active-users", type=int, default=10_000,
                    help="users active at any moment of event time")
     p.add_argument("--lifetime-days", type=float, default=4.0,
