@@ -61,6 +61,12 @@ class Metrics:
                                 "Events seen before: a crash replay or a duplicate re-sent at a new offset "
                                 "(already applied; not re-applied).",
                                 registry=r)
+        self.skipped = Counter(
+            "streamagent_ingest_offsets_skipped_total",
+            "Offsets a stream jumped over between two records of one partition read in a row "
+            "(one assignment): records never handed to the agent. A transactional producer's "
+            "commit marker takes one offset per transaction; anything else is a lost record.",
+            ["topic"], registry=r)
         self.replay_missing = Counter(
             "streamagent_ingest_replay_decision_missing_total",
             "Replayed trigger events whose earlier decision was no longer in the user's state "
@@ -206,6 +212,7 @@ class Metrics:
             self.events.labels(t)
         for topic in topics:
             self.lag.labels(topic)
+            self.skipped.labels(topic)
         for topic in topics:
             for reason in DLQ_REASONS:
                 self.dlq.labels(topic, reason)

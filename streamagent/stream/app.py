@@ -24,9 +24,10 @@ from streamagent.ops.kafka import KafkaClientConfig, kafka_client
 from streamagent.params import engine_params, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
-from streamagent.stream.ingress import pseudonyms
+from streamagent.stream.ingress import OffsetWatch, pseudonyms
 from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acting_as,
-                                                install_commit_guard, read_offsets,
+                                                install_commit_guard,
+                                                install_recovery_seek_fix, read_offsets,
                                                 set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
     install_commit_guard()
+    install_recovery_seek_fix()  # no record skipped after a restart's recovery (issue 14)
     app = faust.App(
         s.app_id,
         **faust_broker(kafka_client(s)),
@@ -213,6 +215,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
         partition_of=partition_of, pseudonyms=ps)
 
+    # records of a partition never handed to the agents (counted and logged)
+    watch = OffsetWatch(m.skipped, lambda: app.consumer_generation_id)
+
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
     # still in flight, and a crash loses them. take_events acknowledges a batch after the
     # handler returns (or raises: then the delivery guard holds back every commit).
@@ -222,6 +227,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             await t.maybe_declare()  # outputs go straight to the producer: make sure they exist
         async for events in stream.take_events(s.decide_batch_max,
                                                within=s.decide_batch_wait_ms / 1000.0):
+            watch.see([e.message for e in events])
             by_part = {e.message.partition: e for e in events}
             await handler.handle([e.message for e in events],
                                  scope=lambda p: acting_as(by_part[p]))
@@ -241,6 +247,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
         async for events in stream.take_events(s.join_batch_max,
                                                within=s.join_batch_wait_ms / 1000.0):
+            watch.see([e.message for e in events])
             by_part = {e.message.partition: e for e in events}
             await join_handler.handle([e.message for e in events],
                                       scope=lambda p: acting_as(by_part[p]))

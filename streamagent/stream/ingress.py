@@ -1,4 +1,6 @@
-"""Pseudonymisation at ingress, for the decide and join handlers (core/pseudonym.py).
+"""What the agents do to every consumed record before their handlers see it: pseudonymise it
+(core/pseudonym.py) and check that no offset was skipped (:class:`OffsetWatch`).
+
 
 Each consumed record is rewritten once, before the handler looks at it: the key and the
 payload's ``user_id`` become pseudonyms, and the raw key is kept beside them only for what
@@ -6,6 +8,7 @@ must carry it (coupon-actions) and for redacting dead letters.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -87,3 +90,43 @@ def envelope(msg, ps: Pseudonyms | None, *, reason: str, detail: str, failed_at_
                        key=r_key, value=r_value, reason=reason, detail=r_detail,
                        failed_at_ms=failed_at_ms, worker=worker)
     return ps.withheld(env, value) if r_value is None and value is not None else env
+
+
+log = logging.getLogger("streamagent.decide")
+
+
+class OffsetWatch:
+    """Counts the offsets a stream skips: records of a partition the agent never got.
+
+    Within one assignment (one consumer generation) a partition's records reach the agent in
+    offset order, one after the other; a jump forward means records were never handed over
+    (what a Faust race did after a restart's recovery: stream/faust_internals.py). Jumps
+    back (a replay after a rebalance) are not counted, and the memory is dropped when the
+    generation changes. A transactional producer's commit markers take one offset each, so
+    topics written in transactions count one per transaction.
+    """
+
+    def __init__(self, counter, generation: Callable[[], int]):
+        self.counter, self.generation = counter, generation
+        self.last: dict[tuple[str, int], int] = {}
+        self.gen: int | None = None
+
+    def see(self, messages: Sequence) -> int:
+        """Look at a batch in consumption order; returns the offsets it skipped."""
+        gen = self.generation()
+        if gen != self.gen:
+            self.last.clear()
+            self.gen = gen
+        skipped = 0
+        for msg in messages:
+            tp = (msg.topic, msg.partition)
+            prev = self.last.get(tp)
+            if prev is not None and msg.offset > prev + 1:
+                gap = msg.offset - prev - 1
+                skipped += gap
+                self.counter.labels(msg.topic).inc(gap)
+                log.warning("%s[%d]: offsets %d to %d were never handed to the agent",
+                            msg.topic, msg.partition, prev + 1, msg.offset - 1)
+            if prev is None or msg.offset > prev:
+                self.last[tp] = msg.offset
+        return skipped

@@ -1,6 +1,7 @@
 """A record the worker sent but could not deliver stops every later offset commit, and the
 worker (stream/faust_internals.py ``DeliveryGuard``, wired in stream/app.py). No broker: a
-throwaway Faust app, its consumer's commit reaching a stand-in for aiokafka's.
+throwaway Faust app, its consumer's commit reaching a stand-in for aiokafka's. And the watch
+that counts records a stream skipped (stream/ingress.py ``OffsetWatch``).
 
 The same on a real broker: tests/integration/test_broker_restart_kafka.py (the broker killed
 under a busy worker whose producer gives records up after 3 s)."""
@@ -178,3 +179,32 @@ def test_a_guard_without_an_app_still_refuses_commits():
     g.fail(RuntimeError("y"))  # the first failure is the one kept
     assert str(g.failure) == "x"
     assert not g.allows_commit(TPS) and g.refused == 1
+
+
+def test_offset_watch_counts_skipped_offsets_within_one_assignment():
+    """A forward jump in one partition's offsets is counted by topic; a jump back (a replay),
+    the first record of a partition and a new consumer generation are not."""
+    from types import SimpleNamespace as Msg
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from streamagent.stream.ingress import OffsetWatch
+
+    counter = Counter("skipped_total", "x", ["topic"], registry=CollectorRegistry())
+    gen = [1]
+    watch = OffsetWatch(counter, lambda: gen[0])
+
+    def seen(*offsets, topic="ue", partition=0):
+        return watch.see([Msg(topic=topic, partition=partition, offset=o) for o in offsets])
+
+    assert seen(5, 6, 7) == 0  # the first record of a partition starts it
+    assert seen(8, 9, partition=1) == 0  # partitions apart
+    assert seen(8, 12) == 3  # 9, 10, 11 never came
+    assert seen(4, 5, 6) == 0  # back: a replay
+    assert seen(13) == 0  # forward past the replay, from the furthest read
+    assert seen(14, topic="conv") == 0
+    assert seen(20, partition=1) == 10
+    gen[0] = 2  # a rebalance: positions start again wherever the new assignment says
+    assert seen(40) == 0 and seen(41) == 0
+    assert counter.labels("ue")._value.get() == 13
+    assert counter.labels("conv")._value.get() == 0

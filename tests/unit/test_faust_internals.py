@@ -133,3 +133,64 @@ def test_the_worker_can_be_built_without_its_debug_spinner():
     app = faust.App("faust-internals-test-3", broker="kafka://127.0.0.1:1", store="memory://",
                     web_enabled=False)
     assert make_worker(app, "WARNING").spinner is None
+
+
+def test_stream_partitions_resume_only_after_the_seek_and_the_flow():
+    """Faust's end of recovery resumes the stream partitions before it seeks them and before it
+    resumes the flow, which clears the streams' buffers: records fetched in between are lost
+    (the broker-kill test lost 9 to 872 of 30,000 that way). Patched, the partitions resume
+    last. The unpatched order is checked too: when Faust fixes it, this says so."""
+    from faust.tables.recovery import Recovery
+
+    from streamagent.stream.faust_internals import install_recovery_seek_fix
+
+    install_recovery_seek_fix()
+    fixed = Recovery.on_recovery_completed
+    original = getattr(fixed, "streamagent_original", None)
+    assert original is not None
+    stream_tp = TP("user-events", 0)
+
+    async def run(method) -> list[str]:
+        app = faust.App("faust-internals-test-4", broker="kafka://127.0.0.1:1",
+                        store="memory://", web_enabled=False)
+        consumer, calls = app.consumer, []
+        cls = type(consumer)
+        saved = {n: cls.__dict__.get(n) for n in ("resume_partitions", "perform_seek",
+                                                   "assignment")}
+
+        async def perform_seek(self):
+            calls.append("seek")
+
+        cls.resume_partitions = lambda self, tps: calls.append(f"resume {sorted(tps)}")
+        cls.perform_seek = perform_seek
+        cls.assignment = lambda self: {stream_tp}
+        resume_flow = app.flow_control.resume
+        app.flow_control.resume = lambda: (calls.append("flow"), resume_flow())
+
+        async def no_fetcher():
+            calls.append("fetcher")
+
+        app._fetcher.maybe_start = no_fetcher
+        try:
+            rec = app.tables.recovery
+            assert hasattr(rec, "completed") and hasattr(rec, "_is_changelog_tp"), changed(
+                "Recovery has no completed event or _is_changelog_tp")
+            await method(rec, app.consumer_generation_id)
+        finally:
+            for n, v in saved.items():
+                if v is None:
+                    delattr(cls, n)
+                else:
+                    setattr(cls, n, v)
+        assert "resume_partitions" not in vars(consumer), "the shadow was left behind"
+        return calls
+
+    before = asyncio.run(run(original))
+    resumed = f"resume {[stream_tp]}"
+    assert before.index(resumed) < before.index("seek") < before.index("flow"), changed(
+        f"Recovery.on_recovery_completed calls {before}: it no longer resumes the stream "
+        "partitions before the seek and the flow's resumption (drop install_recovery_seek_fix "
+        "if the race is gone)")
+    after = asyncio.run(run(fixed))
+    assert after.index("seek") < after.index("flow") < after.index(resumed), after
+    assert after.count(resumed) == 1
