@@ -82,7 +82,8 @@ def add_arguments(p) -> None:
     p.add_argument("--bootstrap", default=None,
                    help="use this broker (default: start a local one for the run)")
     p.add_argument("--out", default=str(RESULTS / "soak.json"),
-                   help="summary JSON; the samples go next to it as .csv")
+                   help="summary JSON (or a directory: soak.json in it); the samples go next "
+                        "to it as .csv")
     p.add_argument("--png", default="docs/img/soak.png", help="the plot ('' for none)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (broker data, tables, logs)")
@@ -333,6 +334,8 @@ def main(args) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
+    if Path(args.out).is_dir():  # a directory: the usual file names in it (checked up front,
+        args.out = str(Path(args.out) / "soak.json")  # not after an hour of soak)
     tmp = Path(tempfile.mkdtemp(prefix="sa-soak-"))
     rid = uuid.uuid4().hex[:6]
     broker_cfg = None

@@ -21,7 +21,8 @@ in production, a dict in tests), with a due-time index of users by the event tim
 due.
 
 A user's record stays while something is pending, then as duplicate memory until it expires
-(``ttl_ms`` of event time after the user's last decision or order, by the partition's clock:
+(``ttl_ms`` of event time after the user's last decision or order, by the earlier of the
+partition's two input clocks:
 :meth:`Joiner.lapsed`; the handler's sweep deletes expired records, and one read before the
 sweep got to it counts as absent). :meth:`Joiner.erase` removes a user's record at once (an
 erasure request, a null value on decision-log).
@@ -41,6 +42,7 @@ from streamagent.errors import InvalidMessage
 from streamagent.units import HOUR_MS
 
 NEVER = 2**62
+_OTHER = {"decisions": "conversions", "conversions": "decisions"}
 BUCKET_MS = HOUR_MS  # granularity of the due-time index
 ORDER_MEMORY = 64  # order and decision ids remembered per user for duplicate detection
 
@@ -56,7 +58,7 @@ class JoinParams:
     margin: float
     default_reward: float
     attribution: str  # latest | code_only
-    time_bounds: TimeBounds  # what an input's ts may be, against its partition's clock
+    time_bounds: TimeBounds  # what an input's ts may be, against its input's clock on the partition
     # a record with nothing pending expires this long after its user's last decision or
     # order, by the partition's event time; 0: never
     ttl_ms: int
@@ -113,7 +115,7 @@ class Joiner:
         """Whether a record (as its document) has expired: nothing pending, and its last
         decision or order more than the TTL behind the partition's event time."""
         return (not doc["decisions"] and not doc["conversions"]
-                and expired(doc.get("last_ts", 0), self.store.clock(partition).stream_time,
+                and expired(doc.get("last_ts", 0), self.store.event_time(partition),
                             self.p.ttl_ms))
 
     def _record(self, partition: int, user: str) -> JoinRecord:
@@ -121,7 +123,7 @@ class Joiner:
         expired (whether the sweep has deleted it yet or not)."""
         rec = self.store.record(user)
         if (self.p.ttl_ms and not rec.decisions and not rec.conversions
-                and expired(rec.last_ts, self.store.clock(partition).stream_time, self.p.ttl_ms)):
+                and expired(rec.last_ts, self.store.event_time(partition), self.p.ttl_ms)):
             return JoinRecord(user_id=user)
         return rec
 
@@ -172,14 +174,14 @@ class Joiner:
         """Raises OutOfBounds (an InvalidMessage) for a decision outside the event-time bounds,
         InvalidMessage("schema") for one that does not fit the catalog and features."""
         self._check(d)
-        self._admit(partition, d.ts, now_ms)
+        self._admit(partition, "decisions", d.ts, now_ms)
         return self._counted(partition, self._on_decision(partition, d))
 
     def on_conversion(self, partition: int, c: Conversion,
                       now_ms: int | None = None) -> JoinOutput:
         """Raises OutOfBounds (an InvalidMessage) for a conversion or heartbeat outside the
         event-time bounds: one record dated years ahead must not move the watermark."""
-        self._admit(partition, c.ts, now_ms)
+        self._admit(partition, "conversions", c.ts, now_ms)
         return self._counted(partition, self._on_conversion(partition, c))
 
     def _check(self, d: Decision) -> None:
@@ -202,15 +204,23 @@ class Joiner:
         if what is not None:
             raise InvalidMessage("schema", f"decision {d.decision_id}: {what}")
 
-    def _admit(self, partition: int, ts: int, now_ms: int | None) -> None:
-        # One clock for both inputs of the partition: decisions may be sparse where orders and
-        # heartbeats are not (and the other way round); together they say where time is.
+    def _admit(self, partition: int, source: str, ts: int, now_ms: int | None) -> None:
+        # Each input is bounded against its own clock. One clock for both dead-lettered good
+        # conversions whenever decision-log trailed conversions by more than the future bound
+        # in event time, which a backlog replay does (decision-log grows only as fast as the
+        # decide agent works, while the orders are all there): docs/RELIABILITY.md. Until an
+        # input has a reference of its own (its first records on the partition), the other
+        # input's clock bounds it, so that its first record cannot come from years ahead.
+        own = self.store.clock(partition, source)
+        judge = own
+        if own.reference() is None:
+            other = self.store.clock(partition, _OTHER[source])
+            if other.reference() is not None:
+                judge = other
         try:
-            clock = admit(self.store.clock(partition), ts, self.p.time_bounds, now_ms)
-        except OutOfBounds as exc:
-            self.store.put_clock(partition, exc.clock)
-            raise
-        self.store.put_clock(partition, clock)
+            admit(judge, ts, self.p.time_bounds, now_ms)
+        finally:  # refused or not, the input's clock sees it (eventtime.py: how it recovers)
+            self.store.put_clock(partition, source, own.observe(ts))
 
     def _counted(self, partition: int, out: JoinOutput) -> JoinOutput:
         c = out.counts

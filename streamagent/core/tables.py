@@ -233,12 +233,15 @@ class JoinStore:
 
     Keys: ``u:<user>`` the user's JoinRecord (orjson of its document); ``wm:<partition>`` the
     partition's watermark, ``wmd:<partition>`` / ``wmc:<partition>`` those of the decision and
-    conversion inputs; ``clock:<partition>`` the event-time clock of both inputs;
+    conversion inputs; ``clockd:<partition>`` / ``clockc:<partition>`` the event-time clocks
+    of the decision and conversion inputs (``clock:<partition>``, one clock for both, is what
+    releases before 2026-11-27 kept: read where an input has no clock of its own yet);
     ``due:<partition>:<bucket>`` the users with something due in that time bucket;
     ``pending:<partition>`` the count of open decisions.
     """
 
     INPUTS = {"decisions": "wmd", "conversions": "wmc"}
+    CLOCKS = {"decisions": "clockd", "conversions": "clockc"}
 
     def __init__(self, table: MutableMapping[str, bytes]):
         self.table = table
@@ -291,15 +294,26 @@ class JoinStore:
         self._put(f"{self.INPUTS[input_]}:{partition}", wm, _int_bytes)
 
     # ---------------------------------------------------------------- event-time clocks
-    def clock(self, partition: int) -> StreamClock:
-        """The partition's event-time clock, fed by both inputs."""
-        raw = self.table.get(f"clock:{partition}")
+    def clock(self, partition: int, source: str) -> StreamClock:
+        """The event-time clock of one input (``decisions`` or ``conversions``) on the
+        partition; the old shared clock until the input has one of its own."""
+        raw = self.table.get(f"{self.CLOCKS[source]}:{partition}")
+        if raw is None:
+            raw = self.table.get(f"clock:{partition}")
         if isinstance(raw, Encoded):
             return raw.obj
         return StreamClock.from_doc(orjson.loads(raw)) if raw else StreamClock()
 
-    def put_clock(self, partition: int, clock: StreamClock) -> None:
-        self._put(f"clock:{partition}", clock, _doc_bytes)
+    def put_clock(self, partition: int, source: str, clock: StreamClock) -> None:
+        self._put(f"{self.CLOCKS[source]}:{partition}", clock, _doc_bytes)
+
+    def event_time(self, partition: int) -> int | None:
+        """Where the partition is in event time for expiry: the earlier of its inputs' clocks
+        (an input with no clock yet left out; None before either has one). The earlier, so
+        that a backlog on one input does not expire what the other has not caught up to."""
+        times = [t for t in (self.clock(partition, s).stream_time for s in self.CLOCKS)
+                 if t is not None]
+        return min(times) if times else None
 
     # ---------------------------------------------------------------- due-time index
     def _due_key(self, partition: int, bucket: int) -> str:

@@ -187,6 +187,48 @@ def test_a_conversion_and_a_heartbeat_years_ahead_are_rejected_and_time_goes_on(
     assert got["d1"].converted and got["d1"].amount == 50.0
 
 
+def test_conversions_far_ahead_of_the_decisions_of_a_backlog_wait_for_them():
+    """A backlog replay: the orders are on conversions already, decision-log grows only as fast
+    as the decide agent works, so the join reads the orders further and further ahead of the
+    decisions (here the orders advance 1.5 days for every day of decisions, until they lead
+    by 10, beyond MAX_FUTURE_SKEW_DAYS), interleaved with more numerous decisions. Each input
+    is bounded by its own clock, so the orders are neither refused (one clock for both, set
+    by the decisions, dead-lettered them as ts_too_far_ahead) nor attributed early: the
+    watermark waits for the decisions, and every order reaches its decision."""
+    j = Joiner(CAT, join_params(S), JoinStore({}))
+    days, users = 30, 5
+    assert (days - days / 1.5) * DAY_MS > join_params(S).time_bounds.future_ms
+    rewards, refused, bought = {}, [], set()
+
+    def take(out):
+        rewards.update((r.decision_id, r) for r in out.rewards)
+
+    after = join_params(S).window_ms // DAY_MS + 3  # until every window has closed
+    for d in range(days + after):
+        for k in range(users):  # the decisions of day d
+            take(j.on_decision(0, _decision(f"d{d}-{k}", f"u{k}", T0 + d * DAY_MS)))
+        at = d * 3 * DAY_MS // 2  # the orders are at day 1.5 d: user u0 buys then
+        if at < days * DAY_MS:
+            order = Conversion(order_id=f"o{d}", user_id="u0", ts=T0 + at + HOUR_MS,
+                               amount=40.0)
+            bought.add(f"d{at // DAY_MS}-0")  # u0's latest decision before it
+        else:
+            order = Conversion(order_id=f"hb{d}", user_id="hb", amount=0.0, heartbeat=True,
+                               ts=T0 + d * DAY_MS)
+        try:
+            take(j.on_conversion(0, order))
+        except OutOfBounds as exc:
+            refused.append(exc.reason)
+    assert refused == []
+    closed = {f"d{d}-{k}" for d in range(days) for k in range(users)}
+    assert closed <= set(rewards)
+    assert {i for i in closed if rewards[i].converted} == bought
+    assert all(rewards[i].amount == 40.0 for i in bought)
+    # a record years ahead of the conversions' own clock is still refused
+    with pytest.raises(OutOfBounds):
+        j.on_conversion(0, Conversion(order_id="far", user_id="u1", ts=Y2099, amount=5.0))
+
+
 @st.composite
 def outlier_streams(draw):
     """A normal day of a few users (sessions, views, orders), and where to put outliers (at
