@@ -36,18 +36,20 @@ pin, when an upgrade takes away what this module relies on:
   (:class:`DeliveryGuard`). Faust's flush waits for every send to end but does not fail when
   one failed, and an agent whose send raised has its batch acknowledged anyway (the
   ``finally`` of ``Stream.take_events``) before the supervisor restarts it.
-- ``faust.tables.recovery.Recovery.on_recovery_completed``: at the end of a recovery that read
-  changelogs, Faust resumes the stream partitions, *then* seeks them to their committed
-  offsets (a round trip per partition), *then* resumes the app's flow control, which clears
-  every stream's buffer (``clear_on_resume``). Flow control was already resumed for the
-  changelog reading, so records fetched while the seek runs reach the streams: the agent
-  takes some, the rest are cleared from the buffer while the fetch position stays past them,
-  and the stream goes on from there. Those records are never processed (measured: 9 to 872 of
-  30,000 triggers in the broker-kill test, one run in two), and the commit stops at the gap
-  for good. :func:`install_recovery_seek_fix` holds the stream partitions paused through the
-  seek and the flow's resumption and resumes them afterwards, so the first record any stream
-  sees is the one at its committed offset (the order faust-streaming #253 gave to the
-  changelog-less path).
+- ``faust.tables.recovery.Recovery.on_recovery_completed`` and ``App.flow_control``: at the end
+  of a recovery that read changelogs, Faust resumes the stream partitions, then seeks them to
+  their committed offsets (a round trip per partition), then resumes its flow control, which
+  clears every stream's buffer (``clear_on_resume``). Flow control was already resumed (and
+  the buffers cleared) for the changelog reading, so the records fetched while the seek runs
+  reach the streams: the agent takes some, the rest are cleared while the fetch position stays
+  past them, and the stream goes on from there. Those records are never processed (measured:
+  9 to 872 of 30,000 triggers in the broker-kill test, one run in two), and the commit stops
+  at the gap for good. :func:`install_recovery_seek_fix` makes that last resumption keep the
+  buffers: what they hold was fetched in this generation, and whatever an agent takes before
+  the seek lands is taken again after it, which the decide and join paths recognise as a
+  replay (docs/RELIABILITY.md, "Identity beyond offsets"). (Holding the stream partitions
+  paused until after the seek instead, the order faust-streaming #253 gave the path without
+  tables, stalled a restarted worker in 3 of 8 runs of tests/integration/test_crash.py.)
 - ``App.rebalancing``, ``App.rebalancing_count``, ``App.in_recovery`` (declared on Faust's
   ``AppT``, not documented as API) and ``TableManager._recovery`` with its ``completed`` event:
   :func:`group_state` reads them for the worker's /readyz, from the HTTP server's thread. Never
@@ -176,9 +178,8 @@ def install_commit_guard() -> None:
 
 
 def install_recovery_seek_fix() -> None:
-    """Make Faust resume the stream partitions only once the seek to their committed offsets
-    and the resumption of the flow (which clears the streams' buffers) are done (see the
-    module's notes)."""
+    """Make the end of Faust's recovery keep what the streams' buffers hold (see the module's
+    notes): the flow's resumption there does not clear them."""
     from faust.tables.recovery import Recovery
 
     if getattr(Recovery.on_recovery_completed, "streamagent_fixed", False):
@@ -186,17 +187,13 @@ def install_recovery_seek_fix() -> None:
     original = Recovery.on_recovery_completed
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
-        consumer = self.app.consumer
-        held: list = []
-        # shadow the method on this consumer for the duration: Faust's call only records
-        consumer.resume_partitions = lambda tps: held.append(set(tps))
+        flow = self.app.flow_control
+        # shadow the method on this FlowControlEvent for the duration: resume() calls it
+        flow.clear = lambda: None
         try:
             await original(self, generation_id)
         finally:
-            del consumer.resume_partitions  # the class's method again
-        for tps in held:
-            log.debug("resuming stream partitions after the seek: %s", sorted(tps))
-            consumer.resume_partitions(tps)
+            del flow.clear  # the class's method again
 
     on_recovery_completed.streamagent_fixed = True
     on_recovery_completed.streamagent_original = original
