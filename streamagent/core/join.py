@@ -114,9 +114,11 @@ class Joiner:
     def lapsed(self, partition: int, doc: dict) -> bool:
         """Whether a record (as its document) has expired: nothing pending, and its last
         decision or order more than the TTL behind the partition's event time."""
+        return self._lapsed(doc, self.store.event_time(partition))
+
+    def _lapsed(self, doc: dict, event_time: int | None) -> bool:
         return (not doc["decisions"] and not doc["conversions"]
-                and expired(doc.get("last_ts", 0), self.store.event_time(partition),
-                            self.p.ttl_ms))
+                and expired(doc.get("last_ts", 0), event_time, self.p.ttl_ms))
 
     def _record(self, partition: int, user: str) -> JoinRecord:
         """The user's record; an empty one for a user not seen before or whose record has
@@ -143,7 +145,8 @@ class Joiner:
         """Delete the expired records among the next ``limit`` users of the partition after
         ``after``: (users deleted, where the next sweep starts: None = from the first again)."""
         docs = self.store.records(partition, after, limit, partition_of)
-        gone = [user for user, doc in docs if self.lapsed(partition, doc)]
+        now = self.store.event_time(partition)  # once for the slice, not per record
+        gone = [user for user, doc in docs if self._lapsed(doc, now)]
         for user in gone:
             self.store.delete_record(user)
         return gone, (docs[-1][0] if len(docs) >= limit else None)

@@ -27,7 +27,7 @@ from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.ingress import OffsetWatch, pseudonyms
 from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acting_as,
                                                 install_commit_guard,
-                                                install_recovery_seek_fix, read_offsets,
+                                                install_recovery_keeps_buffers, read_offsets,
                                                 set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
     install_commit_guard()
-    install_recovery_seek_fix()  # no record skipped after a restart's recovery (issue 14)
+    install_recovery_keeps_buffers()  # no record skipped after a restart's recovery (issue 14)
     app = faust.App(
         s.app_id,
         **faust_broker(kafka_client(s)),
@@ -227,9 +227,10 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             await t.maybe_declare()  # outputs go straight to the producer: make sure they exist
         async for events in stream.take_events(s.decide_batch_max,
                                                within=s.decide_batch_wait_ms / 1000.0):
-            watch.see([e.message for e in events])
-            by_part = {e.message.partition: e for e in events}
-            await handler.handle([e.message for e in events],
+            msgs = [e.message for e in events]
+            watch.see(msgs)
+            by_part = {m.partition: e for m, e in zip(msgs, events)}
+            await handler.handle(msgs,
                                  scope=lambda p: acting_as(by_part[p]))
 
     join_handler = JoinHandler(
@@ -247,9 +248,10 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
         async for events in stream.take_events(s.join_batch_max,
                                                within=s.join_batch_wait_ms / 1000.0):
-            watch.see([e.message for e in events])
-            by_part = {e.message.partition: e for e in events}
-            await join_handler.handle([e.message for e in events],
+            msgs = [e.message for e in events]
+            watch.see(msgs)
+            by_part = {m.partition: e for m, e in zip(msgs, events)}
+            await join_handler.handle(msgs,
                                       scope=lambda p: acting_as(by_part[p]))
 
     inputs = frozenset((s.topic_user_events, s.topic_conversions, s.topic_decision_log))

@@ -44,7 +44,7 @@ pin, when an upgrade takes away what this module relies on:
   reach the streams: the agent takes some, the rest are cleared while the fetch position stays
   past them, and the stream goes on from there. Those records are never processed (measured:
   9 to 872 of 30,000 triggers in the broker-kill test, one run in two), and the commit stops
-  at the gap for good. :func:`install_recovery_seek_fix` makes that last resumption keep the
+  at the gap for good. :func:`install_recovery_keeps_buffers` makes that last resumption keep the
   buffers: what they hold was fetched in this generation, and whatever an agent takes before
   the seek lands is taken again after it, which the decide and join paths recognise as a
   replay (docs/RELIABILITY.md, "Identity beyond offsets"). (Holding the stream partitions
@@ -177,7 +177,7 @@ def install_commit_guard() -> None:
     drv.Consumer._commit = _commit
 
 
-def install_recovery_seek_fix() -> None:
+def install_recovery_keeps_buffers() -> None:
     """Make the end of Faust's recovery keep what the streams' buffers hold (see the module's
     notes): the flow's resumption there does not clear them."""
     from faust.tables.recovery import Recovery

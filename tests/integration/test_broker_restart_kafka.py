@@ -302,7 +302,7 @@ def test_failed_sends_stop_the_commit_and_the_worker(own_broker, tmp_path, run_i
     an orchestrator would), it reprocesses from its last commit: every trigger ends with its
     decision, none with two different ones.
 
-    It also caught a Faust race (stream/faust_internals.py ``install_recovery_seek_fix``): the
+    It also caught a Faust race (stream/faust_internals.py ``install_recovery_keeps_buffers``): the
     restarted worker, recovering its tables, let records fetched during the seek to the
     committed offsets reach the stream and then cleared them, so a stretch of a partition
     was never decided (9 to 872 triggers in one run of two) and the commit stuck before it.

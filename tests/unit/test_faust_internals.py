@@ -142,9 +142,9 @@ def test_the_end_of_recovery_keeps_what_the_streams_hold():
     resumption clears nothing. Faust's own order is checked too: when it changes, this says so."""
     from faust.tables.recovery import Recovery
 
-    from streamagent.stream.faust_internals import install_recovery_seek_fix
+    from streamagent.stream.faust_internals import install_recovery_keeps_buffers
 
-    install_recovery_seek_fix()
+    install_recovery_keeps_buffers()
     fixed = Recovery.on_recovery_completed
     original = getattr(fixed, "streamagent_original", None)
     assert original is not None
@@ -194,8 +194,8 @@ def test_the_end_of_recovery_keeps_what_the_streams_hold():
     assert (before.index(resumed) < before.index("seek") < before.index("flow")
             < before.index("clear")), changed(
         f"Recovery.on_recovery_completed calls {before}: it no longer resumes the stream "
-        "partitions, seeks and then clears the streams' buffers (drop install_recovery_seek_fix "
-        "if the race is gone)")
+        "partitions, seeks and then clears the streams' buffers (drop "
+        "install_recovery_keeps_buffers if the race is gone)")
     after = asyncio.run(run(fixed))
     assert "clear" not in after, after
     assert after.index(resumed) < after.index("seek") < after.index("flow"), after
