@@ -48,6 +48,8 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         exploration=s.exploration, epsilon_start=s.epsilon_start,
                         epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
                         temperature=s.softmax_temperature, explore_run_mean=s.explore_run_mean,
+                        explore_rest_prob=s.explore_rest_prob,
+                        explore_rest_mean=s.explore_rest_decisions,
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
@@ -84,7 +86,8 @@ def learner_params(s: Settings) -> LearnerParams:
                          huber_delta=s.huber_delta, grad_clip=s.grad_clip,
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
-                         seed=s.seed, heads=s.q_heads, dueling=s.dueling)
+                         seed=s.seed, heads=s.q_heads, dueling=s.dueling,
+                         center_rewards=s.reward_centering)
 
 
 def gate_params_from(s: Settings) -> GateParams:

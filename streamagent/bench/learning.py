@@ -47,6 +47,9 @@ class Result:
     seconds: float
     realised: float = 0.0  # sampled order profit over the whole run (the learner's reward)
     gate: dict = field(default_factory=dict)  # the promotion gate's verdicts, by outcome
+    # the last quarter's decisions by the user's true type and hidden level: segment ->
+    # level -> action -> count (what a policy does where, beside what the optimum does)
+    actions: dict = field(default_factory=dict)
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -64,7 +67,7 @@ class Result:
                 "events_to_90pct": reach(0.9), "events_to_95pct": reach(0.95),
                 "gate_verdicts": dict(self.gate),
                 "realised_profit_per_user_day": self.realised / n_users / len(d),
-                "seconds": self.seconds}
+                "actions_last_quarter": self.actions, "seconds": self.seconds}
 
 
 def bench_settings(**overrides):
@@ -120,6 +123,8 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     gate_params = gate_params_from(s)
     gate_counts: dict = {}
     clock = StreamClock()  # the one partition's event-time clock
+    actions: dict = {}
+    tail_from = days - max(1, days // 4)
     for day in range(days):
         profit_today = 0.0
         pending_orders = []
@@ -153,6 +158,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             # Report the expected profit of (true state, action), not the sampled one: the
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
             profit_today += expected_profit(sc, u.segment, catalog, u.fatigue, a)
+            if day >= tail_from:
+                by = actions.setdefault(u.segment.name, {}).setdefault(str(u.fatigue), {})
+                by[catalog.actions[a]] = by.get(catalog.actions[a], 0) + 1
             order = shop.respond(u, a, decision.ts, decision.decision_id)
             if order:
                 orders += 1
@@ -198,7 +206,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         if log and (day + 1) % 10 == 0:
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
     return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised,
-                  gate_counts)
+                  gate_counts, actions)
 
 
 def _consume(out, learner: QLearner | None, bandit=None, contexts=None, holdout=None,

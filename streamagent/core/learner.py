@@ -6,6 +6,7 @@ transition is gamma ** (dt / gamma_unit), dt being the event time to the user's 
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from dataclasses import asdict, dataclass
@@ -27,6 +28,18 @@ PER_ALPHA = 0.6
 PER_BETA = 0.4
 PER_EPS = 1e-3
 BOOTSTRAP_P = 0.5  # chance that a transition is in one head's bootstrap sample
+RECENTER_EVERY = 50  # gradient steps between two recomputations of the reward offset
+
+
+def shift_output(net: "nn.Module", delta: float):
+    """Add ``delta`` to every Q-value ``net`` computes (all heads, all actions): to the state
+    value's bias in a dueling network, to every output bias in a plain one."""
+    with torch.no_grad():
+        if getattr(net, "value", None) is not None:
+            net.value.bias.add_(delta)
+        else:
+            net.net[-1].bias.add_(delta)
+    return net
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,10 @@ class LearnerParams:
     # Dueling heads (qnet.QNetwork): a state value learned from every transition, the actions'
     # advantages on top. Published snapshots are plain networks either way.
     dueling: bool = False
+    # Reward centering (Naik et al. 2024), exact for our semi-Markov discounts: the network
+    # learns Q - C, with C = the replay's reward per unit of (1 - discount), i.e. the average
+    # reward rate over 1 - gamma. See QLearner.offset.
+    center_rewards: bool = False
 
 
 class Replay:
@@ -164,6 +181,20 @@ class QLearner:
         self.pending: dict[str, list[tuple]] = {}
         self.last_loss = float("nan")
         self.last_max_q = float("nan")
+        # Reward centering: the networks compute Q - offset. Every reward a transition brings
+        # is r - offset * (1 - disc); summed along a trajectory the (1 - disc) terms telescope
+        # to 1, so every Q (any state, any action) moves by exactly -offset and the greedy
+        # choice does not change. What changes is what the network has to represent: Q is
+        # r_bar / (1 - gamma) (about 20 days of profit) plus the action gaps (a few percent),
+        # and at the learning rate that keeps those gaps steady the big common part takes
+        # the whole run to grow (regulars' Q still rising at day 120). With the offset the
+        # network starts at the data's average value and learns only the differences.
+        # Published models add it back (uncentered Q for the deciders and the margin).
+        self.offset = 0.0
+        # the first offset is a jump start (the untrained network outputs 0: "the average");
+        # after it, and from a trained initial model, a change of offset is absorbed by the
+        # output biases so that the uncentered Q stays what it was
+        self._offset_set = initial is not None and initial.train_steps > 0
 
     def _check_initial(self, initial: ModelSnapshot) -> None:
         """The starting model (STREAMAGENT_MODEL_PATH, model-updates) must have this learner's
@@ -297,6 +328,9 @@ class QLearner:
         mask2 = torch.from_numpy(rb.mask2[idx])[:, None, :]  # (batch, 1, actions)
         boot = torch.from_numpy(rb.boot[idx])  # (batch, heads)
         a_h = a[:, None, None].expand(-1, p.heads, 1)  # the taken action, per head
+        if p.center_rewards:
+            self._recenter()
+            r = r - self.offset * (1.0 - disc)
         with torch.no_grad():
             q2_target = self.target.forward_heads(s2).masked_fill(~mask2, -1e9)
             if p.double_dqn:
@@ -322,8 +356,23 @@ class QLearner:
         rb.update(idx, (td_target - q).detach().mean(-1).numpy(), PER_EPS)
         self._sync_target()
         self.last_loss = float(loss.detach())
-        self.last_max_q = float(q2_target.max(-1).values.mean())
+        self.last_max_q = float(q2_target.max(-1).values.mean()) + self.offset
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
+
+    def _recenter(self) -> None:
+        """offset = sum(r) / sum(1 - disc) over the replay, so that the centered rewards
+        average 0 there; a change after the first is moved into the networks' output biases."""
+        if self.train_steps % RECENTER_EVERY and self._offset_set:
+            return
+        n = len(self.replay)
+        weight = float(np.sum(1.0 - self.replay.disc[:n], dtype=np.float64))
+        if weight <= 0:
+            return
+        new = float(np.sum(self.replay.r[:n], dtype=np.float64)) / weight
+        if self._offset_set:
+            for net in (self.online, self.target):
+                shift_output(net, self.offset - new)
+        self.offset, self._offset_set = new, True
 
     def _sync_target(self) -> None:
         if self.p.target_update == "hard":
@@ -336,7 +385,8 @@ class QLearner:
 
     def q_values(self, features) -> np.ndarray:
         with torch.no_grad():
-            return self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
+            q = self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
+        return q + np.float32(self.offset)
 
     def initial_snapshot(self) -> ModelSnapshot:
         """Version 0: the network every decider starts from without a model (same seed)."""
@@ -350,6 +400,8 @@ class QLearner:
 
         self.version += 1
         net = self.target if self.p.publish_average else self.online
+        if self.offset:  # the deciders get uncentered Q
+            net = shift_output(copy.deepcopy(net.plain()), self.offset)
         snap = ModelSnapshot.from_network(net, self.version, self.train_steps,
                                           self.actions, self.feature_names)
         snap.created_at = time.time()
@@ -361,6 +413,7 @@ class QLearner:
         torch.save({"online": self.online.state_dict(), "target": self.target.state_dict(),
                     "opt": self.opt.state_dict(), "replay": self.replay.state(),
                     "version": self.version, "train_steps": self.train_steps, "seen": self.seen,
+                    "offset": self.offset, "offset_set": self._offset_set,
                     "pending": self._pending_state(),
                     "params": asdict(self.p), "hidden": list(self.hidden),
                     "actions": list(self.actions), "feature_names": list(self.feature_names),
@@ -427,6 +480,11 @@ class QLearner:
                          "dueling" if self.p.dueling else "plain")
             self.replay.load(doc["replay"])
             self.version, self.train_steps, self.seen = counts
+            # (checkpoints from before centering have no offset: their networks are uncentered)
+            self.offset = float(doc.get("offset", 0.0))
+            self._offset_set = bool(doc.get("offset_set", self.train_steps > 0))
+            if not np.isfinite(self.offset):
+                raise CorruptCheckpoint(f"{what} holds a non-finite reward offset; {todo}")
             self._load_pending(doc.get("pending") or {})
             return dict(doc["extra"])
         except ConfigError:
