@@ -423,6 +423,7 @@ def main(args) -> int:
                                    "per_seed": per_seed[sn], "results": agg, "runs": rows,
                                    "fixed_policy_check": check}
         _print_table(con, sn, args, seeds, agg, check)
+        _print_actions(con, sn, rows, per_seed[sn][0]["optimum"]["policies"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -460,6 +461,57 @@ def _print_table(con, sname: str, args, seeds: list[int], agg: list[dict],
         con.print(f"  {check['policy']} >= best fixed rule - {check['tolerance']:.0%} on every "
                   f"seed: [bold]{'yes' if check['passed'] else 'NO'}[/] (worst: seed {worst}, "
                   f"{check['worst_margin']:+.1%})")
+
+
+def coupon_shares(rows: list[dict], policy: str) -> dict:
+    """Of ``policy``'s last-quarter decisions over all seeds: user type -> hidden level ->
+    (share of decisions with a coupon, the most sent coupon, decisions)."""
+    counts: dict = {}
+    for r in rows:
+        if r["policy"] != policy:
+            continue
+        for seg, levels in (r.get("actions_last_quarter") or {}).items():
+            for lv, acts in levels.items():
+                c = counts.setdefault(seg, {}).setdefault(int(lv), {})
+                for a, n in acts.items():
+                    c[a] = c.get(a, 0) + n
+    out: dict = {}
+    for seg, levels in counts.items():
+        for lv, c in sorted(levels.items()):
+            n = sum(c.values())
+            sent = {a: k for a, k in c.items() if a != "none"}
+            out.setdefault(seg, {})[lv] = ((n - c.get("none", 0)) / n,
+                                           max(sent, key=sent.get) if sent else "-", n)
+    return out
+
+
+def _print_actions(con, sname: str, rows: list[dict], optimal: dict) -> None:
+    """Where each learner sends coupons, by the users' true type and hidden level, beside
+    the optimum's action there: the diagnosis a figure of merit alone does not give."""
+    from rich.table import Table
+
+    learners = [p for p in dict.fromkeys(r["policy"] for r in rows)
+                if p.startswith("q_") or p in BANDITS]
+    for pol in learners:
+        shares = coupon_shares(rows, pol)
+        levels = sorted({lv for by in shares.values() for lv in by})
+        table = Table(title=f"{sname}: {pol}'s coupons in the last quarter, by true type and "
+                            f"hidden level (share of decisions, most sent; optimum's action)")
+        table.add_column("type")
+        for lv in levels:
+            table.add_column(f"level {lv}", justify="right")
+        for seg, by in shares.items():
+            cells = []
+            for lv in levels:
+                opt = optimal.get(seg, [])[lv] if lv < len(optimal.get(seg, [])) else "?"
+                if lv in by:
+                    share, top, n = by[lv]
+                    what = f"{share:.0%} {top}" if share else "0%"
+                    cells.append(f"{what} (n {n}; opt {opt})")
+                else:
+                    cells.append(f"- (opt {opt})")
+            table.add_row(seg, *cells)
+        con.print(table)
 
 
 def _plot(curves: dict, report: dict, path: Path) -> None:

@@ -38,6 +38,15 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert all(0 <= r["conversion_rate"] <= 1 for r in rows.values())
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # where each policy sent coupons in the last quarter, by true type and hidden level
+    runs = {r["policy"]: r for r in doc["scenarios"]["fatigue"]["runs"]}
+    never = runs["never"]["actions_last_quarter"]
+    assert set(never) <= {"loyal", "bargain", "big_basket", "casual"}
+    assert all(set(acts) == {"none"} for by in never.values() for acts in by.values())
+    # 40 users, the last 3 of 12 days: every decision is counted once
+    assert sum(n for by in never.values() for acts in by.values() for n in acts.values()) == 120
+    oracle = B.coupon_shares(list(runs.values()), "oracle")
+    assert all(share == 1.0 and top == "amt5_min30" for share, top, _ in oracle["bargain"].values())
 
 
 def test_interval_and_fixed_policy_check():
