@@ -17,17 +17,14 @@ from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, 
                                         UserEvent, decode_user_event)
 from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
 from streamagent.core.pacing import PacingParams, pace
-from streamagent.core.policy import (PRESSURE_FEATURE, action_probs, confident_greedy,
-                                     coupon_margin, decision_id, epsilon_at, head_choices,
-                                     sample, thompson_pool, uniform_from)
+from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
+                                     head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (StateParams, UserState, apply, evolve, expired,
                                     find_decision, is_replay, record_decision, remember)
 from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
 
-
-_PRESSURE = F.FEATURE_NAMES.index(PRESSURE_FEATURE)
 
 @dataclass(frozen=True)
 class EngineParams:
@@ -68,8 +65,6 @@ class EngineParams:
     # detours almost never make. 0 = off.
     explore_rest_prob: float = 0.0
     explore_rest_mean: float = 7.0
-    # the margin grows by this for every unit of recent coupon pressure (policy.coupon_margin)
-    greedy_margin_per_coupon: float = 0.0
 
     @property
     def budget_share(self) -> float:
@@ -363,8 +358,7 @@ class DecisionEngine:
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
                          p.epsilon_decay_steps)
-        margin = coupon_margin(x, p.greedy_margin, p.greedy_margin_per_coupon, _PRESSURE)
-        greedy = confident_greedy(q_heads, allowed, p.confidence_z, margin)
+        greedy = confident_greedy(q_heads, allowed, p.confidence_z, p.greedy_margin)
         head_greedy = head_choices(q_heads, allowed) if len(q_heads) > 1 else None
         probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature, greedy,
                                      head_greedy)

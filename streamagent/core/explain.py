@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamagent.core import features as F
-from streamagent.core.policy import PRESSURE_FEATURE, coupon_margin
 from streamagent.core.qnet import NumpyQ
 from streamagent.core.state import UserState
 
@@ -135,8 +134,7 @@ class Explanation:
 
 
 def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
-            cap_window_ms: int, greedy_margin: float = 0.0,
-            per_coupon: float = 0.0) -> Explanation:
+            cap_window_ms: int, greedy_margin: float = 0.0) -> Explanation:
     """Explain one decision-log document with the model that made it (and the deciders'
     ``greedy_margin``, to say when it held a coupon back)."""
     x = np.asarray(doc["features"], np.float64)
@@ -165,5 +163,4 @@ def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
         margin_over_none=float(gaps[0]), versus=actions[versus], blocked=blocked,
         attributions=[(F.FEATURE_NAMES[i], float(x[i]), float(attr[i])) for i in order],
         at_reference=float(gaps[1]), check=float(attr.sum() - (gaps[0] - gaps[1])),
-        hurdle=float(coupon_margin(x, greedy_margin, per_coupon,
-                                   F.FEATURE_NAMES.index(PRESSURE_FEATURE)) * abs(Q[0])))
+        hurdle=float(greedy_margin * abs(Q[0])))

@@ -45,27 +45,12 @@ def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float,
     return best if adv.mean() - z * adv.std(ddof=1) > 0 else 0
 
 
-PRESSURE_FEATURE = "coupon_pressure"
-
-
-def coupon_margin(x: np.ndarray, base: float, per_coupon: float, pressure_col: int) -> float | np.ndarray:
-    """The greedy margin for feature vector(s) ``x``: ``base`` plus ``per_coupon`` for every
-    unit of the user's recent coupon pressure (a decayed count of recent coupons, features
-    column ``pressure_col`` holding it / 3). A user coupons keep conditioning must be shown
-    a clearer gain before the next one: once a policy coupons someone daily, the data only
-    shows what one more coupon does to a conditioned user, never what a rest would win back."""
-    if not per_coupon:
-        return base
-    x = np.asarray(x)
-    return base + per_coupon * 3.0 * x[..., pressure_col]
-
-
 def greedy_actions(Q: np.ndarray, allowed: np.ndarray | None, margin: float = 0.0) -> np.ndarray:
     """Row-wise :func:`confident_greedy` for one head: the masked argmax, except that a coupon
     whose advantage over 'no coupon' is at most ``margin x |Q(none)|`` gives way to it."""
     Qm = Q if allowed is None else np.where(allowed, Q, -np.inf)
     best = np.argmax(Qm, axis=1)
-    if np.any(margin > 0):
+    if margin > 0:
         none_ok = np.ones(len(Q), bool) if allowed is None else allowed[:, 0]
         rows = np.arange(len(Q))
         weak = (Q[rows, best] - Q[:, 0]) <= margin * np.abs(Q[:, 0])

@@ -113,8 +113,7 @@ def main(args) -> int:
     doc = find_decision(s, args.decision_id, args.timeout)
     snap = model_of(s, int(doc.get("policy_version", 0)), args.model)
     sp, cp = state_params(s), cap_params(s)
-    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms, s.greedy_margin,
-                s.greedy_margin_per_coupon)
+    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms, s.greedy_margin)
     if args.json:
         json.dump({**e.to_doc(), "user_id": doc.get("user_id"), "ts": doc["ts"]}, sys.stdout,
                   indent=2)

@@ -139,22 +139,3 @@ def test_one_head_models_decide_as_before():
     x = np.ones(F.N_FEATURES, np.float32)
     assert m.snapshot.heads == 1 and np.array_equal(m.q(x), m.q.heads(x)[0])
     assert isinstance(Model(m.snapshot).q, NumpyQ)
-
-
-def test_the_margin_grows_with_recent_coupons_row_wise_as_in_the_engine():
-    from streamagent.core import features as F
-    from streamagent.core.policy import PRESSURE_FEATURE, coupon_margin
-
-    col = F.FEATURE_NAMES.index(PRESSURE_FEATURE)
-    rested, couponed = np.zeros(F.N_FEATURES), np.zeros(F.N_FEATURES)
-    couponed[col] = 2.0 / 3.0  # pressure 2: a coupon every day or two
-    assert coupon_margin(rested, 0.02, 0.01, col) == pytest.approx(0.02)
-    assert coupon_margin(couponed, 0.02, 0.01, col) == pytest.approx(0.04)
-    assert coupon_margin(couponed, 0.02, 0.0, col) == 0.02  # off: the fixed margin
-    q = np.array([[10.0, 10.3, 10.0, 9.0]])  # a coupon 3% above 'none'
-    assert confident_greedy(q, ALL, 0.0, coupon_margin(rested, 0.02, 0.01, col)) == 1
-    assert confident_greedy(q, ALL, 0.0, coupon_margin(couponed, 0.02, 0.01, col)) == 0
-    # the gate's row-wise rule takes one margin per row
-    X = np.stack([rested, couponed])
-    Q = np.repeat(q, 2, axis=0)
-    assert list(greedy_actions(Q, None, coupon_margin(X, 0.02, 0.01, col))) == [1, 0]
