@@ -74,8 +74,6 @@ class Settings(BaseSettings):
     epsilon_start: float = Field(0.2, ge=0, le=1, description="Epsilon at model training step 0.")
     epsilon_end: float = Field(0.02, ge=0, le=1, description="Epsilon after `epsilon_decay_steps` training steps.")
     explore_run_mean: float = Field(1.0, ge=1, description="Mean length, in decisions of the same user, of an exploration run: an epsilon-explored action is repeated for a geometric number of that user's next decisions (temporally extended epsilon-greedy). Long-term effects such as coupon fatigue only show under runs; 1 = classic epsilon-greedy.")
-    explore_rest_prob: float = Field(0.0, ge=0, lt=1, description="Rest exploration (epsilon exploration only): where the greedy action is a coupon, 'no coupon' gets this much more probability, and when drawn the user gets no coupon for a rest of about EXPLORE_REST_DECISIONS of their next decisions (geometric). Shows the learner what resting a coupon-conditioned user is worth, which one-day epsilon detours never do. Logged propensities stay exact (1 inside a rest). 0 = off.")
-    explore_rest_decisions: float = Field(7.0, ge=1, description="Mean length of a rest (EXPLORE_REST_PROB), in decisions of the same user.")
     epsilon_decay_steps: int = Field(6_000, ge=1, description="Training steps of the model over which epsilon falls linearly (the schedule follows the model, so every worker agrees).")
     softmax_temperature: float = Field(0.5, gt=0, description="Temperature of softmax (Boltzmann) exploration, in Q units.")
     seed: int = Field(7, description="Seed of the initial network and of the per-decision exploration draws.")

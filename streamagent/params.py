@@ -48,8 +48,6 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         exploration=s.exploration, epsilon_start=s.epsilon_start,
                         epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
                         temperature=s.softmax_temperature, explore_run_mean=s.explore_run_mean,
-                        explore_rest_prob=s.explore_rest_prob,
-                        explore_rest_mean=s.explore_rest_decisions,
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
