@@ -85,8 +85,7 @@ def learner_params(s: Settings) -> LearnerParams:
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
                          seed=s.seed, heads=s.q_heads, dueling=s.dueling,
-                         center_rewards=s.reward_centering,
-                         target_margin=s.greedy_margin if s.margin_in_targets else 0.0)
+                         center_rewards=s.reward_centering)
 
 
 def gate_params_from(s: Settings) -> GateParams:

@@ -88,9 +88,6 @@ class LearnerParams:
     # learns Q - C, with C = the replay's reward per unit of (1 - discount), i.e. the average
     # reward rate over 1 - gamma. See QLearner.offset.
     center_rewards: bool = False
-    # The deciders' greedy margin (EngineParams.greedy_margin), applied to the next action of
-    # the targets as well when > 0: see QLearner.update. 0 = the plain argmax.
-    target_margin: float = 0.0
 
 
 class Replay:
@@ -336,9 +333,8 @@ class QLearner:
             r = r - self.offset * (1.0 - disc)
         with torch.no_grad():
             q2_target = self.target.forward_heads(s2).masked_fill(~mask2, -1e9)
-            if p.double_dqn or p.target_margin:
-                chooser = self.online.forward_heads(s2) if p.double_dqn else q2_target
-                a2 = self._next_action(chooser.masked_fill(~mask2, -1e9), mask2)
+            if p.double_dqn:
+                a2 = self.online.forward_heads(s2).masked_fill(~mask2, -1e9).argmax(-1, keepdim=True)
                 q2 = q2_target.gather(-1, a2).squeeze(-1)
             else:
                 q2 = q2_target.max(-1).values
@@ -362,22 +358,6 @@ class QLearner:
         self.last_loss = float(loss.detach())
         self.last_max_q = float(q2_target.max(-1).values.mean()) + self.offset
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
-
-    def _next_action(self, q2: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
-        """The next action of the targets, (batch, heads, 1): the argmax, or with
-        ``target_margin`` the deciders' rule (a coupon only if it beats 'no coupon' by that
-        fraction of |Q(none)|). The plain max is biased up most where actions are nearly tied,
-        which is where coupons keep a user conditioned (one more coupon within a percent or two
-        of a day's rest): it made conditioned states look better than they are, and so the
-        coupons that lead there. With the margin the targets value the policy that runs."""
-        a2 = q2.argmax(-1, keepdim=True)
-        if not self.p.target_margin:
-            return a2
-        none = q2[..., :1]
-        best = q2.gather(-1, a2)
-        weak = (best - none) <= self.p.target_margin * (none + self.offset).abs()
-        none_ok = mask2[..., :1].expand_as(a2)
-        return torch.where(weak & none_ok & (a2 != 0), torch.zeros_like(a2), a2)
 
     def _recenter(self) -> None:
         """offset = sum(r) / sum(1 - disc) over the replay, so that the centered rewards

@@ -184,21 +184,3 @@ def test_waiting_transitions_survive_a_checkpoint(tmp_path):
     for x in xs:
         ref.learn_one(x)
     assert _stored(L2) == _stored(ref)
-
-
-def test_targets_can_take_the_next_action_by_the_deciders_margin():
-    import torch
-
-    q2 = torch.tensor([[[10.0, 10.1, 9.0]], [[10.0, 10.5, 9.0]], [[10.0, 9.0, 10.1]]])
-    mask = torch.ones(3, 1, 3, dtype=torch.bool)
-    plain = learner()
-    assert plain._next_action(q2, mask).flatten().tolist() == [1, 1, 2]
-    ruled = learner(target_margin=0.02)  # a coupon must beat 'none' by 2% of |Q(none)|
-    assert ruled._next_action(q2, mask).flatten().tolist() == [0, 1, 0]
-    # |Q(none)| is the uncentered value: with an offset of 90 the hurdle is 2% of 100
-    ruled.offset = 90.0
-    assert ruled._next_action(q2, mask).flatten().tolist() == [0, 0, 0]
-    # a masked 'none' is never chosen
-    no_none = mask.clone()
-    no_none[..., 0] = False
-    assert ruled._next_action(q2, no_none).flatten().tolist() == [1, 1, 2]
