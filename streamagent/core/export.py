@@ -5,7 +5,8 @@ both networks, optimiser, replay, waiting n-step transitions. Deciders and a fre
 start from a :class:`ModelSnapshot` instead. The service checkpoints right after taking a
 snapshot, so the weights the learner publishes (the target network with ``publish_average``,
 else the online one) under the checkpoint's version and step count are the model it last
-published: that is what the export writes.
+published: that is what the export writes, as the learner publishes it (a dueling network
+folded into the plain form, the reward-centering offset added back).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from streamagent.core.qnet import ModelSnapshot
+from streamagent.core.qnet import ModelSnapshot, as_network, shift_output
 from streamagent.errors import ConfigError
 
 # what a checkpoint must hold to be exported (it holds more: optimiser, replay, ...)
@@ -39,10 +40,19 @@ def snapshot_from_checkpoint(path: Path) -> ModelSnapshot:
     weights = doc["target"] if params.get("publish_average") else doc["online"]
     if not all(torch.isfinite(t).all() for t in weights.values()):
         raise ConfigError(f"{path} holds NaN or infinite weights: no decider would take them")
+    heads, offset = int(params.get("heads", 1)), float(doc.get("offset", 0.0))
+    if "value.weight" in weights or offset:
+        try:
+            net = as_network(weights, len(doc["feature_names"]), len(doc["actions"]),
+                             tuple(doc["hidden"]), heads, "value.weight" in weights).plain()
+        except RuntimeError as exc:
+            raise ConfigError(f"{path}: its weights do not fit its own network shape: "
+                              f"{exc}") from None
+        weights = shift_output(net, offset).state_dict()
     snap = ModelSnapshot(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
                          tuple(doc["actions"]), tuple(doc["feature_names"]), dict(weights),
                          created_at=path.stat().st_mtime,  # about when that model was published
-                         heads=int(params.get("heads", 1)),
+                         heads=heads,
                          meta={"exported_from": str(path)})
     try:
         snap.network()  # the weights must fit the shape they claim, or no decider can load them

@@ -18,7 +18,7 @@ from torch import nn
 
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
-from streamagent.core.qnet import ModelSnapshot, as_network, init_network
+from streamagent.core.qnet import ModelSnapshot, as_network, init_network, shift_output
 from streamagent.errors import InvalidMessage
 
 log = logging.getLogger("streamagent.learner")
@@ -29,17 +29,6 @@ PER_BETA = 0.4
 PER_EPS = 1e-3
 BOOTSTRAP_P = 0.5  # chance that a transition is in one head's bootstrap sample
 RECENTER_EVERY = 50  # gradient steps between two recomputations of the reward offset
-
-
-def shift_output(net: "nn.Module", delta: float):
-    """Add ``delta`` to every Q-value ``net`` computes (all heads, all actions): to the state
-    value's bias in a dueling network, to every output bias in a plain one."""
-    with torch.no_grad():
-        if getattr(net, "value", None) is not None:
-            net.value.bias.add_(delta)
-        else:
-            net.net[-1].bias.add_(delta)
-    return net
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,18 @@ def as_network(sd: dict, n_features: int, n_actions: int, hidden: tuple[int, ...
     return net
 
 
+def shift_output(net: QNetwork, delta: float) -> QNetwork:
+    """Add ``delta`` to every Q-value ``net`` computes (all heads, all actions): to the state
+    value's bias in a dueling network, to every output bias in a plain one. (A learner with
+    reward centering publishes Q - offset + offset this way.)"""
+    with torch.no_grad():
+        if net.value is not None:
+            net.value.bias.add_(delta)
+        else:
+            net.net[-1].bias.add_(delta)
+    return net
+
+
 def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int,
                  heads: int = 1, dueling: bool = False) -> QNetwork:
     # Its own generator, so every worker that starts without a model file builds the very

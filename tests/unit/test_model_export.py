@@ -43,9 +43,11 @@ def trained(tmp_path, **kw) -> tuple[QLearner, ModelSnapshot]:
     return L, snap
 
 
-@pytest.mark.parametrize("publish_average", [True, False])
-def test_export_is_the_model_the_checkpoint_was_taken_with(tmp_path, publish_average):
-    L, published = trained(tmp_path, publish_average=publish_average)
+@pytest.mark.parametrize("publish_average,dueling", [(True, False), (False, False), (False, True)])
+def test_export_is_the_model_the_checkpoint_was_taken_with(tmp_path, publish_average, dueling):
+    # (the shipped learner centers rewards: the export adds the offset back, as it publishes)
+    L, published = trained(tmp_path, publish_average=publish_average, dueling=dueling)
+    assert L.offset != 0
     assert L.train_steps > 0
     out = tmp_path / "model.pt"
     export_checkpoint(tmp_path / "checkpoint.pt", out)

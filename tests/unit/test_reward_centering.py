@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from streamagent.core.contracts import Transition
-from streamagent.core.learner import QLearner, shift_output
-from streamagent.core.qnet import NumpyQ, init_network
+from streamagent.core.learner import QLearner
+from streamagent.core.qnet import NumpyQ, init_network, shift_output
 from streamagent.params import learner_params, shipped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
