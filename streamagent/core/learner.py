@@ -474,6 +474,11 @@ class QLearner:
             self._offset_set = bool(doc.get("offset_set", self.train_steps > 0))
             if not np.isfinite(self.offset):
                 raise CorruptCheckpoint(f"{what} holds a non-finite reward offset; {todo}")
+            if self.offset and not self.p.center_rewards:
+                # REWARD_CENTERING turned off since: the offset goes into the networks
+                for net in (self.online, self.target):
+                    shift_output(net, self.offset)
+                self.offset = 0.0
             self._load_pending(doc.get("pending") or {})
             return dict(doc["extra"])
         except ConfigError:
