@@ -79,24 +79,27 @@ def test_a_new_offset_is_absorbed_without_moving_q():
     assert np.allclose(L.q_values(S), q, atol=1e-4)
 
 
-def test_offset_survives_a_checkpoint(tmp_path):
-    L = learner(center_rewards=True, gamma=0.9, n_step=1, learning_starts=8, batch_size=8)
+def _restored(tmp_path, centered: bool) -> tuple[QLearner, QLearner]:
+    """A centered learner after 40 steps, and a learner (centered or not) loaded from its
+    checkpoint."""
+    kw = dict(gamma=0.9, n_step=1, learning_starts=8, batch_size=8)
+    L = learner(center_rewards=True, **kw)
     for i in range(40):
         L.learn_one(day(1.0 + i % 2, a=i % 3, i=i))
     L.save_checkpoint(tmp_path / "ck.pt")
-    M = learner(center_rewards=True, gamma=0.9, n_step=1, learning_starts=8, batch_size=8)
+    M = learner(center_rewards=centered, **kw)
     M.load_checkpoint(tmp_path / "ck.pt")
+    return L, M
+
+
+def test_offset_survives_a_checkpoint(tmp_path):
+    L, M = _restored(tmp_path, centered=True)
     assert M.offset == L.offset != 0
     assert np.allclose(M.q_values(S), L.q_values(S))
 
 
 def test_turning_centering_off_folds_the_offset_into_the_networks(tmp_path):
-    L = learner(center_rewards=True, gamma=0.9, n_step=1, learning_starts=8, batch_size=8)
-    for i in range(40):
-        L.learn_one(day(1.0 + i % 2, a=i % 3, i=i))
-    L.save_checkpoint(tmp_path / "ck.pt")
-    M = learner(center_rewards=False, gamma=0.9, n_step=1, learning_starts=8, batch_size=8)
-    M.load_checkpoint(tmp_path / "ck.pt")
+    L, M = _restored(tmp_path, centered=False)
     assert M.offset == 0.0 and L.offset != 0.0
     assert np.allclose(M.q_values(S), L.q_values(S), atol=1e-4)
     assert np.allclose(NumpyQ(M.snapshot())(np.asarray(S)), L.q_values(S), atol=1e-3)
