@@ -65,3 +65,11 @@ class OfflineDataError(StreamagentError):
 class MissingExtra(StreamagentError):
     """A command needs an optional dependency that is not installed. The message names the
     extra to install (``pip install 'streamagent[<extra>]'``)."""
+
+
+class RebalanceStuck(StreamagentError):
+    """A worker's part of a rebalance (giving up its partitions: waiting for the batches in
+    progress and flushing the producer) did not end in time, so the worker stops itself to be
+    restarted by its supervisor, which resumes from the last committed offsets. The log line
+    before it holds the agents' and the revocation's stacks: where it waited. Raise
+    STREAMAGENT_REVOKE_TIMEOUT_S if a slow broker legitimately needs longer."""

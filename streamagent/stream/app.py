@@ -27,7 +27,8 @@ from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.ingress import OffsetWatch, pseudonyms
 from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acting_as,
                                                 install_commit_guard,
-                                                install_recovery_keeps_buffers, read_offsets,
+                                                install_recovery_keeps_buffers,
+                                                install_revoke_watchdog, read_offsets,
                                                 set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
@@ -101,8 +102,12 @@ def worker_metrics(s: Settings, catalog) -> Metrics:
 
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
                n_partitions: int | None = None,
-               snapshot: ModelSnapshot | None = None) -> Wiring:
+               snapshot: ModelSnapshot | None = None, own_process: bool = False) -> Wiring:
+    """The decide worker's Faust app. ``own_process``: the app is the process (the worker
+    command): a crash or a stuck rebalance ends the process within STREAMAGENT_EXIT_DEADLINE_S
+    even if Faust's shutdown hangs. Off in-process (tests), where that would end the caller."""
     s = settings or Settings()
+    exit_deadline = s.exit_deadline_s if own_process else None
     catalog = load_catalog(s.catalog_path)
     n_parts = n_partitions or s.partitions
     engine = DecisionEngine(catalog, engine_params(s, n_parts),
@@ -140,6 +145,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         stream_buffer_maxsize=s.stream_buffer_maxsize,
     )
 
+    # before anything builds app.consumer, which takes the revocation callback (faust_internals)
+    install_revoke_watchdog(app, s.revoke_timeout_s, exit_deadline)
+
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     user_events = app.topic(s.topic_user_events, partitions=n_parts, **raw)
     coupon_actions = app.topic(s.topic_coupon_actions, partitions=n_parts, **raw)
@@ -162,7 +170,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                            extra_topic_configs=changelog_configs(s))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
-    guard = app.streamagent_delivery_guard = DeliveryGuard(app)
+    guard = app.streamagent_delivery_guard = DeliveryGuard(app, exit_deadline)
     dlq_topics = frozenset(s.dlq(t) for t in (s.topic_user_events, s.topic_conversions,
                                               s.topic_decision_log))
 

@@ -50,6 +50,13 @@ pin, when an upgrade takes away what this module relies on:
   replay (docs/RELIABILITY.md, "Identity beyond offsets"). (Holding the stream partitions
   paused until after the seek instead, the order faust-streaming #253 gave the path without
   tables, stalled a restarted worker in 3 of 8 runs of tests/integration/test_crash.py.)
+- ``App._on_partitions_revoked`` (the app's part of a rebalance, which Faust hands to its
+  consumer when it builds it) and ``Consumer._unacked_messages``: :func:`install_revoke_watchdog`
+  stops a worker whose revocation does not end in time (it waits for every message handed to an
+  agent to be acknowledged, then for the producer's flush). Stuck there, the worker keeps its
+  partitions and its group membership without deciding: its consumer thread has not sent its
+  JoinGroup yet, so the other workers see no rebalance at all (seen once in CI: half the users
+  got no decision for 10 minutes while the other decider ran on).
 - ``App.rebalancing``, ``App.rebalancing_count``, ``App.in_recovery`` (declared on Faust's
   ``AppT``, not documented as API) and ``TableManager._recovery`` with its ``completed`` event:
   :func:`group_state` reads them for the worker's /readyz, from the HTTP server's thread. Never
@@ -62,6 +69,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -114,8 +124,8 @@ class DeliveryGuard:
     Dead letters are not guarded: a dead-letter topic failing must not stop the stream.
     """
 
-    def __init__(self, app=None):
-        self.app = app
+    def __init__(self, app=None, exit_deadline_s: float | None = None):
+        self.app, self.exit_deadline_s = app, exit_deadline_s
         self.failure: BaseException | None = None
         self.refused = 0  # commits refused since the failure
 
@@ -143,7 +153,9 @@ class DeliveryGuard:
             try:
                 asyncio.get_running_loop().create_task(self.app.crash(exc))
             except RuntimeError:  # no loop running (tests): the commit guard still holds
-                pass
+                return
+            if self.exit_deadline_s is not None:
+                exit_after(self.exit_deadline_s, "a record was not delivered")
 
     def allows_commit(self, offsets) -> bool:
         if self.failure is None:
@@ -200,6 +212,86 @@ def install_recovery_keeps_buffers() -> None:
     Recovery.on_recovery_completed = on_recovery_completed
 
 
+_exit_timers: list[threading.Timer] = []
+
+
+def exit_after(seconds: float, why: str, code: int = 1) -> threading.Timer:
+    """End the process with ``code`` in ``seconds`` unless it has ended by then.
+
+    For a worker that crashed: Faust's shutdown commits and flushes again, and what stopped the
+    worker (a broker away, a commit stuck behind a rebalance) can hold that shutdown for good,
+    the process alive in its consumer group and deciding nothing. A daemon thread, so a
+    shutdown that ends in time is not held up by it."""
+    def fire() -> None:
+        log.critical("the worker did not stop within %.0f s after %s: exiting with status %d "
+                     "now", seconds, why, code)
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.name = "streamagent-exit-deadline"
+    timer.start()
+    _exit_timers.append(timer)
+    return timer
+
+
+def install_revoke_watchdog(app, timeout_s: float, exit_deadline_s: float | None = None,
+                            on_stuck=None) -> None:
+    """Crash ``app`` (exit status 1) when its part of a rebalance runs longer than
+    ``timeout_s`` (see the module's notes). Call before anything builds ``app.consumer``: Faust
+    hands the revocation callback to the consumer when it builds it. ``on_stuck(detail)`` is
+    called instead of crashing when given (tests)."""
+    original = app._on_partitions_revoked
+
+    async def _on_partitions_revoked(revoked) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        started = time.monotonic()
+        handle = loop.call_later(timeout_s, _stuck, app, task, revoked, started, timeout_s,
+                                 exit_deadline_s, on_stuck)
+        try:
+            await original(revoked)
+        finally:
+            handle.cancel()
+
+    _on_partitions_revoked.streamagent_watchdog = True
+    app._on_partitions_revoked = _on_partitions_revoked
+
+
+def _stuck(app, task, revoked, started, timeout_s, exit_deadline_s, on_stuck) -> None:
+    if task is not None and task.done():
+        return
+    waiting = []
+    with contextlib.suppress(Exception):
+        waiting = [f"{m.tp.topic}[{m.tp.partition}]@{m.offset} (refcount {m.refcount})"
+                   for m in list(app.consumer._unacked_messages)[:20]]
+    stack = ""
+    if task is not None:
+        with contextlib.suppress(Exception):
+            from mode.utils.tracebacks import format_task_stack  # follows the await chain
+
+            stack = format_task_stack(task, limit=40)
+    agents = ""
+    with contextlib.suppress(Exception):
+        agents = app.agents.human_tracebacks()
+    detail = (f"giving up {len(revoked)} partitions has taken {time.monotonic() - started:.1f} s "
+              f"(STREAMAGENT_REVOKE_TIMEOUT_S={timeout_s:g}); messages handed to agents and not "
+              f"acknowledged: {waiting or 'none'}\n--- the revocation's stack\n{stack}"
+              f"--- the agents\n{agents}")
+    if on_stuck is not None:
+        on_stuck(detail)
+        return
+    from streamagent.errors import RebalanceStuck
+
+    log.critical("rebalance stuck: %s\nthe worker stops; restarted, it resumes from the last "
+                 "commit", detail)
+    asyncio.get_running_loop().create_task(app.crash(RebalanceStuck(
+        f"giving up partitions took longer than {timeout_s:g} s")))
+    if exit_deadline_s is not None:
+        exit_after(exit_deadline_s, "a stuck rebalance")
+
+
 @dataclass(frozen=True)
 class GroupState:
     """Where a Faust worker is in joining its consumer group and recovering its tables."""
@@ -241,12 +333,23 @@ def acting_as(event):
         _streams._current_event.reset(token)
 
 
-def make_worker(app, loglevel: str):
-    """A Faust worker that leaves the root logger at ``loglevel`` (no progress spinner)."""
+def make_worker(app, loglevel: str, exit_deadline_s: float | None = None):
+    """A Faust worker that leaves the root logger at ``loglevel`` (no progress spinner).
+    ``exit_deadline_s``: once the worker begins to stop (a crash, a signal), the process ends
+    within that long even if the shutdown hangs (:func:`exit_after`)."""
     import faust
 
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.spinner = None
+    if exit_deadline_s is not None:
+        stop = worker.stop
+
+        async def stop_within_deadline() -> None:
+            if not worker._stopped.is_set():
+                exit_after(exit_deadline_s, "the worker began to stop")
+            await stop()
+
+        worker.stop = stop_within_deadline
     return worker
 
 

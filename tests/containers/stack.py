@@ -367,6 +367,27 @@ class Stack:
         status, _, body = out.stdout.decode().partition("\n")
         return int(status), body
 
+    NOTABLE = re.compile(r"CRITICAL|ERROR|Traceback|Error:|Exception|rebalance stuck|"
+                         r"Timed out|timed out|wait_empty|Revoking|generation \d|exiting|"
+                         r"Worker ready|Crashed")
+
+    def digest(self, service: str, per_container: int = 8, width: int = 170) -> str:
+        """For CI, which shows only the end of the output: per container of ``service``, its
+        restarts and the last notable lines of its whole log (errors, rebalances, crashes),
+        each cut to ``width``."""
+        out = []
+        for c in self.containers(service):
+            name = c.get("Name", "?")
+            restarts = run(["docker", "inspect", "--format", "{{.RestartCount}}", name],
+                           check=False).stdout.decode().strip()
+            log = run(["docker", "logs", name], check=False)
+            lines = (log.stdout + log.stderr).decode(errors="replace").splitlines()
+            notable = [ln.strip()[:width] for ln in lines if self.NOTABLE.search(ln)]
+            out.append(f"{name} ({c.get('State')}, {restarts or '?'} restarts, "
+                       f"{len(lines)} log lines, {len(notable)} notable; the last):")
+            out += ["  " + ln for ln in notable[-per_container:]]
+        return "\n".join(out)
+
     def logs(self, tail: int = 60, *services: str) -> str:
         out = self("logs", "--no-color", "--tail", str(tail), *services, check=False,
                    timeout=120)

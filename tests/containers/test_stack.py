@@ -273,7 +273,9 @@ def test_compose_stack_end_to_end():
                 f"\n--- deciders' /readyz\n" + "\n".join(ready)
                 + "\n--- deciders' and learner's last log lines\n"
                 + stack.logs(12, "decider", "learner")[-6000:]
-                + "\n--- the shop's last log lines\n" + stack.logs(15, "shop")[-3000:])
+                + "\n--- the deciders' notable log lines (restarts, errors, rebalances)\n"
+                + stack.digest("decider")
+                + "\n--- the shop's last log lines\n" + stack.logs(4, "shop")[-1000:])
 
         def decisions():
             shop_running()
