@@ -56,7 +56,9 @@ pin, when an upgrade takes away what this module relies on:
   agent to be acknowledged, then for the producer's flush). Stuck there, the worker keeps its
   partitions and its group membership without deciding: its consumer thread has not sent its
   JoinGroup yet, so the other workers see no rebalance at all (seen once in CI: half the users
-  got no decision for 10 minutes while the other decider ran on).
+  got no decision for 10 minutes while the other decider ran on). And ``mode.Worker.stop``
+  with its ``_stopped`` event: :func:`make_worker` arms an exit deadline when the worker
+  begins to stop, since Faust's shutdown commits again and can hang behind the same commit.
 - ``App.rebalancing``, ``App.rebalancing_count``, ``App.in_recovery`` (declared on Faust's
   ``AppT``, not documented as API) and ``TableManager._recovery`` with its ``completed`` event:
   :func:`group_state` reads them for the worker's /readyz, from the HTTP server's thread. Never
@@ -212,9 +214,6 @@ def install_recovery_keeps_buffers() -> None:
     Recovery.on_recovery_completed = on_recovery_completed
 
 
-_exit_timers: list[threading.Timer] = []
-
-
 def exit_after(seconds: float, why: str, code: int = 1) -> threading.Timer:
     """End the process with ``code`` in ``seconds`` unless it has ended by then.
 
@@ -232,7 +231,6 @@ def exit_after(seconds: float, why: str, code: int = 1) -> threading.Timer:
     timer.daemon = True
     timer.name = "streamagent-exit-deadline"
     timer.start()
-    _exit_timers.append(timer)
     return timer
 
 
