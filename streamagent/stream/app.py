@@ -102,12 +102,8 @@ def worker_metrics(s: Settings, catalog) -> Metrics:
 
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
                n_partitions: int | None = None,
-               snapshot: ModelSnapshot | None = None, own_process: bool = False) -> Wiring:
-    """The decide worker's Faust app. ``own_process``: the app is the process (the worker
-    command): a crash or a stuck rebalance ends the process within STREAMAGENT_EXIT_DEADLINE_S
-    even if Faust's shutdown hangs. Off in-process (tests), where that would end the caller."""
+               snapshot: ModelSnapshot | None = None) -> Wiring:
     s = settings or Settings()
-    exit_deadline = s.exit_deadline_s if own_process else None
     catalog = load_catalog(s.catalog_path)
     n_parts = n_partitions or s.partitions
     engine = DecisionEngine(catalog, engine_params(s, n_parts),
@@ -146,7 +142,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     )
 
     # before anything builds app.consumer, which takes the revocation callback (faust_internals)
-    install_revoke_watchdog(app, s.revoke_timeout_s, exit_deadline)
+    install_revoke_watchdog(app, s.revoke_timeout_s)
 
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     user_events = app.topic(s.topic_user_events, partitions=n_parts, **raw)
@@ -170,7 +166,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
                            extra_topic_configs=changelog_configs(s))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
-    guard = app.streamagent_delivery_guard = DeliveryGuard(app, exit_deadline)
+    guard = app.streamagent_delivery_guard = DeliveryGuard(app)
     dlq_topics = frozenset(s.dlq(t) for t in (s.topic_user_events, s.topic_conversions,
                                               s.topic_decision_log))
 

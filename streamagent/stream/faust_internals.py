@@ -126,8 +126,8 @@ class DeliveryGuard:
     Dead letters are not guarded: a dead-letter topic failing must not stop the stream.
     """
 
-    def __init__(self, app=None, exit_deadline_s: float | None = None):
-        self.app, self.exit_deadline_s = app, exit_deadline_s
+    def __init__(self, app=None):
+        self.app = app
         self.failure: BaseException | None = None
         self.refused = 0  # commits refused since the failure
 
@@ -155,9 +155,7 @@ class DeliveryGuard:
             try:
                 asyncio.get_running_loop().create_task(self.app.crash(exc))
             except RuntimeError:  # no loop running (tests): the commit guard still holds
-                return
-            if self.exit_deadline_s is not None:
-                exit_after(self.exit_deadline_s, "a record was not delivered")
+                pass
 
     def allows_commit(self, offsets) -> bool:
         if self.failure is None:
@@ -217,7 +215,8 @@ def install_recovery_keeps_buffers() -> None:
 def exit_after(seconds: float, why: str, code: int = 1) -> threading.Timer:
     """End the process with ``code`` in ``seconds`` unless it has ended by then.
 
-    For a worker that crashed: Faust's shutdown commits and flushes again, and what stopped the
+    For a worker that is stopping (:func:`make_worker` arms it; every crash ends in the
+    worker's stop, as mode's Worker stops itself once its app crashed): Faust's shutdown commits and flushes again, and what stopped the
     worker (a broker away, a commit stuck behind a rebalance) can hold that shutdown for good,
     the process alive in its consumer group and deciding nothing. A daemon thread, so a
     shutdown that ends in time is not held up by it."""
@@ -234,12 +233,12 @@ def exit_after(seconds: float, why: str, code: int = 1) -> threading.Timer:
     return timer
 
 
-def install_revoke_watchdog(app, timeout_s: float, exit_deadline_s: float | None = None,
-                            on_stuck=None) -> None:
+def install_revoke_watchdog(app, timeout_s: float, on_stuck=None) -> None:
     """Crash ``app`` (exit status 1) when its part of a rebalance runs longer than
-    ``timeout_s`` (see the module's notes). Call before anything builds ``app.consumer``: Faust
-    hands the revocation callback to the consumer when it builds it. ``on_stuck(detail)`` is
-    called instead of crashing when given (tests)."""
+    ``timeout_s`` (see the module's notes); the worker's stop then runs under its exit deadline
+    (:func:`make_worker`). Call before anything builds ``app.consumer``: Faust hands the
+    revocation callback to the consumer when it builds it. ``on_stuck(detail)`` is called
+    instead of crashing when given (tests)."""
     original = app._on_partitions_revoked
 
     async def _on_partitions_revoked(revoked) -> None:
@@ -247,7 +246,7 @@ def install_revoke_watchdog(app, timeout_s: float, exit_deadline_s: float | None
         task = asyncio.current_task()
         started = time.monotonic()
         handle = loop.call_later(timeout_s, _stuck, app, task, revoked, started, timeout_s,
-                                 exit_deadline_s, on_stuck)
+                                 on_stuck)
         try:
             await original(revoked)
         finally:
@@ -257,7 +256,7 @@ def install_revoke_watchdog(app, timeout_s: float, exit_deadline_s: float | None
     app._on_partitions_revoked = _on_partitions_revoked
 
 
-def _stuck(app, task, revoked, started, timeout_s, exit_deadline_s, on_stuck) -> None:
+def _stuck(app, task, revoked, started, timeout_s, on_stuck) -> None:
     if task is not None and task.done():
         return
     waiting = []
@@ -286,8 +285,6 @@ def _stuck(app, task, revoked, started, timeout_s, exit_deadline_s, on_stuck) ->
                  "commit", detail)
     asyncio.get_running_loop().create_task(app.crash(RebalanceStuck(
         f"giving up partitions took longer than {timeout_s:g} s")))
-    if exit_deadline_s is not None:
-        exit_after(exit_deadline_s, "a stuck rebalance")
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def run_worker(s: Settings) -> int:
         snap = None
     else:  # the newest valid snapshot: corrupt or invalid ones are skipped (and logged)
         snap = latest_snapshot(kafka, s.topic_model_updates, check=check)
-    w = create_app(s, metrics=metrics, n_partitions=n, snapshot=snap, own_process=True)
+    w = create_app(s, metrics=metrics, n_partitions=n, snapshot=snap)
     follower = None
     if not s.model_path:  # a fixed model file means: do not follow the learner
         follower = ModelFollower(kafka, s.topic_model_updates, w.engine, w.metrics,
@@ -118,6 +118,7 @@ def run_worker(s: Settings) -> int:
     logging.getLogger("streamagent").info(
         "decide worker: %d partitions, model v%d, metrics on %s:%s", n, w.engine.model.version,
         s.metrics_host, s.metrics_port or "off")
+    # the process is the worker: a crash or a stuck rebalance ends it within the deadline
     make_worker(w.app, s.log_level.upper(),
                 exit_deadline_s=s.exit_deadline_s).execute_from_commandline()
     return 0
