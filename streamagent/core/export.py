@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from streamagent.core.qnet import ModelSnapshot, as_network, shift_output
+from streamagent.core.qnet import ModelSnapshot, as_network, published
 from streamagent.errors import ConfigError
 
 # what a checkpoint must hold to be exported (it holds more: optimiser, replay, ...)
@@ -44,11 +44,11 @@ def snapshot_from_checkpoint(path: Path) -> ModelSnapshot:
     if "value.weight" in weights or offset:
         try:
             net = as_network(weights, len(doc["feature_names"]), len(doc["actions"]),
-                             tuple(doc["hidden"]), heads, "value.weight" in weights).plain()
+                             tuple(doc["hidden"]), heads, "value.weight" in weights)
         except RuntimeError as exc:
             raise ConfigError(f"{path}: its weights do not fit its own network shape: "
                               f"{exc}") from None
-        weights = shift_output(net, offset).state_dict()
+        weights = published(net, offset).state_dict()
     snap = ModelSnapshot(int(doc["version"]), int(doc["train_steps"]), tuple(doc["hidden"]),
                          tuple(doc["actions"]), tuple(doc["feature_names"]), dict(weights),
                          created_at=path.stat().st_mtime,  # about when that model was published

@@ -6,7 +6,6 @@ transition is gamma ** (dt / gamma_unit), dt being the event time to the user's 
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 from dataclasses import asdict, dataclass
@@ -18,7 +17,8 @@ from torch import nn
 
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
-from streamagent.core.qnet import ModelSnapshot, as_network, init_network, shift_output
+from streamagent.core.qnet import (ModelSnapshot, as_network, init_network, published,
+                                   shift_output)
 from streamagent.errors import InvalidMessage
 
 log = logging.getLogger("streamagent.learner")
@@ -389,10 +389,9 @@ class QLearner:
 
         self.version += 1
         net = self.target if self.p.publish_average else self.online
-        if self.offset:  # the deciders get uncentered Q
-            net = shift_output(copy.deepcopy(net.plain()), self.offset)
-        snap = ModelSnapshot.from_network(net, self.version, self.train_steps,
-                                          self.actions, self.feature_names)
+        # the deciders get uncentered Q
+        snap = ModelSnapshot.from_network(published(net, self.offset), self.version,
+                                          self.train_steps, self.actions, self.feature_names)
         snap.created_at = time.time()
         return snap
 

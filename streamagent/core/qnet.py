@@ -6,6 +6,7 @@ microseconds of dispatch overhead, so deciders run the same weights through nump
 """
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,18 @@ def shift_output(net: QNetwork, delta: float) -> QNetwork:
         else:
             net.net[-1].bias.add_(delta)
     return net
+
+
+def published(net: QNetwork, offset: float = 0.0) -> QNetwork:
+    """What deciders get of ``net``: the plain network computing its Q plus ``offset`` (a
+    learner's reward-centering offset). ``net`` itself when there is nothing to change, else a
+    copy: ``net`` is never modified."""
+    if net.value is None and not offset:
+        return net
+    out = net.plain()
+    if out is net:
+        out = copy.deepcopy(net)
+    return shift_output(out, offset) if offset else out
 
 
 def init_network(n_features: int, n_actions: int, hidden: tuple[int, ...], seed: int,
