@@ -20,10 +20,11 @@ from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.metrics import Metrics
-from streamagent.ops.kafka import KafkaClientConfig, kafka_client
+from streamagent.ops.kafka import KafkaClientConfig, kafka_client, make_producer
 from streamagent.params import engine_params, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
+from streamagent.stream.outputs import OutputProducer
 from streamagent.stream.ingress import OffsetWatch, pseudonyms
 from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acting_as,
                                                 install_commit_guard,
@@ -167,6 +168,16 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
     guard = app.streamagent_delivery_guard = DeliveryGuard(app)
+    # outputs and changelog records go through librdkafka, off the event loop (outputs.py);
+    # the commit step waits for every one of them to end first
+    outputs = app.streamagent_outputs = OutputProducer(make_producer(
+        kafka_client(s), **{"linger.ms": s.producer_linger_ms,
+                            "message.timeout.ms": int(app.conf.producer_request_timeout * 1000),
+                            "message.max.bytes": app.conf.producer_max_request_size}))
+
+    @app.on_before_shutdown.connect
+    async def _deliver_outputs(app, **kwargs) -> None:
+        await outputs.close(timeout_s=s.exit_deadline_s / 2)
     dlq_topics = frozenset(s.dlq(t) for t in (s.topic_user_events, s.topic_conversions,
                                               s.topic_decision_log))
 
@@ -176,7 +187,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         guard.fail(exc)
 
     # read and written through their stores, changelogs sent per batch (faust_internals)
-    users_t, budgets_t, join_t = (DirectTable(t, app, changelog_failed)
+    users_t, budgets_t, join_t = (DirectTable(t, app, changelog_failed, outputs)
                                   for t in (users, budgets, join_state))
 
     async def flush_tables() -> None:
@@ -188,11 +199,14 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     stream_clocks = StreamClocks(budgets_t)
 
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
-        # hand over without waiting for delivery; Faust flushes the producer before it
-        # commits offsets, and the guard refuses the commit if any of them failed
+        # hand over without waiting for delivery; the commit step waits for every output
+        # to end, and the guard refuses the commit if any of them failed
         dead_letter = topic in dlq_topics
+        if guard.failure is not None and not dead_letter:
+            # the worker is stopping: apply nothing more whose outputs cannot go out
+            raise guard.failure
         try:
-            fut = await app.producer.send(topic, key, value, None, None, None)
+            fut = await outputs.send(topic, key, value)
         except Exception as exc:  # counted by the handler, which stops the batch
             if not dead_letter:
                 guard.fail(exc)

@@ -9,8 +9,9 @@ The Faust agent (stream/app.py) takes events in batches and hands each batch to
 3. writes each touched user's state once (one table write and one changelog message per user
    per batch, not per event), and the budget, clock and user count once per partition;
 4. hands decision-log records, coupon actions and dead letters to the producer without
-   waiting for each delivery: Faust flushes the producer before it commits the batch's
-   offsets, so a crash replays the batch rather than losing its outputs;
+   waiting for each delivery (stream/outputs.py, librdkafka off the event loop): the commit
+   step waits for every one to be delivered before it commits the batch's offsets, so a
+   crash replays the batch rather than losing its outputs;
 5. sweeps a slice of each of the batch's partitions for expired users (``sweep_keys`` keys
    per partition and batch, a cursor going round the partition's keys): a user whose last
    event is more than the TTL behind the partition's event time is deleted (core/state.py

@@ -105,10 +105,11 @@ def set_fetch_max_wait(ms: int) -> None:
 class DeliveryGuard:
     """Holds back every offset commit, and stops the worker, once a record it sent was lost.
 
-    The worker hands its outputs and changelog records to the producer without waiting, and
-    Faust flushes the producer before it commits the input offsets. But the flush waits for
-    every send to end, delivered or not: a record the producer gave up on (the broker away
-    longer than Faust's ``producer_request_timeout``, 20 min by default; a record over the
+    The worker hands its outputs and changelog records to its producer (stream/outputs.py)
+    without waiting, and its commit step waits for that producer's flush before it commits the
+    input offsets. But the flush waits for every send to end, delivered or not: a record the
+    producer gave up on (the broker away longer than Faust's ``producer_request_timeout``,
+    20 min by default, librdkafka's ``message.timeout.ms`` here; a record over the
     size limit) would not stop the commit, and its input would never be processed again. Nor
     would a send that raises: the agent crashes, ``Stream.take_events`` acknowledges the batch
     on its way out, and the supervisor restarts the agent on the next batch.
@@ -176,6 +177,9 @@ def install_commit_guard() -> None:
     original = drv.Consumer._commit
 
     async def _commit(self, offsets) -> bool:
+        outputs = getattr(self.app, "streamagent_outputs", None)
+        if outputs is not None:  # the worker's own producer (stream/outputs.py): Faust's
+            await outputs.flush()  # flush before this step does not wait for it
         guard = getattr(self.app, "streamagent_delivery_guard", None)
         if guard is not None:
             # the flush that precedes this step has seen every send end: let their done
@@ -353,8 +357,9 @@ class DirectTable(MutableMapping):
 
     Writes go to the store at once (reads see them) and queue their changelog record; the
     agent's handler calls :meth:`flush` after a batch's writes, which hands the records to the
-    producer without waiting for each. Faust flushes the producer before it commits the input
-    offsets, so the changelog is as durable as through ``Table.__setitem__``; the store's
+    worker's producer (stream/outputs.py) without waiting for each. The commit step waits for
+    that producer's flush before it commits the input offsets (:func:`install_commit_guard`),
+    so the changelog is as durable as through ``Table.__setitem__``; the store's
     persisted changelog offset (where a restart resumes recovery) is kept per partition from
     the last record of each flush, as Faust's own callback keeps it per record.
     Writes must run inside :func:`acting_as` (the store picks the partition from the event).
@@ -367,10 +372,11 @@ class DirectTable(MutableMapping):
     key it cannot parse as JSON, on every rebalance; see RELIABILITY.md.)
     """
 
-    def __init__(self, table, app, on_error=None):
+    def __init__(self, table, app, on_error=None, producer=None):
         """``on_error(exc)`` is called for every changelog record that could not be sent
-        (handed over, or delivered)."""
-        self.table, self.app, self.on_error = table, app, on_error
+        (handed over, or delivered); ``producer``: what :meth:`flush` sends through (the
+        worker's stream/outputs.py ``OutputProducer``)."""
+        self.table, self.app, self.on_error, self.producer = table, app, on_error, producer
         self.pending: list[tuple[bytes, bytes | None, int]] = []
         self._raw_keys = table.key_type is bytes and table.key_serializer in (None, "raw")
 
@@ -454,12 +460,12 @@ class DirectTable(MutableMapping):
         if not self.pending:
             return
         topic = self.table.changelog_topic.get_topic_name()
-        send = self.app.producer.send
+        send = self.producer.send
         last = {}
         pending, self.pending = self.pending, []
         for key, value, part in pending:
             try:
-                fut = last[part] = await send(topic, key, value, part, None, None)
+                fut = last[part] = await send(topic, key, value, part)
             except Exception as exc:
                 if self.on_error is not None:
                     self.on_error(exc)

@@ -6,7 +6,8 @@ works on a staging of the join-state table (core/tables.py ``Staged``); if it fa
 (a poison record), its staging is dropped, the record is dead-lettered, and no other user's
 state or output is touched. Successful inputs are applied to the batch's staging, which reaches
 the table once per key at the end of the batch; the outputs are then handed to the producer
-without waiting for each delivery (Faust flushes the producer before it commits offsets).
+without waiting for each delivery (the commit step waits for them all to be delivered before
+it commits offsets: stream/outputs.py).
 
 The outbox (core/outbox.py) remembers what each input produced, so an input replayed after a
 crash re-sends exactly its outputs instead of being joined twice.

@@ -67,7 +67,7 @@ def test_a_batch_writes_each_user_once_and_sends_every_output():
     assert dl["reason"] == "bad_json"
     assert UserStates(users).get(b"u0").n_events == 4
     decision = next(d for t, _, d in sent if t == "decision-log" and d["user_id"] == "u0")
-    assert UserStates(users).get(b"u0").decisions[-1].decision_id == decision["decision_id"]
+    assert UserStates(users).get(b"u0").recent[-1].decision_id == decision["decision_id"]
     get = h.m.registry.get_sample_value
     assert get("streamagent_ingest_events_total", {"type": "page_view"}) == 9
     assert get("streamagent_ingest_dead_letters_total",

@@ -82,11 +82,11 @@ def test_the_worker_send_guards_outputs_and_not_dead_letters(tmp_path):
     s = w.settings
     handed: list = []
 
-    class Producer:  # the Faust producer's send: hands over, returns the delivery future
+    class Producer:  # the worker's OutputProducer.send: hands over, returns the delivery future
         def __init__(self):
             self.fail_hand_over: BaseException | None = None
 
-        async def send(self, topic, key, value, partition, timestamp, headers):
+        async def send(self, topic, key, value, partition=None):
             if self.fail_hand_over is not None:
                 raise self.fail_hand_over
             fut = asyncio.get_running_loop().create_future()
@@ -96,7 +96,7 @@ def test_the_worker_send_guards_outputs_and_not_dead_letters(tmp_path):
     async def main():
         app.crash = lambda reason: asyncio.sleep(0)
         producer = Producer()
-        app.producer = producer
+        app.streamagent_outputs.send = producer.send
         send = app.streamagent_send
         # a dead letter not delivered: counted (stage dlq), the stream goes on
         await send(s.dlq(s.topic_user_events), b"k", b"{}")
@@ -139,21 +139,23 @@ class Table:
 
 
 def test_a_changelog_record_refused_or_lost_is_reported(tmp_path):
-    class App:
-        class producer:
-            fail: BaseException | None = None
-            futures: list = []
+    class Producer:  # the worker's OutputProducer
+        fail: BaseException | None = None
+        futures: list = []
 
-            @classmethod
-            async def send(cls, topic, key, value, partition, timestamp, headers):
-                if cls.fail is not None:
-                    raise cls.fail
-                fut = asyncio.get_running_loop().create_future()
-                cls.futures.append(fut)
-                return fut
+        @classmethod
+        async def send(cls, topic, key, value, partition=None):
+            if cls.fail is not None:
+                raise cls.fail
+            fut = asyncio.get_running_loop().create_future()
+            cls.futures.append(fut)
+            return fut
+
+    class App:
+        producer = Producer
 
     reported: list = []
-    t = DirectTable(Table(), App, reported.append)
+    t = DirectTable(Table(), App, reported.append, Producer)
 
     async def main():
         t.pending = [(b"u1", b"state", 0), (b"u2", b"state", 1)]

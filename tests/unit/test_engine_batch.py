@@ -166,7 +166,7 @@ def rounded(states):
     """States with the logged Q-values to 4 decimals: a batched matrix product may sum in
     another order than a single row's and differ in the last bits (never in the decisions)."""
     def q4(d):
-        return dataclasses.replace(d, q_values=tuple(round(v, 4) for v in d.q_values))
+        return {**d, "q_values": [round(v, 4) for v in d["q_values"]]}
     return {k: dataclasses.replace(s, decisions=tuple(q4(d) for d in s.decisions))
             for k, s in states.items()}
 

@@ -75,7 +75,7 @@ def test_after_a_topic_is_recreated_new_events_are_applied():
     u = User(engine())
     for i in range(5):
         u.send(raw(i, "session_start" if i == 2 else "page_view"), 0, 1000 + i)
-    old_decision = u.state.decisions[-1]
+    old_decision = u.state.recent[-1]
     # the topic is recreated: offsets start again from 0, the events are new
     results = [u.send(raw(i, "session_start" if i == 11 else "page_view"), 0, i - 10)
                for i in range(10, 13)]
@@ -174,14 +174,14 @@ def test_an_old_blob_decodes_and_keeps_its_replays_idempotent():
     s = UserState.from_bytes(old_blob())
     assert (s.user_id, s.last_offset, s.n_events, s.geo, s.coupon_ts) == \
         ("u1", 41, 2, "DE", (T0 + 60_000,))
-    assert s.interest[1] == 1.0 and s.decisions[0].trigger_event_id == "e1"
+    assert s.interest[1] == 1.0 and s.recent[0].trigger_event_id == "e1"
     assert s.event_ids == ()
     u = User(engine())
     u.state = s
     # the first events after the upgrade may be a crash replay of the old release's batch:
     # without ids, the offset says so, and the trigger's decision is re-sent
     r = u.send(raw(1, "session_start"), 0, 40)
-    assert r.replayed and r.decision == s.decisions[0] and u.state == s
+    assert r.replayed and r.decision == s.recent[0] and u.state == s
     # new events are applied and start the id memory; the blob is then version 2
     r = u.send(raw(2), 0, 42)
     assert not r.replayed and u.state.event_ids == ("e2",) and u.state.n_events == 3
