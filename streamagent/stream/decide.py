@@ -12,8 +12,9 @@ The Faust agent (stream/app.py) takes events in batches and hands each batch to
    waiting for each delivery (stream/outputs.py, librdkafka off the event loop): the commit
    step waits for every one to be delivered before it commits the batch's offsets, so a
    crash replays the batch rather than losing its outputs;
-5. sweeps a slice of each of the batch's partitions for expired users (``sweep_keys`` keys
-   per partition and batch, a cursor going round the partition's keys): a user whose last
+5. sweeps a slice of each of the batch's partitions for expired users (two keys per record
+   the batch brought the partition, at most ``sweep_keys``; a cursor going round the
+   partition's keys): a user whose last
    event is more than the TTL behind the partition's event time is deleted (core/state.py
    ``expired``; the engine already treats such a state as absent, so when the sweep runs
    changes nothing but the table's size).
@@ -29,6 +30,7 @@ in the worker, dicts in tests), so the handler runs without a broker.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import logging
 import time
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ from streamagent.core.engine import DecisionEngine, StepResult
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.pacing import target_of
 from streamagent.core.state import expired
-from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
+from streamagent.core.tables import (BudgetShares, StreamClocks, UserCounts, UserStates,
+                                     sweep_budget)
 from streamagent.core.pseudonym import Pseudonyms
 from streamagent.errors import InvalidMessage
 from streamagent.stream.ingress import envelope, pseudonymise, raw_key
@@ -90,7 +93,8 @@ class DecideHandler:
                  pseudonyms: Pseudonyms | None = None):
         """``flush_tables()`` hands the batch's table changes to the producer (the worker's
         tables are stream/faust_internals.py DirectTables); in-memory tables need none.
-        ``sweep_keys``: users the expiry sweep looks at per partition and batch (0: none);
+        ``sweep_keys``: users the expiry sweep looks at per partition and batch, at most
+        (core/tables.py ``sweep_budget``; 0: none);
         ``partition_of(key)``: a user key's partition, for tables that cannot list one
         partition's keys themselves (core/tables.py ``scan``)."""
         self.engine, self.t, self.topics, self.send, self.m = engine, tables, topics, send, metrics
@@ -139,15 +143,16 @@ class DecideHandler:
         self.users_by_part[p] = max(0, self.users_by_part[p] + delta)
         self.t.counts.put(p, self.users_by_part[p])
 
-    def _sweep(self, p: int, clock) -> int:
-        """Delete the expired users among the partition's next ``sweep_keys`` users;
-        inside the partition's scope. Returns how many went."""
+    def _sweep(self, p: int, clock, records: int) -> int:
+        """Delete the expired users among the partition's next few users (core/tables.py
+        ``sweep_budget``: ``records`` the batch brought it); inside the partition's scope.
+        Returns how many went."""
         ttl = self.engine.p.state.ttl_ms
-        if not self.sweep_keys or not ttl or clock.stream_time is None:
+        n = sweep_budget(self.sweep_keys, records)
+        if not n or not ttl or clock.stream_time is None:
             return 0
-        seen = self.t.users.last_seen(p, self.sweep_from.get(p), self.sweep_keys,
-                                      self.partition_of)
-        self.sweep_from[p] = seen[-1][0] if len(seen) >= self.sweep_keys else None
+        seen = self.t.users.last_seen(p, self.sweep_from.get(p), n, self.partition_of)
+        self.sweep_from[p] = seen[-1][0] if len(seen) >= n else None
         gone = [k for k, last_ts in seen if expired(last_ts, clock.stream_time, ttl)]
         for k in gone:
             self.t.users.delete(k)
@@ -161,10 +166,15 @@ class DecideHandler:
         t0 = time.perf_counter()
         m, t = self.m, self.t
         states: dict = {}
-        for msg in batch:
-            if msg.key and msg.key not in states:
-                states[msg.key] = t.users.get(msg.key)
-        parts = sorted({msg.partition for msg in batch})
+        per_part = Counter(msg.partition for msg in batch)
+        parts = sorted(per_part)
+        for p in parts:
+            # in the partition's scope, a read looks in that partition's store only (outside
+            # it, Faust's RocksDB store asks every partition's store for a key it has not seen)
+            with scope(p):
+                for msg in batch:
+                    if msg.partition == p and msg.key and msg.key not in states:
+                        states[msg.key] = t.users.get(msg.key)
         budgets = {p: t.budgets.get(p) for p in parts}
         clocks = {p: t.clocks.get(p) for p in parts}
         before = dict(budgets), dict(clocks), {k: v is None for k, v in states.items()}
@@ -217,7 +227,7 @@ class DecideHandler:
                     t.clocks.put(p, clocks[p])
                 if new_users.get(p):
                     self._count_users(p, new_users[p])
-                swept += self._sweep(p, clocks[p])
+                swept += self._sweep(p, clocks[p], per_part[p])
             self.budget_by_part[p] = budgets[p]
         if self.flush_tables is not None:
             await self.flush_tables()

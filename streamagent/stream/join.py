@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable, ContextManager, MutableMapping, Sequence
 
@@ -33,7 +34,7 @@ from streamagent.stream.ingress import envelope, pseudonymise
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.outbox import Outbox
-from streamagent.core.tables import JoinStore, Staged
+from streamagent.core.tables import JoinStore, Staged, sweep_budget
 from streamagent.errors import InvalidMessage
 from streamagent.stream.decide import Message, Send, no_scope
 
@@ -80,7 +81,8 @@ class JoinHandler:
                  topics: JoinTopics, send: Send, metrics, n_partitions: int, worker: str = "",
                  flush_tables: Callable[[], Awaitable[None]] | None = None, *,
                  sweep_keys: int = 0, pseudonyms: Pseudonyms | None = None):
-        """``sweep_keys``: user records the expiry sweep looks at per partition and batch.
+        """``sweep_keys``: user records the expiry sweep looks at per partition and batch, at
+        most (core/tables.py ``sweep_budget``).
         ``pseudonyms``: replace the user ids of conversions at ingress (decision-log records
         come from the deciders, already pseudonymous; core/pseudonym.py)."""
         self.ps = pseudonyms
@@ -158,10 +160,11 @@ class JoinHandler:
                 m.join_events.labels(outcome).inc(n)
             for delay in out.delays_ms:
                 m.attribution_delay.observe(delay / 1000.0)
+        per_part = Counter(msg.partition for msg in batch)
         for p in sorted(set(owner.values())):
             with scope(p):
                 batch_stage.apply([k for k, q in owner.items() if q == p])
-                self._sweep(p)
+                self._sweep(p, per_part[p])
             self.pending_by_part[p] = self.joiner().pending(p)
         if self.flush_tables is not None:
             await self.flush_tables()
@@ -175,13 +178,15 @@ class JoinHandler:
                     raise  # not acknowledged: the batch is read again after a restart
                 log.exception("could not dead-letter a join input")
 
-    def _sweep(self, p: int) -> int:
-        """Delete expired records among the partition's next ``sweep_keys`` users (inside the
-        partition's scope); how many went."""
-        if not self.sweep_keys or not self.p.ttl_ms:
+    def _sweep(self, p: int, records: int) -> int:
+        """Delete expired records among the partition's next few users (core/tables.py
+        ``sweep_budget``: ``records`` the batch brought it; inside the partition's scope);
+        how many went."""
+        n = sweep_budget(self.sweep_keys, records)
+        if not n or not self.p.ttl_ms:
             return 0
         gone, self.sweep_from[p] = self.joiner().sweep(
-            p, self.sweep_from.get(p), self.sweep_keys,
+            p, self.sweep_from.get(p), n,
             lambda user: key_partition(user.encode(), self.n_parts))
         if gone:
             self.m.expired.labels("join-state").inc(len(gone))
