@@ -108,16 +108,38 @@ def test_the_worker_send_guards_outputs_and_not_dead_letters(tmp_path):
         with pytest.raises(RuntimeError):
             await send(s.dlq(s.topic_user_events), b"k", b"{}")
         assert guard.failure is None
-        # an output the producer refuses: the guard fails (the handler counts it)
-        with pytest.raises(RuntimeError):
-            await send(s.topic_decision_log, b"k", b"{}")
-        assert guard.failure is producer.fail_hand_over
-        # an output not delivered: counted once (stage send)
+        # an output not delivered: counted once (stage send), the guard fails
         producer.fail_hand_over = None
         await send(s.topic_coupon_actions, b"k", b"{}")
-        handed[-1][1].set_exception(RuntimeError("expired"))
+        lost = RuntimeError("expired")
+        handed[-1][1].set_exception(lost)
         await asyncio.sleep(0)
-        assert errors(w, "send") == 1
+        assert errors(w, "send") == 1 and guard.failure is lost
+        # from then on the worker is stopping: an output is refused at once, not handed over
+        # (nothing more is applied whose outputs cannot go out); a dead letter still goes
+        n = len(handed)
+        with pytest.raises(RuntimeError, match="expired"):
+            await send(s.topic_decision_log, b"k", b"{}")
+        await send(s.dlq(s.topic_user_events), b"k", b"{}")
+        assert len(handed) == n + 1 and handed[-1][0] == s.dlq(s.topic_user_events)
+
+    asyncio.run(main())
+
+
+def test_an_output_the_producer_refuses_fails_the_guard(tmp_path):
+    w = worker(tmp_path)
+    app, guard = w.app, w.app.streamagent_delivery_guard
+    refused = RuntimeError("Local: Unknown topic")
+
+    async def refuse(topic, key, value, partition=None):
+        raise refused
+
+    async def main():
+        app.crash = lambda reason: asyncio.sleep(0)
+        app.streamagent_outputs.send = refuse
+        with pytest.raises(RuntimeError):  # the handler counts it and stops the batch
+            await app.streamagent_send(w.settings.topic_decision_log, b"k", b"{}")
+        assert guard.failure is refused
 
     asyncio.run(main())
 
