@@ -77,6 +77,8 @@ class StepResult:
     coupon_action: CouponAction | None = None
     replayed: bool = False  # the event had been applied before (crash replay, duplicate)
     expired: bool = False  # the user's stored state had expired (StateParams.ttl_ms): dropped
+    # the decision's document, built once for the state and the decision-log (None: build it)
+    decision_doc: dict | None = None
 
 
 class _Seen:
@@ -402,8 +404,10 @@ class DecisionEngine:
         )
         if a:
             budget = budget_spend(budget, period, cost)
-        state = record_decision(state, decision, a != 0, p.state)
-        return StepResult(state, budget, clock, ev, decision, self._action_for(decision))
+        doc = decision.to_doc()
+        state = record_decision(state, decision, a != 0, p.state, doc)
+        return StepResult(state, budget, clock, ev, decision, self._action_for(decision),
+                          decision_doc=doc)
 
     def _action_for(self, decision: Decision | None) -> CouponAction | None:
         if decision is None or decision.action_index == 0:

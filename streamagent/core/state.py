@@ -261,11 +261,13 @@ def coupons_in_window(state: UserState, ts: int, window_ms: int) -> int:
 
 
 def record_decision(state: UserState, decision: Decision, coupon_issued: bool,
-                    p: StateParams) -> UserState:
-    """Remember a decision (and the coupon it issued) in the user's state."""
+                    p: StateParams, doc: dict | None = None) -> UserState:
+    """Remember a decision (and the coupon it issued) in the user's state; ``doc``: its
+    document, if the caller has it already."""
     ts = decision.ts
     coupon_ts = state.coupon_ts
-    changes: dict = {"decisions": (state.decisions + (decision.to_doc(),))[-RECENT_DECISIONS:]}
+    doc = decision.to_doc() if doc is None else doc
+    changes: dict = {"decisions": (state.decisions + (doc,))[-RECENT_DECISIONS:]}
     if coupon_issued:
         coupon_ts = tuple(c for c in coupon_ts if c > ts - p.cap_window_ms) + (ts,)
         changes.update(coupon_ts=coupon_ts, n_coupons=state.n_coupons + 1,

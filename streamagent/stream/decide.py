@@ -30,7 +30,6 @@ in the worker, dicts in tests), so the handler runs without a broker.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import logging
 import time
 from dataclasses import dataclass
@@ -166,15 +165,18 @@ class DecideHandler:
         t0 = time.perf_counter()
         m, t = self.m, self.t
         states: dict = {}
-        per_part = Counter(msg.partition for msg in batch)
+        keys_by_part: dict[int, list] = {}
+        for msg in batch:
+            keys_by_part.setdefault(msg.partition, []).append(msg.key)
+        per_part = {p: len(keys) for p, keys in keys_by_part.items()}  # records per partition
         parts = sorted(per_part)
         for p in parts:
             # in the partition's scope, a read looks in that partition's store only (outside
             # it, Faust's RocksDB store asks every partition's store for a key it has not seen)
             with scope(p):
-                for msg in batch:
-                    if msg.partition == p and msg.key and msg.key not in states:
-                        states[msg.key] = t.users.get(msg.key)
+                for key in keys_by_part[p]:
+                    if key and key not in states:
+                        states[key] = t.users.get(key)
         budgets = {p: t.budgets.get(p) for p in parts}
         clocks = {p: t.clocks.get(p) for p in parts}
         before = dict(budgets), dict(clocks), {k: v is None for k, v in states.items()}
@@ -207,7 +209,8 @@ class DecideHandler:
                 if self.ps is not None:
                     doc["user_id"] = raw_key(msg).decode()
                 outputs.append((self.topics.coupon_actions, raw_key(msg), encode(doc)))
-            outputs.append((self.topics.decision_log, msg.key, encode(d.to_doc())))
+            doc = r.decision_doc if r.decision_doc is not None else d.to_doc()
+            outputs.append((self.topics.decision_log, msg.key, encode(doc)))
             if not r.replayed:
                 m.decisions.labels(d.action, "true" if d.explored else "false").inc()
                 for b in d.blocked_by:
