@@ -85,7 +85,9 @@ def learner_params(s: Settings) -> LearnerParams:
                          publish_average=s.publish_average, n_step=s.n_step,
                          n_step_max_users=s.n_step_max_users, prioritized=s.prioritized_replay,
                          seed=s.seed, heads=s.q_heads, dueling=s.dueling,
-                         center_rewards=s.reward_centering)
+                         center_rewards=s.reward_centering,
+                         never_floor=s.never_floor,
+                         never_floor_states=s.never_floor_states)
 
 
 def gate_params_from(s: Settings) -> GateParams:

@@ -43,9 +43,22 @@ def add_arguments(p) -> None:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--latency-seconds", type=float, default=10.0, help="length of the paced phase")
     p.add_argument("--rate", type=float, default=0.0,
-                   help="paced-phase events/s (default: half the decide worker's peak)")
+                   help="one paced phase at this many events/s for every system (default: "
+                        "decide paced at each --load of its own peak, the baselines at 50%%)")
+    p.add_argument("--load", default="0.25,0.5,0.75",
+                   help="comma list of fractions of the decide worker's measured peak: a paced "
+                        "phase at each, in the same worker process after its backlog")
     p.add_argument("--systems", default="plain,faust,count,decide",
-                   help="comma list of plain, faust (forward), count (faust, batched), decide")
+                   help="comma list of plain, faust (forward), count (faust, batched), decide, "
+                        "decide2 (two decide workers sharing the partitions), join (the join "
+                        "agent alone on the decide run's decisions and generated orders), learner "
+                        "(ingest, then model freshness with a decide worker)")
+    p.add_argument("--transitions", type=int, default=20_000,
+                   help="learner: transitions in its ingest backlog")
+    p.add_argument("--freshness-seconds", type=float, default=90.0,
+                   help="learner: length of the freshness phase (0: none)")
+    p.add_argument("--freshness-rate", type=float, default=100.0,
+                   help="learner: user events/s and transitions/s in the freshness phase")
     p.add_argument("--bootstrap", default=None,
                    help="use this broker (default: start a local one for the run)")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
@@ -139,12 +152,14 @@ def _wait_for(kafka: KafkaClientConfig, topic: str, count: int, timeout: float, 
 
 
 def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path, partitions: int,
-           profile: tuple[float, Path] | None = None):
+           profile: tuple[float, Path] | None = None) -> tuple[list, str]:
+    """The system's processes (two for decide2: the same consumer group) and its app id."""
     app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
     # the system under test reaches the broker as this process does (STREAMAGENT_KAFKA_*)
     env = {**os.environ, **kafka.env(), "BENCH_BOOTSTRAP": kafka.bootstrap, "BENCH_IN": tin,
            "BENCH_OUT": tout,
            "BENCH_APP_ID": app_id, "BENCH_DATA_DIR": str(tmp / app_id)}
+    workers = 2 if system == "decide2" else 1
     if system == "plain":
         cmd = [sys.executable, "-m", "streamagent.bench.plain_loop"]
     elif system == "faust":
@@ -154,23 +169,94 @@ def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path
     else:
         cmd = [sys.executable, "-m", "streamagent.cli", "worker"]
         env.update({"STREAMAGENT_APP_ID": app_id,
-                    "STREAMAGENT_DATA_DIR": str(tmp / app_id),
                     "STREAMAGENT_TOPIC_USER_EVENTS": tin, "STREAMAGENT_TOPIC_DECISION_LOG": tout,
                     "STREAMAGENT_TOPIC_COUPON_ACTIONS": tout + "-coupons",
                     "STREAMAGENT_TOPIC_CONVERSIONS": tin + "-conversions",
                     "STREAMAGENT_PARTITIONS": str(partitions),
                     "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"})
-    log = open(tmp / f"{system}.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    procs = []
+    for i in range(workers):
+        wenv = dict(env)
+        if cmd[-1] == "worker":  # each worker its own tables directory (as on two machines)
+            wenv["STREAMAGENT_DATA_DIR"] = str(tmp / f"{app_id}-{i}")
+        log = open(tmp / f"{system}-{i}.log", "wb")
+        procs.append(subprocess.Popen(cmd, env=wenv, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL))
     if profile and system == "decide":
         seconds, svg = profile
         # py-spy samples the running worker from outside (no change in the worker) and writes
         # the flame graph when its time is up; the worker runs on
-        subprocess.Popen([_py_spy(), "record", "--pid", str(proc.pid), "--rate", "200",
+        subprocess.Popen([_py_spy(), "record", "--pid", str(procs[0].pid), "--rate", "200",
                           "--duration", str(int(seconds)), "--output", str(svg)],
                          stdout=open(tmp / "py-spy.log", "wb"), stderr=subprocess.STDOUT)
-    return proc, app_id
+    return procs, app_id
+
+
+class _Procs:
+    """The processes of one system: poll() is the first exit code, if any has exited."""
+
+    def __init__(self, procs: list):
+        self.procs = procs
+
+    def poll(self):
+        for p in self.procs:
+            if p.poll() is not None:
+                return p.returncode
+        return None
+
+    @property
+    def returncode(self):
+        return self.poll()
+
+    def terminate(self) -> None:
+        for p in self.procs:
+            terminate(p)
+
+
+class RssSampler:
+    """The resident set size of processes, sampled from /proc twice a second in a thread."""
+
+    def __init__(self, pids: list[int], every_s: float = 0.5):
+        import threading
+
+        self.pids, self.every_s = pids, every_s
+        # (wall-clock time, as the broker's append stamps; MiB over the pids)
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss_mib(pid: int) -> float:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append((time.time(), sum(self.rss_mib(p) for p in self.pids)))
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def rss_figures(samples: list[tuple[float, float]], t_from: float, t_to: float) -> dict | None:
+    """RSS over a drain: the median of its first and its last fifth, and their ratio (flat
+    means a ratio near 1; the target is within 10%)."""
+    xs = [(t, v) for t, v in samples if t_from <= t <= t_to and v == v]
+    if len(xs) < 10:
+        return None
+    k = max(1, len(xs) // 5)
+    first = float(np.median([v for _, v in xs[:k]]))
+    last = float(np.median([v for _, v in xs[-k:]]))
+    return {"first_fifth_mib": first, "last_fifth_mib": last, "max_mib": max(v for _, v in xs),
+            "growth": last / first if first else float("nan"), "seconds": t_to - t_from}
 
 
 def _py_spy() -> str:
@@ -212,24 +298,30 @@ def _produce(kafka: KafkaClientConfig, topic: str, events: list[dict], rate: flo
 
 def _out_event_id(system: str, value: bytes) -> str:
     doc = orjson.loads(value)
-    return doc["trigger_event_id"] if system == "decide" else doc["event_id"]
+    return doc["trigger_event_id"] if system.startswith("decide") else doc["event_id"]
 
 
 def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], triggers: set[str],
-               partitions: int, tmp: Path, rate: float, latency_s: float, users: int,
+               partitions: int, tmp: Path, rates, latency_s: float, users: int,
                log=print, profile: tuple[float, Path] | None = None) -> dict:
+    """Drain the backlog, then one paced phase per (label, events/s) of ``rates(peak events/s)``,
+    in the same processes, each after the system has caught up."""
     rid = uuid.uuid4().hex[:6]
     tin, tout = f"bench-{rid}-in", f"bench-{rid}-out"
     _create(kafka, [tin, tout, tout + "-coupons", tin + ".dlq"], partitions)
     _produce(kafka, tin, backlog)
-    expect = len(backlog) if system != "decide" else sum(
+    deciding = system.startswith("decide")
+    expect = len(backlog) if not deciding else sum(
         1 for e in backlog if e["event_id"] in triggers)
-    proc, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile)
+    started, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile)
+    proc = _Procs(started)
+    rss = RssSampler([p.pid for p in started])
     if system == "count":
         try:
             return _run_count(kafka, tout, len(backlog), proc, log)
         finally:
-            terminate(proc)
+            rss.stop()
+            proc.terminate()
     try:
         t0 = time.monotonic()
         got = _wait_for(kafka, tout, expect, 600, proc)
@@ -241,40 +333,313 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
         events_per_s = (len(outs) - 1) / span * per_output if span > 0 else float("nan")
         log(f"  {system:7} backlog: {len(outs)} outputs in {span:.2f}s -> {events_per_s:,.0f} events/s")
         result = {"outputs": len(outs), "expected_outputs": expect, "span_s": span,
-                  "events_per_s": events_per_s, "wall_incl_startup_s": wall, "complete": got >= expect}
-        if latency_s > 0 and rate > 0:
-            if system == "decide":  # the same app id is the Faust consumer group
+                  "events_per_s": events_per_s, "wall_incl_startup_s": wall, "complete": got >= expect,
+                  "output_topic": tout}
+        if deciding and len(ts) > 1:
+            result["rss"] = rss_figures(rss.samples, ts[0] / 1000.0, ts[-1] / 1000.0)
+            if result["rss"]:
+                r = result["rss"]
+                log(f"  {system:7} RSS over the drain: {r['first_fifth_mib']:.0f} -> "
+                    f"{r['last_fifth_mib']:.0f} MiB ({r['growth'] - 1:+.1%}, max {r['max_mib']:.0f})")
+        by_load = {}
+        for label, rate in (rates(events_per_s) if latency_s > 0 else []):
+            if deciding:  # the same app id is the Faust consumer group
                 waited = _wait_idle(kafka, app_id, [tin, tout], 300, proc)
-                log(f"  {system:7} caught up with its inputs (join included) {waited:.0f} s "
-                    f"after the last decision")
-                result["catch_up_s"] = waited
-            paced = _events(int(rate * latency_s), users, seed=99, prefix=f"lat{rid}")
-            before = len(outs)
-            _produce(kafka, tin, paced, rate=rate)
-            paced_triggers = {e["event_id"] for e in paced if e["type"] in
-                              ("session_start", "add_to_cart")}
-            want = len(paced) if system != "decide" else len(paced_triggers)
-            _wait_for(kafka, tout, before + want, 120, proc)
-            ins = {orjson.loads(v)["event_id"]: t for t, v in _read(kafka, tin)}
-            lat = []
-            for t, v in _read(kafka, tout):
-                if v is None:  # an erasure tombstone on decision-log: no decision
-                    continue
-                eid = _out_event_id(system, v)
-                if eid.startswith(f"lat{rid}") and eid in ins:
-                    lat.append(t - ins[eid])
-            a = np.array(lat, dtype=float)
-            result["latency_ms"] = ({"rate_events_per_s": rate, "n": int(a.size),
-                                     "p50": float(np.percentile(a, 50)),
-                                     "p95": float(np.percentile(a, 95)),
-                                     "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-                                    if a.size else None)
-            if a.size:
-                log(f"  {system:7} paced {rate:,.0f}/s: p50 {result['latency_ms']['p50']:.0f} ms, "
-                    f"p95 {result['latency_ms']['p95']:.0f} ms, p99 {result['latency_ms']['p99']:.0f} ms")
+                log(f"  {system:7} caught up with its inputs (join included) after {waited:.0f} s")
+                result.setdefault("catch_up_s", waited)
+            by_load[label] = lat = _paced(system, kafka, tin, tout, rate, latency_s, users, proc)
+            if lat:
+                log(f"  {system:7} paced {rate:,.0f}/s ({rate / events_per_s:.0%} of its peak): "
+                    f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms "
+                    f"(n {lat['n']})")
+        result["latency_by_load"] = by_load
+        # the table's column: at half of decide's peak (or the one --rate)
+        result["latency_ms"] = by_load.get("50pct", by_load.get("rate"))
         return result
     finally:
+        rss.stop()
+        proc.terminate()
+
+
+def _paced(system: str, kafka: KafkaClientConfig, tin: str, tout: str, rate: float,
+           latency_s: float, users: int, proc) -> dict | None:
+    """Send events at ``rate`` for ``latency_s`` and time each one's output: from the input's
+    append to the output's (both the broker's LogAppendTime)."""
+    tag = f"lat{uuid.uuid4().hex[:6]}"
+    paced = _events(int(rate * latency_s), users, seed=99, prefix=tag)
+    before = _end_offsets(kafka, tout)
+    _produce(kafka, tin, paced, rate=rate)
+    want = len(paced) if not system.startswith("decide") else sum(
+        1 for e in paced if e["type"] in ("session_start", "add_to_cart"))
+    _wait_for(kafka, tout, before + want, 120, proc)
+    ins = {orjson.loads(v)["event_id"]: t for t, v in _read(kafka, tin)}
+    lat = []
+    for t, v in _read(kafka, tout):
+        if v is None:  # an erasure tombstone on decision-log: no decision
+            continue
+        eid = _out_event_id(system, v)
+        if eid.startswith(tag) and eid in ins:
+            lat.append(t - ins[eid])
+    a = np.array(lat, dtype=float)
+    if not a.size:
+        return None
+    return {"rate_events_per_s": rate, "n": int(a.size), "expected": want,
+            "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:
+    """An order for every ``every``-th decision's user, 1-48 h of event time after it (inside
+    the attribution window); a third name the decision, as a redeemed coupon would."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, d in enumerate(decisions[::every]):
+        doc = {"order_id": f"o{seed}-{i}", "user_id": d["user_id"],
+               "ts": int(d["ts"]) + int(rng.integers(3_600_000, 48 * 3_600_000)),
+               "amount": round(float(rng.uniform(10, 120)), 2)}
+        if i % 3 == 0:
+            doc["decision_id"] = d["decision_id"]
+        out.append(doc)
+    return out
+
+
+def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tmp: Path,
+             log=print) -> dict:
+    """The join agent alone: a worker with no user events reads a backlog of decisions (the
+    decide run's decision-log) and conversions; input records per second from the consumer
+    group's committed offsets (committed every 0.5 s here), between 10% and 90% of the backlog,
+    so neither start-up nor the last commit counts."""
+    rid = uuid.uuid4().hex[:6]
+    tdec, tconv, tev = f"bench-{rid}-decisions", f"bench-{rid}-conversions", f"bench-{rid}-events"
+    outs = [f"bench-{rid}-rewards", f"bench-{rid}-transitions"]
+    _create(kafka, [tdec, tconv, tev, tdec + ".dlq", tconv + ".dlq", tev + ".dlq",
+                    f"bench-{rid}-coupons", *outs], partitions)
+    decisions = [orjson.loads(v) for _, v in _read(kafka, decisions_topic) if v is not None]
+    conversions = _conversions(decisions, every=4, seed=7)
+    _produce(kafka, tdec, decisions)
+    _produce(kafka, tconv, conversions)
+    n = len(decisions) + len(conversions)
+    app_id = f"bench-join-{rid}"
+    env = {**os.environ, **kafka.env(), "STREAMAGENT_APP_ID": app_id,
+           "STREAMAGENT_DATA_DIR": str(tmp / app_id),
+           "STREAMAGENT_TOPIC_USER_EVENTS": tev, "STREAMAGENT_TOPIC_DECISION_LOG": tdec,
+           "STREAMAGENT_TOPIC_CONVERSIONS": tconv,
+           "STREAMAGENT_TOPIC_COUPON_ACTIONS": f"bench-{rid}-coupons",
+           "STREAMAGENT_TOPIC_REWARDS": outs[0], "STREAMAGENT_TOPIC_TRANSITIONS": outs[1],
+           "STREAMAGENT_PARTITIONS": str(partitions), "STREAMAGENT_COMMIT_INTERVAL_S": "0.5",
+           "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", "worker"], env=env,
+                            stdout=open(tmp / "join.log", "wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    rss = RssSampler([proc.pid])
+    try:
+        points: list[tuple[float, int]] = []  # (time, records committed)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 600:
+            done = n - _behind(kafka, app_id, tdec) - _behind(kafka, app_id, tconv)
+            points.append((time.time(), done))
+            if done >= n:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"join worker exited with {proc.returncode}")
+            time.sleep(0.25)
+        lo = next((p for p in points if p[1] >= 0.1 * n), None)
+        hi = next((p for p in points if p[1] >= 0.9 * n), None)
+        rate = ((hi[1] - lo[1]) / (hi[0] - lo[0]) if lo and hi and hi[0] > lo[0]
+                else float("nan"))
+        result = {"input_records": n, "decisions": len(decisions), "conversions": len(conversions),
+                  "records_per_s": rate, "complete": bool(points and points[-1][1] >= n)}
+        if lo and hi:
+            result["rss"] = rss_figures(rss.samples, lo[0], hi[0])
+        log(f"  join    backlog: {len(decisions)} decisions + {len(conversions)} conversions "
+            f"-> {rate:,.0f} input records/s")
+        return result
+    finally:
+        rss.stop()
         terminate(proc)
+
+
+def _transitions(n: int, seed: int, prefix: str) -> list[dict]:
+    """Synthetic transitions of the product's shape (features of its length, its actions):
+    what the learner does per record does not depend on the values."""
+    from streamagent.core.catalog import load_catalog
+    from streamagent.core.features import FEATURE_NAMES
+
+    na = load_catalog(None).n_actions
+    nf = len(FEATURE_NAMES)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        out.append({"schema_version": 1, "decision_id": f"{prefix}-{i}",
+                    "user_id": f"u{int(rng.integers(5000)):05d}", "ts": 1_767_225_600_000 + i,
+                    "features": rng.random(nf).round(4).tolist(),
+                    "action_index": int(rng.integers(na)),
+                    "reward": float(rng.choice([0.0, 0.0, 0.0, 12.5])), "propensity": 0.5,
+                    "policy_version": 0, "next_features": rng.random(nf).round(4).tolist(),
+                    "next_allowed": [True] * na, "next_ts": 1_767_225_600_000 + i + 86_400_000,
+                    "dt_ms": 86_400_000, "done": False})
+    return out
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The unlabelled samples of a /metrics page."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, value = line.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+    return out
+
+
+def _rate(points: list[tuple[float, float]], total: float) -> float:
+    """Units per second between 10% and 90% of ``total``, from (time, units done) points."""
+    lo = next((p for p in points if p[1] >= 0.1 * total), None)
+    hi = next((p for p in points if p[1] >= 0.9 * total), None)
+    if not lo or not hi or hi[0] <= lo[0]:
+        return float("nan")
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+def run_learner(kafka: KafkaClientConfig, partitions: int, tmp: Path, n: int, rate: float,
+                seconds: float, users: int, log=print) -> dict:
+    """The learner alone, then the loop's last leg.
+
+    1. Ingest: ``n`` transitions in a backlog; transitions/s and gradient steps/s from the
+       learner's own counters (/metrics), between 10% and 90% of the backlog.
+    2. Freshness: a decide worker follows the learner's models while user events and
+       transitions both arrive at ``rate``/s for ``seconds``. Each model version names the
+       input offsets it has seen (meta ``trained_through``); a transition's freshness is from
+       its append to the first decision made with the first version trained on it.
+    """
+    from streamagent.ops.local import free_port
+
+    rid = uuid.uuid4().hex[:6]
+    names = {k: f"bench-{rid}-{k}" for k in ("transitions", "models", "candidates", "events",
+                                            "decisions", "coupons", "conversions", "rewards")}
+    _create(kafka, [names["transitions"], names["events"], names["decisions"], names["coupons"],
+                    names["conversions"], names["rewards"], names["transitions"] + ".dlq",
+                    names["events"] + ".dlq", names["decisions"] + ".dlq",
+                    names["conversions"] + ".dlq"], partitions)
+    app_id, port = f"bench-learn-{rid}", free_port()
+    common = {**os.environ, **kafka.env(), "STREAMAGENT_APP_ID": app_id,
+              "STREAMAGENT_TOPIC_TRANSITIONS": names["transitions"],
+              "STREAMAGENT_TOPIC_MODEL_UPDATES": names["models"],
+              "STREAMAGENT_TOPIC_MODEL_CANDIDATES": names["candidates"],
+              "STREAMAGENT_TOPIC_USER_EVENTS": names["events"],
+              "STREAMAGENT_TOPIC_DECISION_LOG": names["decisions"],
+              "STREAMAGENT_TOPIC_COUPON_ACTIONS": names["coupons"],
+              "STREAMAGENT_TOPIC_CONVERSIONS": names["conversions"],
+              "STREAMAGENT_TOPIC_REWARDS": names["rewards"],
+              "STREAMAGENT_PARTITIONS": str(partitions), "STREAMAGENT_LOG_LEVEL": "warning"}
+    _produce(kafka, names["transitions"], _transitions(n, seed=5, prefix=f"t{rid}"))
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "streamagent.cli", "learner"],
+        env={**common, "STREAMAGENT_DATA_DIR": str(tmp / f"{app_id}-learner"),
+             "STREAMAGENT_LEARNER_METRICS_PORT": str(port), "STREAMAGENT_LOG_LEVEL": "info"},
+        stdout=open(tmp / "learner.log", "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    worker = None
+    try:
+        points: list[tuple[float, float, float]] = []  # (time, transitions, gradient steps)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 600:
+            if learner.poll() is not None:
+                raise RuntimeError(f"learner exited with {learner.returncode}")
+            try:
+                m = _scrape(port)
+            except OSError:
+                time.sleep(0.5)
+                continue
+            done = m.get("streamagent_learning_transitions_total", 0.0)
+            points.append((time.time(), done, m.get("streamagent_learning_updates_total", 0.0)))
+            if done >= n:
+                break
+            time.sleep(0.5)
+        per_s = _rate([(t, d) for t, d, _ in points], n)
+        steps = [(t, u) for t, _, u in points]
+        lo = next((p for p in points if p[1] >= 0.1 * n), None)
+        hi = next((p for p in points if p[1] >= 0.9 * n), None)
+        steps_per_s = ((hi[2] - lo[2]) / (hi[0] - lo[0]) if lo and hi and hi[0] > lo[0]
+                       else float("nan"))
+        log(f"  learner ingest: {n} transitions -> {per_s:,.0f} transitions/s, "
+            f"{steps_per_s:,.0f} gradient steps/s")
+        result = {"transitions": n, "transitions_per_s": per_s,
+                  "gradient_steps_per_s": steps_per_s, "steps_final": steps[-1][1] if steps else 0}
+        if seconds <= 0 or rate <= 0:
+            return result
+        # freshness: a worker deciding with the learner's models, both inputs paced
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streamagent.cli", "worker"],
+            env={**common, "STREAMAGENT_DATA_DIR": str(tmp / f"{app_id}-worker"),
+                 "STREAMAGENT_METRICS_PORT": "0"},
+            stdout=open(tmp / "learner-worker.log", "wb"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        import threading
+
+        # warm up: the worker's first decision is out before the clock starts
+        _produce(kafka, names["events"], _events(200, users, seed=97, prefix=f"w{rid}"))
+        if _wait_for(kafka, names["decisions"], 1, 120, worker) < 1:
+            raise RuntimeError("the freshness worker made no decision in 120 s")
+
+        count = int(rate * seconds)
+        feed = threading.Thread(target=_produce, args=(kafka, names["transitions"],
+                                                       _transitions(count, seed=6,
+                                                                    prefix=f"fresh{rid}"), rate))
+        feed.start()
+        _produce(kafka, names["events"], _events(count, users, seed=98, prefix=f"fr{rid}"),
+                 rate=rate)
+        feed.join()
+        time.sleep(45.0)  # the last transitions' version: SNAPSHOT_INTERVAL_S (30 s) and a decision
+        result["freshness_s"] = _freshness(kafka, names)
+        f = result["freshness_s"]
+        if f:
+            log(f"  model freshness (transition append -> first decision by a version trained on "
+                f"it), {f['n']} transitions: p50 {f['p50']:.1f} s, p99 {f['p99']:.1f} s, "
+                f"max {f['max']:.1f} s")
+        return result
+    finally:
+        if worker is not None:
+            terminate(worker)
+        terminate(learner)
+
+
+def _freshness(kafka: KafkaClientConfig, names: dict) -> dict | None:
+    """Per paced transition (decision id "fresh..."): its append time to the first decision-log
+    record of the first model version whose ``trained_through`` covers it (or of a later one)."""
+    from streamagent.core.qnet import ModelSnapshot
+    from streamagent.ops.tail import read_all
+
+    versions = []  # (version, trained_through)
+    for m in read_all(kafka, names["models"], idle=2.0, max_wait=60):
+        if m.value():
+            snap = ModelSnapshot.from_bytes(m.value())
+            versions.append((snap.version, {int(k): v for k, v in
+                                            (snap.meta.get("trained_through") or {}).items()}))
+    first_use: dict[int, int] = {}
+    for m in read_all(kafka, names["decisions"], idle=2.0, max_wait=300):
+        if m.value():
+            v = orjson.loads(m.value())["policy_version"]
+            first_use[v] = min(first_use.get(v, 1 << 62), m.timestamp()[1])
+    lat = []
+    for m in read_all(kafka, names["transitions"], idle=2.0, max_wait=300):
+        if not orjson.loads(m.value())["decision_id"].startswith("fresh"):
+            continue
+        p, off, appended = m.partition(), m.offset(), m.timestamp()[1]
+        seen = [v for v, tt in versions if tt.get(p, 0) > off]
+        used = [t for v, t in first_use.items() if seen and v >= min(seen)]
+        if used:
+            lat.append((min(used) - appended) / 1000.0)
+    a = np.array(lat)
+    if not a.size:
+        return None
+    return {"n": int(a.size), "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()),
+            "versions": len(versions)}
 
 
 def _run_count(kafka: KafkaClientConfig, tout: str, n: int, proc, log) -> dict:
@@ -298,20 +663,40 @@ def _run_count(kafka: KafkaClientConfig, tout: str, n: int, proc, log) -> dict:
 
 
 def figures(results: dict) -> dict:
-    """The stable keys of the JSON report (``decide.events_per_s``, ...)."""
+    """The stable keys of the JSON report (``decide.events_per_s``,
+    ``decide.latency_ms.p99_at_50pct``, ``decide.rss.growth``, ...)."""
     names = {"plain": "plain", "faust": "faust_forward", "count": "faust_count",
-             "decide": "decide"}
+             "decide": "decide", "decide2": "decide_2_workers"}
     out: dict = {}
     for system, r in results.items():
         key = names.get(system, system)
+        if system in ("join", "learner"):
+            continue
         out[f"{key}.events_per_s"] = r.get("events_per_s")
-        lat = r.get("latency_ms") or {}
-        for q in ("p50", "p95", "p99"):
-            if q in lat:
-                out[f"{key}.latency_ms.{q}_at_50pct"] = lat[q]
+        for label, lat in (r.get("latency_by_load") or {}).items():
+            for q in ("p50", "p95", "p99"):
+                if lat and q in lat:
+                    out[f"{key}.latency_ms.{q}_at_{label}"] = lat[q]
+        if r.get("rss"):
+            out[f"{key}.rss.growth"] = r["rss"]["growth"]
+            out[f"{key}.rss.last_fifth_mib"] = r["rss"]["last_fifth_mib"]
     count = (results.get("count") or {}).get("events_per_s")
     if count and "decide" in results:
         out["decide.vs_faust_count"] = results["decide"]["events_per_s"] / count
+    if "join" in results:
+        out["join.records_per_s"] = results["join"]["records_per_s"]
+        if results["join"].get("rss"):
+            out["join.rss.growth"] = results["join"]["rss"]["growth"]
+    if "learner" in results:
+        lr = results["learner"]
+        out["learner.transitions_per_s"] = lr["transitions_per_s"]
+        out["learner.gradient_steps_per_s"] = lr["gradient_steps_per_s"]
+        for q in ("p50", "p99", "max"):
+            if lr.get("freshness_s"):
+                out[f"model_freshness_s.{q}"] = lr["freshness_s"][q]
+    if "decide2" in results and "decide" in results:
+        out["decide_2_workers.vs_decide"] = (results["decide2"]["events_per_s"]
+                                             / results["decide"]["events_per_s"])
     return out
 
 
@@ -347,38 +732,77 @@ def main(args) -> int:
         if args.profile:
             profile = (args.profile, Path(args.out).with_name("decide-flame.svg"))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if "join" in systems and "decide" not in systems:
+            raise SystemExit("--systems join reads the decide run's decisions: add decide")
         order = ["decide"] + [s for s in systems if s != "decide"] if "decide" in systems else systems
-        rate = args.rate
+        loads = [float(x) for x in args.load.split(",") if x.strip()]
+        # the baselines are paced once, at half of decide's peak (or the one --rate)
+        fixed: list = [("rate", args.rate)] if args.rate else []
         for system in order:
-            if system == "decide" and not rate:
-                # peak first, then pace the latency phase at half of it
-                r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, 0, 0,
-                               args.users, log=con.print, profile=profile)
-                rate = max(50.0, round(r["events_per_s"] / 2, -1))
-                lat = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rate,
-                                 args.latency_seconds, args.users, log=con.print)
-                r["latency_ms"] = lat.get("latency_ms")
+            if system == "join":
+                results["join"] = run_join(kafka, results["decide"]["output_topic"],
+                                           args.partitions, tmp, log=con.print)
+                continue
+            if system == "learner":
+                results["learner"] = run_learner(kafka, args.partitions, tmp, args.transitions,
+                                                 args.freshness_rate, args.freshness_seconds,
+                                                 args.users, log=con.print)
+                continue
+            if system == "decide2":  # throughput only: does a second worker add any?
+                rates = lambda peak: []  # noqa: E731
+            elif args.rate:
+                rates = lambda peak: fixed  # noqa: E731
+            elif system == "decide":
+                rates = lambda peak: [(f"{f * 100:g}pct", max(50.0, round(peak * f, -1)))  # noqa: E731
+                                      for f in loads]
             else:
-                r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rate,
-                               args.latency_seconds, args.users, log=con.print)
+                rates = lambda peak: fixed  # noqa: E731
+            r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rates,
+                           args.latency_seconds, args.users, log=con.print,
+                           profile=profile if system == "decide" else None)
+            if system == "decide" and not args.rate:
+                half = (r.get("latency_by_load") or {}).get("50pct")
+                fixed = [("50pct", half["rate_events_per_s"] if half else
+                          max(50.0, round(r["events_per_s"] / 2, -1)))]
             results[system] = r
     finally:
         if broker_cfg:
             stop(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
     table = Table(title="pipeline benchmark (one process each, same broker, same run)")
-    for col in ("system", "events/s", "vs faust forward", "vs faust count", "p50 ms", "p95 ms",
-                "p99 ms", "paced at /s"):
+    for col in ("system", "events/s", "vs faust forward", "vs faust count", "paced at /s",
+                "p50 ms", "p95 ms", "p99 ms", "RSS drift"):
         table.add_column(col, justify="right")
     base = results.get("faust", {}).get("events_per_s")
     ceiling = results.get("count", {}).get("events_per_s")
     for name, r in results.items():
-        lat = r.get("latency_ms") or {}
-        table.add_row(name, f"{r['events_per_s']:,.0f}",
-                      f"{r['events_per_s'] / base:.0%}" if base else "-",
-                      f"{r['events_per_s'] / ceiling:.0%}" if ceiling else "-",
-                      *(f"{lat[k]:.0f}" if lat else "-" for k in ("p50", "p95", "p99")),
-                      f"{lat.get('rate_events_per_s', 0):,.0f}" if lat else "-")
+        if name in ("join", "learner"):
+            continue
+        loads = list((r.get("latency_by_load") or {}).items()) or [("", None)]
+        for i, (label, lat) in enumerate(loads):
+            lat = lat or {}
+            rss = r.get("rss")
+            head = ([name, f"{r['events_per_s']:,.0f}",
+                     f"{r['events_per_s'] / base:.0%}" if base else "-",
+                     f"{r['events_per_s'] / ceiling:.0%}" if ceiling else "-"] if i == 0
+                    else ["", "", "", ""])
+            paced = (f"{lat['rate_events_per_s']:,.0f}"
+                     + (f" ({label.replace('pct', '%')})" if label.endswith("pct") else "")
+                     if lat else "-")
+            table.add_row(*head, paced,
+                          *(f"{lat[k]:.0f}" if lat else "-" for k in ("p50", "p95", "p99")),
+                          f"{rss['growth'] - 1:+.1%}" if rss and i == 0 else "")
     con.print(table)
+    if "join" in results:
+        j = results["join"]
+        con.print(f"join: {j['records_per_s']:,.0f} input records/s ({j['decisions']} decisions + "
+                  f"{j['conversions']} conversions)")
+    if "learner" in results:
+        lr = results["learner"]
+        f = lr.get("freshness_s")
+        con.print(f"learner: {lr['transitions_per_s']:,.0f} transitions/s, "
+                  f"{lr['gradient_steps_per_s']:,.0f} gradient steps/s; model freshness "
+                  + (f"p50 {f['p50']:.1f} s, p99 {f['p99']:.1f} s, max {f['max']:.1f} s"
+                     if f else "not measured"))
     doc = {"events": args.events, "users": args.users, "partitions": args.partitions,
            "cpus": os.cpu_count(), "results": results,
            "decide_vs_faust_forward": (results["decide"]["events_per_s"] / base)

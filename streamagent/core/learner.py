@@ -17,8 +17,8 @@ from torch import nn
 
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
-from streamagent.core.qnet import (ModelSnapshot, as_network, init_network, published,
-                                   shift_output)
+from streamagent.core.qnet import (ModelSnapshot, QNetwork, as_network, init_network,
+                                   published, shift_output)
 from streamagent.errors import InvalidMessage
 
 log = logging.getLogger("streamagent.learner")
@@ -77,6 +77,18 @@ class LearnerParams:
     # learns Q - C, with C = the replay's reward per unit of (1 - discount), i.e. the average
     # reward rate over 1 - gamma. See QLearner.offset.
     center_rewards: bool = False
+    # A floor under every bootstrap: the value of never sending a coupon again. "No coupon" is
+    # always allowed, so V*(s) >= V_never(s), and a second small network learns V_never by
+    # plain policy evaluation (no max, so no maximisation bias) from the transitions whose
+    # action was "no coupon". Targets bootstrap from max(max_a Q(s', a), V_never(s')). It
+    # carries the value of a long rest (a fatigued user left alone for weeks) into Q(s, none)
+    # in one step, where Q-learning alone needs the rest's every state to be visited under
+    # the greedy policy: the trap of docs/BENCHMARKS.md.
+    never_floor: bool = False
+    # ...and hold Q(s, none) of every sampled state at least at V_never(s) (a one-sided loss),
+    # not only through the next state's bootstrap: the states a trap keeps a user in have
+    # almost no "no coupon" transitions of their own
+    never_floor_states: bool = False
 
 
 class Replay:
@@ -163,6 +175,12 @@ class QLearner:
         self.opt = torch.optim.Adam(self.online.parameters(), lr=params.lr)
         self.replay = Replay(params.buffer_size, nf, na, params.prioritized, PER_ALPHA, self.rng,
                              heads=k)
+        # V_never (see LearnerParams.never_floor): one output, its own seed and optimiser
+        self.never_online = self.never_target = self.never_opt = None
+        if params.never_floor:
+            self.never_online = init_network(nf, 1, hidden, params.seed + 1)
+            self.never_target = init_network(nf, 1, hidden, params.seed + 1)
+            self.never_opt = torch.optim.Adam(self.never_online.parameters(), lr=params.lr)
         self.version = initial.version if initial else 0
         self.train_steps = initial.train_steps if initial else 0
         self.seen = 0
@@ -327,26 +345,58 @@ class QLearner:
                 q2 = q2_target.gather(-1, a2).squeeze(-1)
             else:
                 q2 = q2_target.max(-1).values
+            if p.never_floor:
+                v2_never = self.never_target(s2).squeeze(-1)  # (batch,)
+                q2 = torch.maximum(q2, v2_never[:, None])
             # disc is 0 for terminal transitions, so they do not bootstrap
             td_target = r[:, None] + disc[:, None] * q2  # (batch, heads)
             if p.advantage_alpha:
                 q_s = self.target.forward_heads(s)
                 td_target -= p.advantage_alpha * (q_s.max(-1).values - q_s.gather(-1, a_h).squeeze(-1))
-        q = self.online.forward_heads(s).gather(-1, a_h).squeeze(-1)  # (batch, heads)
+        q_all = self.online.forward_heads(s)
+        q = q_all.gather(-1, a_h).squeeze(-1)  # (batch, heads)
         per_item = torch.from_numpy(w)[:, None] * nn.functional.huber_loss(
             q, td_target, reduction="none", delta=p.huber_delta) * boot
         # the mean over the (transition, head) pairs in the heads' samples
         loss = per_item.mean() * (boot.numel() / max(float(boot.sum()), 1.0))
+        if p.never_floor and p.never_floor_states:
+            with torch.no_grad():
+                v_s = self.never_target(s).squeeze(-1)[:, None]
+            q_none = q_all[..., 0]
+            # zero where Q(s, none) is already at or above the floor
+            loss = loss + nn.functional.huber_loss(
+                q_none, torch.maximum(q_none.detach(), v_s), delta=p.huber_delta)
         self.opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
         self.opt.step()
         self.train_steps += 1
         rb.update(idx, (td_target - q).detach().mean(-1).numpy(), PER_EPS)
+        if p.never_floor:
+            self._update_never(s, a, r, disc, v2_never)
         self._sync_target()
         self.last_loss = float(loss.detach())
         self.last_max_q = float(q2_target.max(-1).values.mean()) + self.offset
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
+
+    def _update_never(self, s, a, r, disc, v2) -> None:
+        """One TD(0) step of V_never on the minibatch's "no coupon" transitions (action 0):
+        V(s) <- r + disc * V_target(s'), the value of following "never" from s."""
+        rest = a == 0
+        if not bool(rest.any()):
+            return
+        target = r[rest] + disc[rest] * v2[rest]
+        v = self.never_online(s[rest]).squeeze(-1)
+        loss = nn.functional.huber_loss(v, target, delta=self.p.huber_delta)
+        self.never_opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.never_online.parameters(), self.p.grad_clip)
+        self.never_opt.step()
+
+    def _nets(self) -> tuple[QNetwork, ...]:
+        """Every network whose output is a (centered) value."""
+        nets = (self.online, self.target)
+        return nets + ((self.never_online, self.never_target) if self.p.never_floor else ())
 
     def _recenter(self) -> None:
         """offset = sum(r) / sum(1 - disc) over the replay, so that the centered rewards
@@ -359,23 +409,36 @@ class QLearner:
             return
         new = float(np.sum(self.replay.r[:n], dtype=np.float64)) / weight
         if self._offset_set:
-            for net in (self.online, self.target):
+            for net in self._nets():
                 shift_output(net, self.offset - new)
         self.offset, self._offset_set = new, True
 
     def _sync_target(self) -> None:
+        pairs = [(self.target, self.online)]
+        if self.p.never_floor:
+            pairs.append((self.never_target, self.never_online))
         if self.p.target_update == "hard":
             if self.train_steps % self.p.target_every == 0:
-                self.target.load_state_dict(self.online.state_dict())
+                for target, online in pairs:
+                    target.load_state_dict(online.state_dict())
             return
         with torch.no_grad():
-            for pt, po in zip(self.target.parameters(), self.online.parameters()):
-                pt.mul_(1 - self.p.tau).add_(po, alpha=self.p.tau)
+            for target, online in pairs:
+                for pt, po in zip(target.parameters(), online.parameters()):
+                    pt.mul_(1 - self.p.tau).add_(po, alpha=self.p.tau)
 
     def q_values(self, features) -> np.ndarray:
         with torch.no_grad():
             q = self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
         return q + np.float32(self.offset)
+
+    def never_value(self, features) -> float:
+        """V_never(s): the learnt value of never sending a coupon again (NEVER_FLOOR)."""
+        if self.never_online is None:
+            raise ValueError("no never-value network: STREAMAGENT_NEVER_FLOOR is off")
+        with torch.no_grad():
+            v = self.never_online(torch.as_tensor(np.asarray(features, np.float32)))
+        return float(v.reshape(-1)[0]) + self.offset
 
     def initial_snapshot(self) -> ModelSnapshot:
         """Version 0: the network every decider starts from without a model (same seed)."""
@@ -403,6 +466,9 @@ class QLearner:
                     "version": self.version, "train_steps": self.train_steps, "seen": self.seen,
                     "offset": self.offset, "offset_set": self._offset_set,
                     "pending": self._pending_state(),
+                    "never": ({"online": self.never_online.state_dict(),
+                               "target": self.never_target.state_dict(),
+                               "opt": self.never_opt.state_dict()} if self.p.never_floor else None),
                     "params": asdict(self.p), "hidden": list(self.hidden),
                     "actions": list(self.actions), "feature_names": list(self.feature_names),
                     "extra": extra or {}}, buf)
@@ -466,6 +532,15 @@ class QLearner:
                 log.info("checkpoint %s: converted to %s heads (STREAMAGENT_DUELING changed); "
                          "the optimiser starts afresh", path,
                          "dueling" if self.p.dueling else "plain")
+            never = doc.get("never")
+            if self.p.never_floor and never:
+                self.never_online.load_state_dict(never["online"])
+                self.never_target.load_state_dict(never["target"])
+                self.never_opt.load_state_dict(never["opt"])
+            elif self.p.never_floor:  # NEVER_FLOOR turned on since: V_never learns from the replay
+                # (a fresh one outputs 0: the centered average value, a fair start)
+                log.info("checkpoint %s has no never-value network (STREAMAGENT_NEVER_FLOOR "
+                         "was off); it starts afresh and learns from the replay", path)
             self.replay.load(doc["replay"])
             self.version, self.train_steps, self.seen = counts
             # (checkpoints from before centering have no offset: their networks are uncentered)
@@ -475,7 +550,7 @@ class QLearner:
                 raise CorruptCheckpoint(f"{what} holds a non-finite reward offset; {todo}")
             if self.offset and not self.p.center_rewards:
                 # REWARD_CENTERING turned off since: the offset goes into the networks
-                for net in (self.online, self.target):
+                for net in self._nets():
                     shift_output(net, self.offset)
                 self.offset = 0.0
             self._load_pending(doc.get("pending") or {})

@@ -141,8 +141,11 @@ class LearnerService:
             verdict = judge(NumpyQ(snap), NumpyQ(live), self.holdout.log(), self.gate)
         else:
             verdict = Verdict("promoted", 0, reason="gate off (STREAMAGENT_GATE=false)")
+        # trained_through: the next input offset per transitions partition, i.e. what this
+        # version has seen (audits; `bench pipeline` times model freshness from it)
         snap.meta = {**verdict.to_doc(), "replaces": live.version, "promoted_by": "gate",
-                     PRODUCER_KEY: self.s.app_id}
+                     PRODUCER_KEY: self.s.app_id,
+                     "trained_through": {str(k): int(v) for k, v in self.offsets.items()}}
         if verdict.promote:
             snap.promotion = live.promotion + 1
         raw = snap.to_bytes()
