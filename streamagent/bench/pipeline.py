@@ -404,7 +404,7 @@ def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:
 
 
 def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tmp: Path,
-             log=print) -> dict:
+             log=print, profile: tuple[float, Path] | None = None) -> dict:
     """The join agent alone: a worker with no user events reads a backlog of decisions (the
     decide run's decision-log) and conversions; input records per second from the consumer
     group's committed offsets (committed every 0.5 s here), between 10% and 90% of the backlog,
@@ -432,6 +432,11 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
                             stdout=open(tmp / "join.log", "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     rss = RssSampler([proc.pid])
+    if profile:
+        subprocess.Popen([_py_spy(), "record", "--pid", str(proc.pid), "--rate", "200",
+                          "--duration", str(int(profile[0])), "--output", str(profile[1]),
+                          *profile[2:]],
+                         stdout=open(tmp / "py-spy-join.log", "wb"), stderr=subprocess.STDOUT)
     try:
         points: list[tuple[float, int]] = []  # (time, records committed)
         t0 = time.monotonic()
@@ -740,8 +745,10 @@ def main(args) -> int:
         fixed: list = [("rate", args.rate)] if args.rate else []
         for system in order:
             if system == "join":
-                results["join"] = run_join(kafka, results["decide"]["output_topic"],
-                                           args.partitions, tmp, log=con.print)
+                results["join"] = run_join(
+                    kafka, results["decide"]["output_topic"], args.partitions, tmp,
+                    log=con.print, profile=(args.profile, Path(args.out).with_name(
+                        "join-flame.svg")) if args.profile else None)
                 continue
             if system == "learner":
                 results["learner"] = run_learner(kafka, args.partitions, tmp, args.transitions,

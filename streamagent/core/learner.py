@@ -89,6 +89,9 @@ class LearnerParams:
     # not only through the next state's bootstrap: the states a trap keeps a user in have
     # almost no "no coupon" transitions of their own
     never_floor_states: bool = False
+    # the floor on Q(s, none) is V_never(s) less this fraction of |V_never(s)|: the one-sided
+    # loss lifts Q(none) wherever a noisy V_never is above it, a bias against coupons
+    never_floor_slack: float = 0.0
 
 
 class Replay:
@@ -362,6 +365,8 @@ class QLearner:
         if p.never_floor and p.never_floor_states:
             with torch.no_grad():
                 v_s = self.never_target(s).squeeze(-1)[:, None]
+                if p.never_floor_slack:
+                    v_s = v_s - p.never_floor_slack * (v_s + self.offset).abs()
             q_none = q_all[..., 0]
             # zero where Q(s, none) is already at or above the floor
             loss = loss + nn.functional.huber_loss(

@@ -34,7 +34,7 @@ from streamagent.stream.ingress import envelope, pseudonymise
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.outbox import Outbox
-from streamagent.core.tables import JoinStore, Staged, sweep_budget
+from streamagent.core.tables import JoinStore, ReadCache, Staged, sweep_budget
 from streamagent.errors import InvalidMessage
 from streamagent.stream.decide import Message, Send, no_scope
 
@@ -101,65 +101,15 @@ class JoinHandler:
         """``scope(partition)`` wraps the table writes of one partition (see stream/app.py)."""
         m, tp = self.m, self.topics
         batch = pseudonymise(batch, self.ps, frozenset((tp.conversions,)))
-        batch_stage = Staged(self.table)
+        # reads remembered for the batch (each input reads its partition's watermarks, clocks
+        # and counters), each input's inside its partition's scope: Faust's RocksDB store then
+        # looks in that partition's database only, not in every one it holds
+        batch_stage = Staged(ReadCache(self.table))
         owner: dict[str, int] = {}  # staged key -> the partition whose input wrote it
         outputs: list[tuple[str, bytes | None, bytes]] = []
         for msg in batch:
-            stage = Staged(batch_stage)
-            outbox = Outbox(stage)
-            if outbox.is_replay(msg.topic, msg.partition, msg.offset):
-                # processed before a crash: re-send exactly what it produced then
-                m.join_events.labels("replayed_input").inc()
-                for name, key, value in outbox.replayed_outputs(msg.topic, msg.partition,
-                                                                msg.offset):
-                    topic = tp.rewards if name == "rewards" else tp.transitions
-                    outputs.append((topic, key.encode(), encode(value)))
-                continue
-            joiner = Joiner(self.catalog, self.p, JoinStore(stage))
-            now_ms = int(time.time() * 1000)
-            erasure = msg.topic == tp.decision_log and msg.value is None and bool(msg.key)
-            try:
-                if erasure:
-                    out = joiner.erase(msg.partition, erasure_user(msg.key))
-                elif msg.topic == tp.decision_log:
-                    out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
-                                             now_ms=now_ms)
-                else:
-                    conv = decode_conversion(msg.value, msg.key)
-                    check_partition(msg, self.n_parts)
-                    out = joiner.on_conversion(msg.partition, conv, now_ms=now_ms)
-            except OutOfBounds as exc:
-                # the partition clock has seen it (that is how a real jump is followed): the
-                # clock is all the joiner wrote before refusing the record
-                self._keep(stage, msg.partition, owner)
-                outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
-                continue
-            except InvalidMessage as exc:
-                outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
-                continue
-            except Exception as exc:  # a poison record: its staging is dropped, nothing moved
-                m.errors.labels("join").inc()
-                log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
-                outputs.append(self._dead_letter(msg, "processing_error",
-                                                 f"{type(exc).__name__}: {exc}"))
-                continue
-            outbox.record(msg.topic, msg.partition, msg.offset,
-                          [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
-                          + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
-            self._keep(stage, msg.partition, owner)
-            if erasure:
-                m.erasures.labels("join-state").inc()
-            for r in out.rewards:
-                outputs.append((tp.rewards, r.user_id.encode(), encode(r.to_doc())))
-                m.rewards.observe(r.reward)
-                m.reward_sum.inc(r.reward)
-            for t in out.transitions:
-                outputs.append((tp.transitions, t.user_id.encode(), encode(t.to_doc())))
-                m.transitions.labels("true" if t.done else "false").inc()
-            for outcome, n in out.counts.items():
-                m.join_events.labels(outcome).inc(n)
-            for delay in out.delays_ms:
-                m.attribution_delay.observe(delay / 1000.0)
+            with scope(msg.partition):
+                self._one(msg, batch_stage, owner, outputs)
         per_part = Counter(msg.partition for msg in batch)
         for p in sorted(set(owner.values())):
             with scope(p):
@@ -177,6 +127,66 @@ class JoinHandler:
                 if topic not in (tp.dlq(tp.decision_log), tp.dlq(tp.conversions)):
                     raise  # not acknowledged: the batch is read again after a restart
                 log.exception("could not dead-letter a join input")
+
+    def _one(self, msg: Message, batch_stage: Staged, owner: dict[str, int],
+             outputs: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Join one input on a staging of the batch's (kept only if it succeeds)."""
+        m, tp = self.m, self.topics
+        stage = Staged(batch_stage)
+        outbox = Outbox(stage)
+        if outbox.is_replay(msg.topic, msg.partition, msg.offset):
+            # processed before a crash: re-send exactly what it produced then
+            m.join_events.labels("replayed_input").inc()
+            for name, key, value in outbox.replayed_outputs(msg.topic, msg.partition,
+                                                            msg.offset):
+                topic = tp.rewards if name == "rewards" else tp.transitions
+                outputs.append((topic, key.encode(), encode(value)))
+            return
+        joiner = Joiner(self.catalog, self.p, JoinStore(stage))
+        now_ms = int(time.time() * 1000)
+        erasure = msg.topic == tp.decision_log and msg.value is None and bool(msg.key)
+        try:
+            if erasure:
+                out = joiner.erase(msg.partition, erasure_user(msg.key))
+            elif msg.topic == tp.decision_log:
+                out = joiner.on_decision(msg.partition, decode_decision(msg.value, msg.key),
+                                         now_ms=now_ms)
+            else:
+                conv = decode_conversion(msg.value, msg.key)
+                check_partition(msg, self.n_parts)
+                out = joiner.on_conversion(msg.partition, conv, now_ms=now_ms)
+        except OutOfBounds as exc:
+            # the partition clock has seen it (that is how a real jump is followed): the
+            # clock is all the joiner wrote before refusing the record
+            self._keep(stage, msg.partition, owner)
+            outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
+            return
+        except InvalidMessage as exc:
+            outputs.append(self._dead_letter(msg, exc.reason, exc.detail))
+            return
+        except Exception as exc:  # a poison record: its staging is dropped, nothing moved
+            m.errors.labels("join").inc()
+            log.exception("joining %s[%s]@%s failed", msg.topic, msg.partition, msg.offset)
+            outputs.append(self._dead_letter(msg, "processing_error",
+                                             f"{type(exc).__name__}: {exc}"))
+            return
+        outbox.record(msg.topic, msg.partition, msg.offset,
+                      [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
+                      + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
+        self._keep(stage, msg.partition, owner)
+        if erasure:
+            m.erasures.labels("join-state").inc()
+        for r in out.rewards:
+            outputs.append((tp.rewards, r.user_id.encode(), encode(r.to_doc())))
+            m.rewards.observe(r.reward)
+            m.reward_sum.inc(r.reward)
+        for t in out.transitions:
+            outputs.append((tp.transitions, t.user_id.encode(), encode(t.to_doc())))
+            m.transitions.labels("true" if t.done else "false").inc()
+        for outcome, n in out.counts.items():
+            m.join_events.labels(outcome).inc(n)
+        for delay in out.delays_ms:
+            m.attribution_delay.observe(delay / 1000.0)
 
     def _sweep(self, p: int, records: int) -> int:
         """Delete expired records among the partition's next few users (core/tables.py

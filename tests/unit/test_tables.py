@@ -3,9 +3,12 @@
 The stored formats are pinned here because a worker upgraded in place reads what the previous
 version wrote into its tables (RocksDB and the changelog topics).
 """
+import pytest
+
 from streamagent.core.contracts import BudgetShare, JoinRecord, PendingConversion
 from streamagent.core.state import UserState
-from streamagent.core.tables import BudgetShares, JoinStore, UserCounts, UserStates
+from streamagent.core.tables import (BudgetShares, JoinStore, ReadCache, Staged, UserCounts,
+                                     UserStates)
 
 
 def test_user_states_store_the_state_blob():
@@ -53,3 +56,41 @@ def test_join_store_keys_and_records():
     assert js.pending(0) == 4
     assert set(table) == {"u:u", "wm:0", "wmd:0", "wmc:0", "due:0:2", "due:1:1", "pending:0"}
     assert table["wm:0"] == b"90" and table["due:0:2"] == b'["v"]'
+
+
+class CountingDict(dict):
+    """A dict that counts the reads that reach it."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.reads = 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return super().__getitem__(key)
+
+
+def test_read_cache_reads_each_key_once_misses_included_and_writes_through():
+    base = CountingDict({"a": b"1"})
+    cache = ReadCache(base)
+    assert cache.get("a") == b"1" and cache["a"] == b"1" and "a" in cache
+    assert cache.get("nope") is None and "nope" not in cache
+    with pytest.raises(KeyError):
+        cache["nope"]
+    assert base.reads == 2  # one for "a", one for the miss
+    cache["b"] = b"2"
+    del cache["a"]
+    assert base == {"b": b"2"}  # written through
+    assert cache.get("a") is None and cache["b"] == b"2" and base.reads == 2
+    assert sorted(cache) == ["b"] and len(cache) == 1
+
+
+def test_a_staging_over_a_read_cache_applies_to_the_base():
+    base = CountingDict({"u:x": b"old"})
+    stage = Staged(ReadCache(base))
+    assert stage["u:x"] == b"old"
+    stage["u:x"] = b"new"
+    stage["u:y"] = b"y"
+    del stage["u:x"]
+    stage.apply()
+    assert base == {"u:y": b"y"}
