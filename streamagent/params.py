@@ -87,7 +87,6 @@ def learner_params(s: Settings) -> LearnerParams:
                          seed=s.seed, heads=s.q_heads, dueling=s.dueling,
                          center_rewards=s.reward_centering,
                          never_floor=s.never_floor,
-                         never_floor_states=s.never_floor_states,
                          never_floor_slack=s.never_floor_slack)
 
 

@@ -77,20 +77,17 @@ class LearnerParams:
     # learns Q - C, with C = the replay's reward per unit of (1 - discount), i.e. the average
     # reward rate over 1 - gamma. See QLearner.offset.
     center_rewards: bool = False
-    # A floor under every bootstrap: the value of never sending a coupon again. "No coupon" is
-    # always allowed, so V*(s) >= V_never(s), and a second small network learns V_never by
-    # plain policy evaluation (no max, so no maximisation bias) from the transitions whose
-    # action was "no coupon". Targets bootstrap from max(max_a Q(s', a), V_never(s')). It
-    # carries the value of a long rest (a fatigued user left alone for weeks) into Q(s, none)
-    # in one step, where Q-learning alone needs the rest's every state to be visited under
-    # the greedy policy: the trap of docs/BENCHMARKS.md.
+    # The value of never sending a coupon again as a floor. "No coupon" is always allowed, so
+    # V*(s) >= V_never(s); a second small network learns V_never by plain policy evaluation
+    # (no max, so no maximisation bias) from the transitions whose action was "no coupon".
+    # Targets bootstrap from max(max_a Q(s', a), V_never(s')), and a one-sided loss holds
+    # Q(s, none) of every replayed state at least at V_never(s) less ``never_floor_slack`` of
+    # it (a noisy V_never above Q would otherwise bias against coupons). It carries the value
+    # of a long rest (a fatigued user left alone for weeks) into Q(s, none) at once, where
+    # Q-learning alone needs the rest's every state visited under the greedy policy, and the
+    # states a trap keeps a user in have almost no "no coupon" transitions of their own: the
+    # casual users' trap of docs/BENCHMARKS.md.
     never_floor: bool = False
-    # ...and hold Q(s, none) of every sampled state at least at V_never(s) (a one-sided loss),
-    # not only through the next state's bootstrap: the states a trap keeps a user in have
-    # almost no "no coupon" transitions of their own
-    never_floor_states: bool = False
-    # the floor on Q(s, none) is V_never(s) less this fraction of |V_never(s)|: the one-sided
-    # loss lifts Q(none) wherever a noisy V_never is above it, a bias against coupons
     never_floor_slack: float = 0.0
 
 
@@ -362,7 +359,7 @@ class QLearner:
             q, td_target, reduction="none", delta=p.huber_delta) * boot
         # the mean over the (transition, head) pairs in the heads' samples
         loss = per_item.mean() * (boot.numel() / max(float(boot.sum()), 1.0))
-        if p.never_floor and p.never_floor_states:
+        if p.never_floor:
             with torch.no_grad():
                 v_s = self.never_target(s).squeeze(-1)[:, None]
                 if p.never_floor_slack:
@@ -372,31 +369,33 @@ class QLearner:
             loss = loss + nn.functional.huber_loss(
                 q_none, torch.maximum(q_none.detach(), v_s), delta=p.huber_delta)
         self.opt.zero_grad()
-        loss.backward()
+        # V_never's loss joins the same backward pass (the networks share no parameter, so
+        # each one's gradients are what separate passes give; one pass costs less)
+        never_loss = self._never_loss(s, a, r, disc, v2_never) if p.never_floor else None
+        (loss if never_loss is None else loss + never_loss).backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
         self.opt.step()
+        if never_loss is not None:
+            nn.utils.clip_grad_norm_(self.never_online.parameters(), p.grad_clip)
+            self.never_opt.step()
         self.train_steps += 1
         rb.update(idx, (td_target - q).detach().mean(-1).numpy(), PER_EPS)
-        if p.never_floor:
-            self._update_never(s, a, r, disc, v2_never)
         self._sync_target()
         self.last_loss = float(loss.detach())
         self.last_max_q = float(q2_target.max(-1).values.mean()) + self.offset
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
 
-    def _update_never(self, s, a, r, disc, v2) -> None:
-        """One TD(0) step of V_never on the minibatch's "no coupon" transitions (action 0):
-        V(s) <- r + disc * V_target(s'), the value of following "never" from s."""
+    def _never_loss(self, s, a, r, disc, v2):
+        """V_never's TD(0) loss on the minibatch's "no coupon" transitions (action 0),
+        V(s) <- r + disc * V_target(s'): the value of following "never" from s; None when the
+        minibatch has none. Its gradients are cleared here (the caller steps them)."""
         rest = a == 0
         if not bool(rest.any()):
-            return
+            return None
         target = r[rest] + disc[rest] * v2[rest]
         v = self.never_online(s[rest]).squeeze(-1)
-        loss = nn.functional.huber_loss(v, target, delta=self.p.huber_delta)
         self.never_opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.never_online.parameters(), self.p.grad_clip)
-        self.never_opt.step()
+        return nn.functional.huber_loss(v, target, delta=self.p.huber_delta)
 
     def _nets(self) -> tuple[QNetwork, ...]:
         """Every network whose output is a (centered) value."""
@@ -428,9 +427,10 @@ class QLearner:
                     target.load_state_dict(online.state_dict())
             return
         with torch.no_grad():
-            for target, online in pairs:
-                for pt, po in zip(target.parameters(), online.parameters()):
-                    pt.mul_(1 - self.p.tau).add_(po, alpha=self.p.tau)
+            for target, online in pairs:  # (the same elementwise ops as per tensor, fewer calls)
+                tp, op = list(target.parameters()), list(online.parameters())
+                torch._foreach_mul_(tp, 1 - self.p.tau)
+                torch._foreach_add_(tp, op, alpha=self.p.tau)
 
     def q_values(self, features) -> np.ndarray:
         with torch.no_grad():

@@ -53,6 +53,56 @@ def _bad_messages() -> list[tuple[str, bytes | None, bytes]]:
     ]
 
 
+class LearnerPace:
+    """Plays the shop no faster than the learner learns.
+
+    A real shop's day lasts a day, and the learner keeps up with its transitions many times
+    over; the demo plays a day in about a second on two cores shared by the broker, the worker,
+    the shop and the learner, so without a pace the learner falls days behind and the deciders
+    act on a model trained on the first weeks only (measured: the learner published 8 versions
+    in 60 simulated days and the last 15 days earned 2.39 against 2.55 with the same learner
+    keeping up). After each day the demo waits, at most ``timeout_s``, until the learner has
+    learned all but ``slack`` of the transitions on the topic (from its /metrics)."""
+
+    def __init__(self, kafka, topic: str, metrics_port: int, slack: int,
+                 timeout_s: float = 60.0):
+        self.kafka, self.topic, self.port = kafka, topic, metrics_port
+        self.slack, self.timeout_s = slack, timeout_s
+        self.waited_s = 0.0
+
+    def _learned(self) -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("streamagent_learning_transitions_total "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def _on_topic(self) -> int:
+        from confluent_kafka import TopicPartition
+
+        from streamagent.ops.kafka import make_consumer
+
+        c = make_consumer(self.kafka)
+        try:
+            md = c.list_topics(self.topic, timeout=10)
+            return sum(c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                       for p in md.topics[self.topic].partitions)
+        finally:
+            c.close()
+
+    def wait(self) -> None:
+        t0 = time.monotonic()
+        try:
+            target = self._on_topic() - self.slack
+            while self._learned() < target and time.monotonic() - t0 < self.timeout_s:
+                time.sleep(0.2)
+        except OSError:  # the learner's endpoint away for a moment: go on, check next day
+            pass
+        self.waited_s += time.monotonic() - t0
+
+
 @dataclass
 class Stack:
     """What the demo started: a broker on free ports and the worker and learner processes."""
@@ -168,6 +218,9 @@ def run_demo(args) -> int:
     kshop = KafkaShop(shop, kafka_client(s), shop_topics(s), s.partitions,
                       decision_timeout_s=120)
     dlq = DlqCounter(s)
+    # about a day's decisions may wait for the learner (the held-out share never counts)
+    pace = LearnerPace(kafka_client(s), s.topic_transitions, st.ports["learner"],
+                       slack=args.users)
     bad_sent = 0
     days: list = []
     t_start = time.monotonic()
@@ -184,6 +237,7 @@ def run_demo(args) -> int:
                 # the worker's first start (Faust, RocksDB) takes a while
                 kshop.timeout = 240.0 if day == 0 else 120.0
                 days.append(kshop.day(day))
+                pace.wait()
                 dlq.poll()
                 live.update(view.render(bad_sent))
                 if not interactive and (day + 1) % 10 == 0:
@@ -202,7 +256,7 @@ def run_demo(args) -> int:
     out_dir = Path(args.out)
     if days:
         report = write_report(out_dir, args, days, ref, dlq.reasons, bad_sent,
-                              time.monotonic() - t_start)
+                              time.monotonic() - t_start, pace.waited_s)
         con.rule("report")
         con.print(report, markup=False, highlight=False)
         con.print(f"wrote {out_dir / 'report.md'} and {out_dir / 'learning-curve.png'}")

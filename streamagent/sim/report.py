@@ -15,7 +15,7 @@ def moving_mean(x, window: int = 7) -> np.ndarray:
 
 
 def write_report(out: Path, args, days, ref: dict, dlq_reasons: Counter, bad_sent: int,
-                 seconds: float) -> str:
+                 seconds: float, waited_for_learner_s: float = 0.0) -> str:
     out.mkdir(parents=True, exist_ok=True)
     prof = np.array([d.expected_profit for d in days])
     k = max(1, len(prof) // 4)
@@ -27,7 +27,9 @@ def write_report(out: Path, args, days, ref: dict, dlq_reasons: Counter, bad_sen
         "",
         f"Wall clock {seconds:.0f} s; {sum(d.events for d in days):,} user events, "
         f"{len(days) * args.users:,} decisions, {sum(d.orders for d in days):,} orders; "
-        f"the learner published {versions} model versions, hot-swapped by the worker.",
+        f"the learner published {versions} model versions, hot-swapped by the worker; the shop "
+        f"waited {waited_for_learner_s:.0f} s in all for the learner to keep up (a simulated "
+        f"day lasts about a second here, not a day).",
         "",
         "| policy | profit / user / day | of optimum |",
         "|---|---:|---:|",

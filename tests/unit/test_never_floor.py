@@ -32,6 +32,10 @@ def day(r, a=0, i=0):
                       dt_ms=DAY, done=False)
 
 
+def test_the_floor_is_shipped_on():
+    assert learner().p.never_floor and learner().never_online is not None
+
+
 def test_never_value_is_learned_from_the_no_coupon_transitions():
     """Reward 1 a day without a coupon (gamma 0.95): never sending one is worth 20."""
     L = learner(never_floor=True)
@@ -44,8 +48,9 @@ def test_never_value_is_learned_from_the_no_coupon_transitions():
 @pytest.mark.parametrize("floor", [False, True])
 def test_the_floor_lifts_a_coupon_whose_next_state_is_undervalued(floor):
     """Only coupon transitions (reward 0) and a never-value of 50 (held there: no no-coupon
-    transition trains it): with the floor a coupon's Q climbs towards 0.95 x 50; without it,
-    Q bootstraps from its own ~0 and stays there (a faster learning rate than shipped)."""
+    transition trains it): with the floor a coupon's Q climbs towards 0.95 x 50 and Q(s, none)
+    is held near 50 (less the slack); without it, Q bootstraps from its own ~0 and stays there
+    (a faster learning rate than shipped)."""
     L = learner(never_floor=floor, center_rewards=False, lr=1e-3)
     if floor:
         with torch.no_grad():
@@ -53,11 +58,13 @@ def test_the_floor_lifts_a_coupon_whose_next_state_is_undervalued(floor):
                 net.net[-1].bias.fill_(50.0)
     for i in range(3000):
         L.learn_one(day(0.0, a=1, i=i))
-    q = L.q_values(S)[1]
+    q = L.q_values(S)
     if floor:
-        assert q > 20.0, q
+        assert q[1] > 20.0, q
+        # no "no coupon" transition at all, yet Q(s, none) is held near the never-value
+        assert q[0] > 30.0, q
     else:
-        assert abs(q) < 5.0, q
+        assert abs(q[1]) < 5.0 and abs(q[0]) < 5.0, q
 
 
 def test_the_floor_survives_a_checkpoint_and_moves_with_the_reward_offset(tmp_path):
