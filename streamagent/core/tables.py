@@ -128,12 +128,6 @@ class ReadCache(MutableMapping):
             self.seen[key] = v
         return v
 
-    def get(self, key, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def __contains__(self, key) -> bool:
         try:
             self[key]
