@@ -448,10 +448,9 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
             if proc.poll() is not None:
                 raise RuntimeError(f"join worker exited with {proc.returncode}")
             time.sleep(0.25)
+        rate = _rate(points, n)
         lo = next((p for p in points if p[1] >= 0.1 * n), None)
         hi = next((p for p in points if p[1] >= 0.9 * n), None)
-        rate = ((hi[1] - lo[1]) / (hi[0] - lo[0]) if lo and hi and hi[0] > lo[0]
-                else float("nan"))
         result = {"input_records": n, "decisions": len(decisions), "conversions": len(conversions),
                   "records_per_s": rate, "complete": bool(points and points[-1][1] >= n)}
         if lo and hi:
