@@ -538,6 +538,9 @@ class QLearner:
                          "the optimiser starts afresh", path,
                          "dueling" if self.p.dueling else "plain")
             never = doc.get("never")
+            if never and not all(weights_finite(never[n]) for n in ("online", "target")):
+                raise CorruptCheckpoint(f"{what} holds NaN or infinite never-value weights; "
+                                        f"{todo}")
             if self.p.never_floor and never:
                 self.never_online.load_state_dict(never["online"])
                 self.never_target.load_state_dict(never["target"])

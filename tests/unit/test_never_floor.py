@@ -84,3 +84,17 @@ def test_the_floor_survives_a_checkpoint_and_moves_with_the_reward_offset(tmp_pa
     P.save_checkpoint(plain)
     N.load_checkpoint(plain)
     assert N.train_steps == L.train_steps
+
+
+def test_a_checkpoint_with_broken_never_weights_is_refused(tmp_path):
+    from streamagent.errors import CorruptCheckpoint
+
+    L = learner(never_floor=True)
+    for i in range(100):
+        L.learn_one(day(1.0, a=i % 3, i=i))
+    with torch.no_grad():
+        L.never_online.net[0].weight[0, 0] = float("nan")
+    path = tmp_path / "ck.pt"
+    L.save_checkpoint(path)
+    with pytest.raises(CorruptCheckpoint, match="never-value"):
+        learner(never_floor=True).load_checkpoint(path)
