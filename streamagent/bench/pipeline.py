@@ -449,8 +449,7 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
                 raise RuntimeError(f"join worker exited with {proc.returncode}")
             time.sleep(0.25)
         rate = _rate(points, n)
-        lo = next((p for p in points if p[1] >= 0.1 * n), None)
-        hi = next((p for p in points if p[1] >= 0.9 * n), None)
+        lo, hi = _window(points, n)
         result = {"input_records": n, "decisions": len(decisions), "conversions": len(conversions),
                   "records_per_s": rate, "complete": bool(points and points[-1][1] >= n)}
         if lo and hi:
@@ -501,13 +500,20 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _rate(points: list[tuple[float, float]], total: float) -> float:
-    """Units per second between 10% and 90% of ``total``, from (time, units done) points."""
+def _window(points: list[tuple], total: float) -> tuple:
+    """The first (time, units done, ...) points at 10% and at 90% of ``total`` (None if not
+    reached): neither start-up nor the tail counts between them."""
     lo = next((p for p in points if p[1] >= 0.1 * total), None)
     hi = next((p for p in points if p[1] >= 0.9 * total), None)
+    return lo, hi
+
+
+def _rate(points: list[tuple], total: float, col: int = 1) -> float:
+    """Units (column ``col`` of the points) per second between 10% and 90% of ``total``."""
+    lo, hi = _window(points, total)
     if not lo or not hi or hi[0] <= lo[0]:
         return float("nan")
-    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+    return (hi[col] - lo[col]) / (hi[0] - lo[0])
 
 
 def run_learner(kafka: KafkaClientConfig, partitions: int, tmp: Path, n: int, rate: float,
@@ -564,16 +570,12 @@ def run_learner(kafka: KafkaClientConfig, partitions: int, tmp: Path, n: int, ra
             if done >= n:
                 break
             time.sleep(0.5)
-        per_s = _rate([(t, d) for t, d, _ in points], n)
-        steps = [(t, u) for t, _, u in points]
-        lo = next((p for p in points if p[1] >= 0.1 * n), None)
-        hi = next((p for p in points if p[1] >= 0.9 * n), None)
-        steps_per_s = ((hi[2] - lo[2]) / (hi[0] - lo[0]) if lo and hi and hi[0] > lo[0]
-                       else float("nan"))
+        per_s, steps_per_s = _rate(points, n), _rate(points, n, col=2)
         log(f"  learner ingest: {n} transitions -> {per_s:,.0f} transitions/s, "
             f"{steps_per_s:,.0f} gradient steps/s")
         result = {"transitions": n, "transitions_per_s": per_s,
-                  "gradient_steps_per_s": steps_per_s, "steps_final": steps[-1][1] if steps else 0}
+                  "gradient_steps_per_s": steps_per_s,
+                  "steps_final": points[-1][2] if points else 0}
         if seconds <= 0 or rate <= 0:
             return result
         # freshness: a worker deciding with the learner's models, both inputs paced

@@ -371,7 +371,10 @@ class QLearner:
         self.opt.zero_grad()
         # V_never's loss joins the same backward pass (the networks share no parameter, so
         # each one's gradients are what separate passes give; one pass costs less)
-        never_loss = self._never_loss(s, a, r, disc, v2_never) if p.never_floor else None
+        never_loss = None
+        if p.never_floor:
+            self.never_opt.zero_grad()
+            never_loss = self._never_loss(s, a, r, disc, v2_never)
         (loss if never_loss is None else loss + never_loss).backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
         self.opt.step()
@@ -388,13 +391,12 @@ class QLearner:
     def _never_loss(self, s, a, r, disc, v2):
         """V_never's TD(0) loss on the minibatch's "no coupon" transitions (action 0),
         V(s) <- r + disc * V_target(s'): the value of following "never" from s; None when the
-        minibatch has none. Its gradients are cleared here (the caller steps them)."""
+        minibatch has none."""
         rest = a == 0
         if not bool(rest.any()):
             return None
         target = r[rest] + disc[rest] * v2[rest]
         v = self.never_online(s[rest]).squeeze(-1)
-        self.never_opt.zero_grad()
         return nn.functional.huber_loss(v, target, delta=self.p.huber_delta)
 
     def _nets(self) -> tuple[QNetwork, ...]:
