@@ -338,14 +338,33 @@ class PendingDecision(_Record):
     deadline: int  # end of the attribution window
     action_index: int
     propensity: float
-    features: tuple[float, ...]
     policy_version: int
-    allowed: tuple[bool, ...] | None
+    # The decision's features and mask, as the JSON text of [features, allowed]. Text, because
+    # a user's record is decoded and re-encoded with every input of the user while it waits
+    # out the attribution window: as lists, every pending decision's 33 floats were turned into
+    # Python objects and back each time (with 30 pending, 2/3 of the record's cost). Only the
+    # transition reads them (vectors()). Records of releases before 2026-11-28 hold them as
+    # lists in ``features`` and ``allowed`` (``vectors`` empty), read as they are.
+    vectors: str = ""
+    features: tuple[float, ...] | None = None
+    allowed: tuple[bool, ...] | None = None
     closed: bool = False  # the window has closed and the reward is out
     reward: float = 0.0
     orders: int = 0  # attributed conversions
     amount: float = 0.0
     discount: float = 0.0
+
+    @staticmethod
+    def pack(features, allowed) -> str:
+        """The ``vectors`` text of a decision's features and mask."""
+        return orjson.dumps([features, allowed]).decode()
+
+    def unpacked(self) -> tuple[tuple[float, ...], tuple[bool, ...] | None]:
+        """(features, allowed) of the decision, from either layout."""
+        if not self.vectors:
+            return self.features, self.allowed
+        features, allowed = orjson.loads(self.vectors)
+        return tuple(features), (tuple(allowed) if allowed is not None else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

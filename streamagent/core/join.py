@@ -239,8 +239,8 @@ class Joiner:
             return out
         pending = PendingDecision(
             decision_id=d.decision_id, ts=d.ts, deadline=d.ts + self.p.window_ms,
-            action_index=d.action_index, propensity=d.propensity, features=d.features,
-            policy_version=d.policy_version, allowed=d.allowed)
+            action_index=d.action_index, propensity=d.propensity,
+            policy_version=d.policy_version, vectors=PendingDecision.pack(d.features, d.allowed))
         rec = replace(rec, ids=(rec.ids + (d.decision_id,))[-ORDER_MEMORY:],
                       last_ts=max(rec.last_ts, d.ts),
                       decisions=tuple(sorted(rec.decisions + (pending,),
@@ -408,13 +408,14 @@ class Joiner:
 
     def _transition(self, user: str, d: PendingDecision,
                     nxt: PendingDecision | None) -> Transition:
+        features, allowed = d.unpacked()
+        next_features, next_allowed = nxt.unpacked() if nxt else (None, None)
         return Transition(
-            decision_id=d.decision_id, user_id=user, ts=d.ts, features=d.features,
+            decision_id=d.decision_id, user_id=user, ts=d.ts, features=features,
             action_index=d.action_index, reward=d.reward, propensity=d.propensity,
             policy_version=d.policy_version,
-            next_features=nxt.features if nxt else None,
-            next_allowed=nxt.allowed if nxt else None,
+            next_features=next_features, next_allowed=next_allowed,
             next_ts=nxt.ts if nxt else None,
             dt_ms=(nxt.ts - d.ts) if nxt else None,
-            done=nxt is None, allowed=d.allowed,
+            done=nxt is None, allowed=allowed,
         )

@@ -162,6 +162,8 @@ def _records():
                            closed=True, reward=1.5, orders=1, amount=20, discount=2.0)
     pc = C.PendingConversion(order_id="o1", ts=7, amount=12.5, discount=None, decision_id="d1")
     yield pd
+    yield dataclasses.replace(pd, features=None, allowed=None,
+                              vectors=C.PendingDecision.pack((0.5, 1, -2.0), (True, False)))
     yield pc
     yield C.JoinRecord(user_id="u", decisions=(pd, dataclasses.replace(pd, allowed=None)),
                        conversions=(pc,), orders=("o1",), ids=("d1",), last_ts=7)

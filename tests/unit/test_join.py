@@ -213,3 +213,30 @@ def test_pending_count_and_attribution_delays():
     j.on_conversion(0, conversion("o", "u", T0 + 3 * H, 10.0))
     out = j.flush(0)
     assert j.pending(0) == 0 and out.delays_ms == [3 * H]
+
+
+def test_pending_decisions_keep_their_vectors_as_text_and_old_records_still_join():
+    """A pending decision's features and mask are stored as JSON text (not decoded with every
+    input of its user); a record written by a release that kept them as lists joins to the
+    same transitions."""
+    import orjson
+
+    a, b = decision("a", "u", T0), decision("b", "u", T0 + 5 * H)
+    j = joiner()
+    j.on_decision(0, a)
+    stored = orjson.loads(j.store.table["u:u"])
+    (pending,) = stored["decisions"]
+    assert isinstance(pending["vectors"], str) and pending["features"] is None
+    assert orjson.loads(pending["vectors"]) == [list(a.features), list(a.allowed)]
+    # the same record as the earlier release wrote it: lists, no "vectors"
+    del pending["vectors"]
+    pending["features"], pending["allowed"] = list(a.features), list(a.allowed)
+    j.store.table["u:u"] = orjson.dumps(stored)
+    out = j.on_decision(0, b)
+    out.extend(j.flush(0))
+    _, expected, _ = run([("d", a), ("d", b)])
+    assert sorted(out.transitions, key=lambda t: t.decision_id) == \
+        sorted(expected, key=lambda t: t.decision_id)
+    first = next(t for t in expected if t.decision_id == "a")
+    assert first.features == a.features and first.allowed == a.allowed
+    assert first.next_features == b.features and first.next_allowed == b.allowed
