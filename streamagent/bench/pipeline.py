@@ -64,7 +64,8 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="record the decide worker with py-spy for this long from its start "
                         "(the backlog phase) and write a flame graph next to --out")
-    p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
+    p.add_argument("--out", "--json", dest="out", default=str(RESULTS / "pipeline.json"),
+                   help="where the figures go, as JSON (default: %(default)s)")
 
 
 def _create(kafka: KafkaClientConfig, names: list[str], partitions: int) -> None:

@@ -109,7 +109,8 @@ class Joiner:
     def _index(self, partition: int, user: str, due: int) -> None:
         if due >= NEVER:
             return
-        self.store.add_due(partition, due // BUCKET_MS, user)
+        bucket = due // BUCKET_MS
+        self.store.add_due(partition, bucket, user, due, bucket * BUCKET_MS)
 
     def lapsed(self, partition: int, doc: dict) -> bool:
         """Whether a record (as its document) has expired: nothing pending, and its last
@@ -299,7 +300,11 @@ class Joiner:
         first = max(old, 0) // b if old > -NEVER else None
         last = new // b
         for bucket in self._due_buckets(partition, first, last):
-            for user in self.store.take_due(partition, bucket):
+            # Only the users due by now. The watermark moves a little with almost every input,
+            # and taking a whole bucket (an hour) each time resolved and re-indexed every user
+            # due later in the hour again and again: 11 resolutions per decision in a backlog
+            # whose windows were closing (docs/BENCHMARKS.md, the ten-minute drain).
+            for user in self.store.take_due(partition, bucket, new, bucket * b):
                 if not self.store.has_record(user):
                     continue  # erased or expired since it was indexed
                 rec = self._resolve(self.store.record(user), new, out)
@@ -319,7 +324,7 @@ class Joiner:
         self.store.set_watermark(partition, NEVER - 1)
         out = JoinOutput()
         for bucket in self.store.due_buckets(partition):
-            for user in self.store.take_due(partition, bucket):
+            for user in self.store.take_due(partition, bucket, None, bucket * BUCKET_MS):
                 if not self.store.has_record(user):
                     continue
                 rec = self._resolve(self.store.record(user), NEVER - 1, out)

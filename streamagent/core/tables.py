@@ -290,6 +290,19 @@ class UserCounts:
         self.table[self._key(partition)] = str(n).encode()
 
 
+class DueCache:
+    """What JoinStores keep of the due-time index between inputs (one per handler; a store
+    is made per input): the buckets last decoded, by the bytes they were decoded from (a
+    bucket is read by every input that moves the watermark within it: see
+    JoinStore.take_due), and each bucket's earliest due time, by the dict it was computed
+    for. Both are keyed by identity, so a changed bucket is never mistaken for a cached one."""
+
+    def __init__(self):
+        self.raw: dict[str, bytes] = {}
+        self.doc: dict[str, dict[str, int]] = {}
+        self.least: dict[str, tuple[dict[str, int], int]] = {}
+
+
 class JoinStore:
     """The reward join's table.
 
@@ -298,15 +311,18 @@ class JoinStore:
     conversion inputs; ``clockd:<partition>`` / ``clockc:<partition>`` the event-time clocks
     of the decision and conversion inputs (``clock:<partition>``, one clock for both, is what
     releases before 2026-11-27 kept: read where an input has no clock of its own yet);
-    ``due:<partition>:<bucket>`` the users with something due in that time bucket;
+    ``due:<partition>:<bucket>`` the users with something due in that time bucket, with the
+    event time each is due (an object; a list of users in releases before 2026-11-28);
     ``pending:<partition>`` the count of open decisions.
     """
 
     INPUTS = {"decisions": "wmd", "conversions": "wmc"}
     CLOCKS = {"decisions": "clockd", "conversions": "clockc"}
 
-    def __init__(self, table: MutableMapping[str, bytes]):
+    def __init__(self, table: MutableMapping[str, bytes], cache: "DueCache | None" = None):
         self.table = table
+        c = cache if cache is not None else DueCache()
+        self._due_raw, self._due_doc, self._due_min = c.raw, c.doc, c.least
 
     # ---------------------------------------------------------------- per-user records
     def _put(self, key: str, obj, encode) -> None:
@@ -381,28 +397,75 @@ class JoinStore:
     def _due_key(self, partition: int, bucket: int) -> str:
         return f"due:{partition}:{bucket}"
 
-    def add_due(self, partition: int, bucket: int, user: str) -> None:
+    def add_due(self, partition: int, bucket: int, user: str, due: int,
+                bucket_start: int = 0) -> None:
+        """Index ``user`` as due at event time ``due`` in ``bucket`` (an earlier due time of
+        the user already there stands). ``bucket_start``: the bucket's first time, the due
+        time of the users of an index written before due times were kept."""
         key = self._due_key(partition, bucket)
-        users = self._users(key)
-        if user not in users:
-            # a new list: a staged one may belong to a lower staging that must stay intact
-            self._put(key, [*users, user], orjson.dumps)
+        entries = self._due_entries(key, bucket_start)
+        if entries.get(user, due + 1) > due:
+            # a new dict: a staged one may belong to a lower staging that must stay intact
+            new = {**entries, user: due}
+            self._put(key, new, orjson.dumps)
+            got = self._due_min.get(key)
+            if got is not None and got[0] is entries:
+                self._remember_min(key, new, min(got[1], due))
 
-    def _users(self, key: str) -> list[str]:
+    def _due_entries(self, key: str, bucket_start: int) -> dict[str, int]:
+        """The bucket's users and their due times. Releases before 2026-11-28 kept a list
+        of users: each counts as due at the bucket's start, which is when those releases
+        resolved them."""
         raw = self.table.get(key)
         if isinstance(raw, Encoded):
             return raw.obj
-        return orjson.loads(raw or b"[]")
+        if not raw:
+            return {}
+        if raw is self._due_raw.get(key):  # read in this batch already (same bytes object)
+            return self._due_doc[key]
+        doc = orjson.loads(raw)
+        if isinstance(doc, list):
+            doc = dict.fromkeys(doc, bucket_start)
+        if len(self._due_raw) > 64:
+            self._due_raw.clear()
+            self._due_doc.clear()
+        self._due_raw[key], self._due_doc[key] = raw, doc
+        return doc
 
     def has_due(self, partition: int, bucket: int) -> bool:
         return self._due_key(partition, bucket) in self.table
 
-    def take_due(self, partition: int, bucket: int) -> list[str]:
-        """The users indexed in the bucket; the bucket is removed (it must exist)."""
+    def take_due(self, partition: int, bucket: int, until: int | None = None,
+                 bucket_start: int = 0) -> list[str]:
+        """The users of the bucket (which must exist) due at or before event time ``until``
+        (all of them if None), in the order they were indexed; they leave the bucket, and the
+        bucket goes once it is empty."""
         key = self._due_key(partition, bucket)
-        users = list(self._users(key))
-        del self.table[key]
+        entries = self._due_entries(key, bucket_start)
+        if until is None:
+            del self.table[key]
+            return list(entries)
+        got = self._due_min.get(key)
+        if got is not None and got[0] is entries:
+            if until < got[1]:
+                return []  # the common case: the watermark moved, nobody here is due yet
+        elif until < self._remember_min(key, entries, min(entries.values())):
+            return []
+        users = [user for user, due in entries.items() if due <= until]
+        if len(users) == len(entries):
+            del self.table[key]
+        elif users:
+            rest = {u: due for u, due in entries.items() if due > until}
+            self._put(key, rest, orjson.dumps)
+            self._remember_min(key, rest, min(rest.values()))
         return users
+
+    def _remember_min(self, key: str, entries: dict[str, int], least: int) -> int:
+        """Remember the earliest due time of a bucket's entries (by the dict's identity)."""
+        if len(self._due_min) > 256:
+            self._due_min.clear()
+        self._due_min[key] = (entries, least)
+        return least
 
     def due_buckets(self, partition: int) -> list[int]:
         """Every bucket of the partition with users in it, in time order (scans the keys)."""

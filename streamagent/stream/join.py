@@ -34,7 +34,7 @@ from streamagent.stream.ingress import envelope, pseudonymise
 from streamagent.core.eventtime import OutOfBounds
 from streamagent.core.join import Joiner, JoinParams
 from streamagent.core.outbox import Outbox
-from streamagent.core.tables import JoinStore, ReadCache, Staged, sweep_budget
+from streamagent.core.tables import DueCache, JoinStore, ReadCache, Staged, sweep_budget
 from streamagent.errors import InvalidMessage
 from streamagent.stream.decide import Message, Send, no_scope
 
@@ -92,9 +92,11 @@ class JoinHandler:
         self.pending_by_part: dict[int, int] = {}
         self.sweep_keys = sweep_keys
         self.sweep_from: dict[int, str | None] = {}  # partition -> the sweep's cursor
+        self.due_cache = DueCache()
 
     def joiner(self, store: MutableMapping[str, bytes] | None = None) -> Joiner:
-        return Joiner(self.catalog, self.p, JoinStore(self.table if store is None else store))
+        return Joiner(self.catalog, self.p, JoinStore(self.table if store is None else store,
+                                                       self.due_cache))
 
     async def handle(self, batch: Sequence[Message],
                      scope: Callable[[int], ContextManager] = no_scope) -> None:
@@ -142,7 +144,7 @@ class JoinHandler:
                 topic = tp.rewards if name == "rewards" else tp.transitions
                 outputs.append((topic, key.encode(), encode(value)))
             return
-        joiner = Joiner(self.catalog, self.p, JoinStore(stage))
+        joiner = Joiner(self.catalog, self.p, JoinStore(stage, self.due_cache))
         now_ms = int(time.time() * 1000)
         erasure = msg.topic == tp.decision_log and msg.value is None and bool(msg.key)
         try:

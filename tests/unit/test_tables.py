@@ -45,17 +45,28 @@ def test_join_store_keys_and_records():
     js.set_watermark(0, 90)
     assert (js.watermark(0), js.input_watermark(0, "decisions"),
             js.input_watermark(0, "conversions")) == (90, 100, 90)
-    js.add_due(0, 7, "u")
-    js.add_due(0, 7, "u")
-    js.add_due(0, 2, "v")
-    js.add_due(1, 1, "w")
+    js.add_due(0, 7, "u", 75)
+    js.add_due(0, 7, "u", 78)  # the earlier due time stands
+    js.add_due(0, 7, "x", 76)
+    js.add_due(0, 7, "u", 72)  # an earlier one replaces it
+    js.add_due(0, 2, "v", 20)
+    js.add_due(1, 1, "w", 10)
     assert js.due_buckets(0) == [2, 7] and js.has_due(0, 7) and not js.has_due(0, 3)
-    assert js.take_due(0, 7) == ["u"] and js.due_buckets(0) == [2]
+    # only those due by `until` leave the bucket; the bucket goes with its last user
+    assert js.take_due(0, 7, until=71) == [] and js.has_due(0, 7)
+    assert js.take_due(0, 7, until=72) == ["u"] and js.has_due(0, 7)
+    assert js.take_due(0, 7) == ["x"] and js.due_buckets(0) == [2]
     assert js.pending(0) == 0
     js.set_pending(0, 4)
     assert js.pending(0) == 4
     assert set(table) == {"u:u", "wm:0", "wmd:0", "wmc:0", "due:0:2", "due:1:1", "pending:0"}
-    assert table["wm:0"] == b"90" and table["due:0:2"] == b'["v"]'
+    assert table["wm:0"] == b"90" and table["due:0:2"] == b'{"v":20}'
+    # an index written by a release before due times were kept: users due at the bucket's start
+    table["due:0:3"] = b'["a","b"]'
+    assert js.take_due(0, 3, until=29, bucket_start=30) == []
+    js.add_due(0, 3, "c", 35, bucket_start=30)
+    assert js.take_due(0, 3, until=30, bucket_start=30) == ["a", "b"]
+    assert js.take_due(0, 3, until=40, bucket_start=30) == ["c"] and not js.has_due(0, 3)
 
 
 class CountingDict(dict):
