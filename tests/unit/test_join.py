@@ -240,3 +240,35 @@ def test_pending_decisions_keep_their_vectors_as_text_and_old_records_still_join
     first = next(t for t in expected if t.decision_id == "a")
     assert first.features == a.features and first.allowed == a.allowed
     assert first.next_features == b.features and first.next_allowed == b.allowed
+
+
+def test_watermark_moving_within_an_hour_leaves_users_due_later_in_it_alone():
+    """Users whose window closes later in the current hour of the due-time index are not
+    resolved (read and rewritten) by every input that moves the watermark within the hour:
+    only once they are due."""
+    from streamagent.core.join import BUCKET_MS
+
+    class Counting(dict):
+        writes = 0
+
+        def __setitem__(self, key, value):
+            if key.startswith("u:u"):  # the ten users' records
+                Counting.writes += 1
+            super().__setitem__(key, value)
+
+    hour = (T0 + P.window_ms) // BUCKET_MS * BUCKET_MS + BUCKET_MS  # an hour boundary
+    j = Joiner(CAT, P, JoinStore(Counting()))
+    # ten users whose windows close 40..49 minutes into that hour
+    for i in range(10):
+        j.on_decision(0, decision(f"d{i}", f"u{i}", hour - P.window_ms + (40 + i) * 60_000))
+    j.on_conversion(0, heartbeat("x", hour + P.lateness_ms))
+    before = Counting.writes
+    rewards = []
+    # the watermark walks through the hour a minute at a time (decisions of another user)
+    for m in range(1, 60):
+        out = j.on_decision(0, decision(f"w{m}", "w", hour + P.lateness_ms + m * 60_000))
+        out.extend(j.on_conversion(0, heartbeat("x", hour + P.lateness_ms + m * 60_000)))
+        rewards += [r.decision_id for r in out.rewards if r.user_id != "w"]
+    assert sorted(rewards) == [f"d{i}" for i in range(10)]
+    # each of the ten records is written once, when its window closes
+    assert Counting.writes - before == 10
