@@ -256,8 +256,12 @@ def rss_figures(samples: list[tuple[float, float]], t_from: float, t_to: float) 
     k = max(1, len(xs) // 5)
     first = float(np.median([v for _, v in xs[:k]]))
     last = float(np.median([v for _, v in xs[-k:]]))
+    # the curve itself, a point per tenth of the drain (seconds from its start, MiB)
+    step = max(1, len(xs) // 10)
+    curve = [[round(t - t_from, 1), round(v, 1)] for t, v in xs[::step]]
     return {"first_fifth_mib": first, "last_fifth_mib": last, "max_mib": max(v for _, v in xs),
-            "growth": last / first if first else float("nan"), "seconds": t_to - t_from}
+            "growth": last / first if first else float("nan"), "seconds": t_to - t_from,
+            "curve": curve}
 
 
 def _py_spy() -> str:

@@ -37,14 +37,21 @@ log = logging.getLogger("streamagent.decide")
 # RocksDB memory of each table's database per partition (a worker holding 4 partitions has 12).
 # Faust's defaults are 64 MiB write buffers (up to 3 per database) and a 2 GiB block cache per
 # database: in the soak (docs/RELIABILITY.md, "Soak") the worker's RSS grew past 2 GB on tables
-# of a few tens of MB. These bound it to about 12 x (3 x 16 + 32) MiB at most.
-ROCKSDB_OPTIONS = {"write_buffer_size": 16 << 20, "max_write_buffer_number": 3,
-                   "block_cache_size": 32 << 20}
+# of a few tens of MB. The shipped settings (ROCKSDB_* in config.py, these values) bound it to
+# about 12 x (2 x 2 + 4) MiB; 16 MiB x 3 and 32 MiB grew a drain's RSS by 39%.
+ROCKSDB_OPTIONS = {"write_buffer_size": 2 << 20, "max_write_buffer_number": 2,
+                   "block_cache_size": 4 << 20}
 
 
-def table_options(store: str) -> dict | None:
+def table_options(store: str, s: Settings | None = None) -> dict | None:
     """Store options of a table (a fresh dict each: Faust's store pops keys from it)."""
-    return dict(ROCKSDB_OPTIONS) if store.startswith("rocksdb") else None
+    if not store.startswith("rocksdb"):
+        return None
+    if s is None:
+        return dict(ROCKSDB_OPTIONS)
+    return {"write_buffer_size": int(s.rocksdb_write_buffer_mb * (1 << 20)),
+            "max_write_buffer_number": s.rocksdb_write_buffers,
+            "block_cache_size": int(s.rocksdb_block_cache_mb * (1 << 20))}
 
 
 def changelog_configs(s: Settings) -> dict:
@@ -156,14 +163,14 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
     users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
-                      value_type=bytes, options=table_options(s.table_store),
+                      value_type=bytes, options=table_options(s.table_store, s),
                       extra_topic_configs=changelog_configs(s))
     budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
-                        value_type=bytes, options=table_options(s.table_store),
+                        value_type=bytes, options=table_options(s.table_store, s),
                         extra_topic_configs=changelog_configs(s))
     # pending decisions and conversions per user, watermarks and the due-time index
     join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
-                           value_type=bytes, options=table_options(s.table_store),
+                           value_type=bytes, options=table_options(s.table_store, s),
                            extra_topic_configs=changelog_configs(s))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)

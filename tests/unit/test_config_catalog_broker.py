@@ -86,3 +86,15 @@ def test_the_replication_factor_reaches_the_faust_app(tmp_path):
                            replication_factor=3))
     assert w.app.conf.topic_replication_factor == 3
     assert shipped().replication_factor == 1
+
+
+def test_rocksdb_memory_comes_from_the_settings():
+    from streamagent.params import shipped
+    from streamagent.stream.app import ROCKSDB_OPTIONS, table_options
+
+    assert table_options("rocksdb://", shipped()) == ROCKSDB_OPTIONS  # the shipped defaults
+    assert table_options("memory://", shipped()) is None
+    opts = table_options("rocksdb://", shipped(rocksdb_write_buffer_mb=8, rocksdb_write_buffers=3,
+                                               rocksdb_block_cache_mb=64))
+    assert opts == {"write_buffer_size": 8 << 20, "max_write_buffer_number": 3,
+                    "block_cache_size": 64 << 20}
