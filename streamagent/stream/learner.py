@@ -393,4 +393,8 @@ def run_learner(s: Settings) -> int:
     health.svc = svc
     if not running[0]:
         svc.stop()
+    if s.gc_freeze:
+        from streamagent.stream.runtime import freeze_gc
+
+        freeze_gc()
     return svc.run()

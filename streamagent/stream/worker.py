@@ -118,6 +118,15 @@ def run_worker(s: Settings) -> int:
     logging.getLogger("streamagent").info(
         "decide worker: %d partitions, model v%d, metrics on %s:%s", n, w.engine.model.version,
         s.metrics_host, s.metrics_port or "off")
+    if s.gc_freeze:
+        from streamagent.stream.runtime import freeze_gc
+
+        freeze_gc()
+
+        async def freeze_after_assignment(sender, assigned, **kwargs) -> None:
+            freeze_gc()
+
+        w.app.on_partitions_assigned.connect(freeze_after_assignment)
     # the process is the worker: a crash or a stuck rebalance ends it within the deadline
     make_worker(w.app, s.log_level.upper(),
                 exit_deadline_s=s.exit_deadline_s).execute_from_commandline()
