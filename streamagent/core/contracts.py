@@ -342,8 +342,8 @@ class PendingDecision(_Record):
     # The decision's features and mask, as the JSON text of [features, allowed]. Text, because
     # a user's record is decoded and re-encoded with every input of the user while it waits
     # out the attribution window: as lists, every pending decision's 33 floats were turned into
-    # Python objects and back each time (with 30 pending, 2/3 of the record's cost). Only the
-    # transition reads them (vectors()). Records of releases before 2026-11-28 hold them as
+    # Python objects and back each time (with 30 pending, about half of the record's cost).
+    # Only the transition reads them (unpacked()). Records of earlier releases hold them as
     # lists in ``features`` and ``allowed`` (``vectors`` empty), read as they are.
     vectors: str = ""
     features: tuple[float, ...] | None = None

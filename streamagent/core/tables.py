@@ -312,7 +312,7 @@ class JoinStore:
     of the decision and conversion inputs (``clock:<partition>``, one clock for both, is what
     releases before 2026-11-27 kept: read where an input has no clock of its own yet);
     ``due:<partition>:<bucket>`` the users with something due in that time bucket, with the
-    event time each is due (an object; a list of users in releases before 2026-11-28);
+    event time each is due (an object; a list of users in earlier releases);
     ``pending:<partition>`` the count of open decisions.
     """
 
@@ -413,7 +413,7 @@ class JoinStore:
                 self._remember_min(key, new, min(got[1], due))
 
     def _due_entries(self, key: str, bucket_start: int) -> dict[str, int]:
-        """The bucket's users and their due times. Releases before 2026-11-28 kept a list
+        """The bucket's users and their due times. Earlier releases kept a list
         of users: each counts as due at the bucket's start, which is when those releases
         resolved them."""
         raw = self.table.get(key)
