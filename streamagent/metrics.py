@@ -368,3 +368,22 @@ class HealthServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(5)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of a local /metrics page: 'name{labels}' -> value ({} if it does not
+    answer)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out

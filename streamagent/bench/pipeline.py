@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import orjson
 
+from streamagent.metrics import scrape
 from streamagent.ops.local import free_port_pair, terminate
 
 if TYPE_CHECKING:
@@ -81,23 +82,6 @@ def _create(kafka: KafkaClientConfig, names: list[str], partitions: int) -> None
         f.result()
 
 
-def _end_offsets(kafka: KafkaClientConfig, topic: str) -> int:
-    from confluent_kafka import TopicPartition
-
-    from streamagent.ops.kafka import make_consumer
-
-    c = make_consumer(kafka)
-    try:
-        md = c.list_topics(topic, timeout=10)
-        total = 0
-        for p in md.topics[topic].partitions:
-            _, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += hi
-        return total
-    finally:
-        c.close()
-
-
 def _behind(kafka: KafkaClientConfig, group: str, topic: str) -> int:
     """Messages of ``topic`` the consumer group has not committed yet."""
     from confluent_kafka import TopicPartition
@@ -140,10 +124,12 @@ def _read(kafka: KafkaClientConfig, topic: str) -> list[tuple[int, bytes]]:
 
 
 def _wait_for(kafka: KafkaClientConfig, topic: str, count: int, timeout: float, proc) -> int:
+    from streamagent.ops.kafka import end_offsets
+
     deadline = time.monotonic() + timeout
     n = 0
     while time.monotonic() < deadline:
-        n = _end_offsets(kafka, topic)
+        n = end_offsets(kafka, topic)
         if n >= count:
             return n
         if proc.poll() is not None:
@@ -371,8 +357,10 @@ def _paced(system: str, kafka: KafkaClientConfig, tin: str, tout: str, rate: flo
     """Send events at ``rate`` for ``latency_s`` and time each one's output: from the input's
     append to the output's (both the broker's LogAppendTime)."""
     tag = f"lat{uuid.uuid4().hex[:6]}"
+    from streamagent.ops.kafka import end_offsets
+
     paced = _events(int(rate * latency_s), users, seed=99, prefix=tag)
-    before = _end_offsets(kafka, tout)
+    before = end_offsets(kafka, tout)
     _produce(kafka, tin, paced, rate=rate)
     want = len(paced) if not system.startswith("decide") else sum(
         1 for e in paced if e["type"] in ("session_start", "add_to_cart"))
@@ -489,22 +477,6 @@ def _transitions(n: int, seed: int, prefix: str) -> list[dict]:
     return out
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """The unlabelled samples of a /metrics page."""
-    import urllib.request
-
-    out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, _, value = line.rpartition(" ")
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    pass
-    return out
-
-
 def _window(points: list[tuple], total: float) -> tuple:
     """The first (time, units done, ...) points at 10% and at 90% of ``total`` (None if not
     reached): neither start-up nor the tail counts between them."""
@@ -565,9 +537,8 @@ def run_learner(kafka: KafkaClientConfig, partitions: int, tmp: Path, n: int, ra
         while time.monotonic() - t0 < 600:
             if learner.poll() is not None:
                 raise RuntimeError(f"learner exited with {learner.returncode}")
-            try:
-                m = _scrape(port)
-            except OSError:
+            m = scrape(port)
+            if not m:  # not answering yet
                 time.sleep(0.5)
                 continue
             done = m.get("streamagent_learning_transitions_total", 0.0)

@@ -29,19 +29,19 @@ import heapq
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import orjson
+
+from streamagent.metrics import scrape
 
 from streamagent.units import DAY_MS
 
@@ -190,22 +190,6 @@ def dir_mb(path: Path, match: str | None = None) -> float:
             except OSError:
                 pass
     return total / 1e6
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Every sample of a local /metrics page: 'name{labels}' -> value ({} if it does not
-    answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            body = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in body.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?) (\S+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 def total(metrics: dict[str, float], name: str) -> float:

@@ -300,3 +300,16 @@ def send(producer: Producer, topic: str, key: bytes | None, value: bytes,
         except BufferError:  # the local queue is full: let it drain
             producer.poll(0.05)
     producer.poll(0)
+
+
+def end_offsets(kafka: KafkaClientConfig, topic: str) -> int:
+    """The sum of the topic's partitions' end offsets: how many records it has ever held."""
+    from confluent_kafka import TopicPartition
+
+    c = make_consumer(kafka)
+    try:
+        md = c.list_topics(topic, timeout=10)
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in md.topics[topic].partitions)
+    finally:
+        c.close()

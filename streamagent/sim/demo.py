@@ -70,35 +70,27 @@ class LearnerPace:
         self.slack, self.timeout_s = slack, timeout_s
         self.waited_s = 0.0
 
-    def _learned(self) -> float:
-        import urllib.request
+    def _learned(self) -> float | None:
+        """Transitions the learner has learned; None if its /metrics does not answer."""
+        from streamagent.metrics import scrape
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("streamagent_learning_transitions_total "):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return scrape(self.port).get("streamagent_learning_transitions_total")
 
     def _on_topic(self) -> int:
-        from confluent_kafka import TopicPartition
+        from streamagent.ops.kafka import end_offsets
 
-        from streamagent.ops.kafka import make_consumer
-
-        c = make_consumer(self.kafka)
-        try:
-            md = c.list_topics(self.topic, timeout=10)
-            return sum(c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                       for p in md.topics[self.topic].partitions)
-        finally:
-            c.close()
+        return end_offsets(self.kafka, self.topic)
 
     def wait(self) -> None:
         t0 = time.monotonic()
         try:
             target = self._on_topic() - self.slack
-            while self._learned() < target and time.monotonic() - t0 < self.timeout_s:
+            while time.monotonic() - t0 < self.timeout_s:
+                learned = self._learned()
+                if learned is None or learned >= target:
+                    break  # (no answer: the learner's endpoint away for a moment; next day)
                 time.sleep(0.2)
-        except OSError:  # the learner's endpoint away for a moment: go on, check next day
+        except OSError:  # the broker away for a moment: go on, check next day
             pass
         self.waited_s += time.monotonic() - t0
 
