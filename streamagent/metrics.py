@@ -129,6 +129,16 @@ class Metrics:
                                ["table"], registry=r)
         self.lag = Gauge("streamagent_stream_consumer_lag_messages",
                          "Messages behind the end of each input topic.", ["topic"], registry=r)
+        # the event loop (stream/runtime.py LoopWatch): every agent, the commit and Faust's
+        # hand-over from its consumer thread share it, so its lag is every event's wait
+        self.loop_lag = Histogram("streamagent_stream_loop_lag_seconds",
+                                  "How late the worker's event loop ran a callback due every "
+                                  "20 ms: the longest step it was busy with in between.",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_stalls = Counter("streamagent_stream_loop_stalls_total",
+                                   "Times the worker's event loop stalled for at least "
+                                   "STREAMAGENT_LOOP_STALL_MS (each logged with its stack, at "
+                                   "most one log every 10 s).", registry=r)
         self.model_version = Gauge("streamagent_decision_model_version",
                                    "Model version this decider uses.", registry=r)
         self.model_swaps = Counter("streamagent_decision_model_swaps_total",

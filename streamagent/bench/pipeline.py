@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from streamagent.metrics import scrape
-from streamagent.ops.local import free_port_pair, terminate
+from streamagent.ops.local import free_port, free_port_pair, terminate
 
 if TYPE_CHECKING:
     from streamagent.ops.kafka import KafkaClientConfig
@@ -160,15 +160,19 @@ def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path
                     "STREAMAGENT_TOPIC_COUPON_ACTIONS": tout + "-coupons",
                     "STREAMAGENT_TOPIC_CONVERSIONS": tin + "-conversions",
                     "STREAMAGENT_PARTITIONS": str(partitions),
-                    "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"})
+                    "STREAMAGENT_LOG_LEVEL": "warning"})
     procs = []
     for i in range(workers):
-        wenv = dict(env)
+        wenv, port = dict(env), 0
         if cmd[-1] == "worker":  # each worker its own tables directory (as on two machines)
             wenv["STREAMAGENT_DATA_DIR"] = str(tmp / f"{app_id}-{i}")
+            # /metrics, for the event loop's lag in each paced phase (loop_figures)
+            port = free_port()
+            wenv["STREAMAGENT_METRICS_PORT"] = str(port)
         log = open(tmp / f"{system}-{i}.log", "wb")
         procs.append(subprocess.Popen(cmd, env=wenv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL))
+        procs[-1].metrics_port = port
     if profile and system == "decide":
         seconds, svg = profile
         # py-spy samples the running worker from outside (no change in the worker) and writes
@@ -248,6 +252,46 @@ def rss_figures(samples: list[tuple[float, float]], t_from: float, t_to: float) 
     return {"first_fifth_mib": first, "last_fifth_mib": last, "max_mib": max(v for _, v in xs),
             "growth": last / first if first else float("nan"), "seconds": t_to - t_from,
             "curve": curve}
+
+
+LOOP_LAG = "streamagent_stream_loop_lag_seconds"
+
+
+def loop_figures(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """The worker's event-loop lag over a phase, from two scrapes of its /metrics: p50 and p99
+    (ms, interpolated in the histogram's buckets as Prometheus does) and the stalls counted."""
+    buckets = []
+    for key, v in after.items():
+        if key.startswith(LOOP_LAG + "_bucket{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), v - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+
+    def quantile(q: float) -> float:
+        rank, lo, below = q * total, 0.0, 0.0
+        for le, n in buckets:
+            if n >= rank:
+                if le == float("inf"):
+                    return lo * 1000.0  # past the last finite bound: Prometheus says that bound
+                return (lo + (le - lo) * (rank - below) / max(n - below, 1e-12)) * 1000.0
+            lo, below = le, n
+        return lo * 1000.0
+
+    stalls = "streamagent_stream_loop_stalls_total"
+    return {"p50": quantile(0.5), "p99": quantile(0.99), "samples": int(total),
+            "stalls": int(after.get(stalls, 0.0) - before.get(stalls, 0.0))}
+
+
+def _keep_only_logs(tmp: Path) -> None:
+    """Remove the run's broker data and table stores (hundreds of MiB), keep its logs."""
+    import shutil
+
+    for p in tmp.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _py_spy() -> str:
@@ -338,11 +382,17 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
                 waited = _wait_idle(kafka, app_id, [tin, tout], 300, proc)
                 log(f"  {system:7} caught up with its inputs (join included) after {waited:.0f} s")
                 result.setdefault("catch_up_s", waited)
+            port = getattr(started[0], "metrics_port", 0)
+            before = scrape(port) if port else {}
             by_load[label] = lat = _paced(system, kafka, tin, tout, rate, latency_s, users, proc)
+            loop = loop_figures(before, scrape(port)) if port else None
             if lat:
+                lat["loop_lag_ms"] = loop
                 log(f"  {system:7} paced {rate:,.0f}/s ({rate / events_per_s:.0%} of its peak): "
                     f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms "
-                    f"(n {lat['n']})")
+                    f"(n {lat['n']})" + (f"; event loop lag p50 {loop['p50']:.1f} ms, p99 "
+                                         f"{loop['p99']:.0f} ms, {loop['stalls']} stalls"
+                                         if loop else ""))
         result["latency_by_load"] = by_load
         # the table's column: at half of decide's peak (or the one --rate)
         result["latency_ms"] = by_load.get("50pct", by_load.get("rate"))
@@ -504,8 +554,6 @@ def run_learner(kafka: KafkaClientConfig, partitions: int, tmp: Path, n: int, ra
        input offsets it has seen (meta ``trained_through``); a transition's freshness is from
        its append to the first decision made with the first version trained on it.
     """
-    from streamagent.ops.local import free_port
-
     rid = uuid.uuid4().hex[:6]
     names = {k: f"bench-{rid}-{k}" for k in ("transitions", "models", "candidates", "events",
                                             "decisions", "coupons", "conversions", "rewards")}
@@ -752,6 +800,8 @@ def main(args) -> int:
     finally:
         if broker_cfg:
             stop(broker_cfg, log=lambda m: con.print(f"[dim]{m}[/dim]"))
+        _keep_only_logs(tmp)
+        con.print(f"[dim]the systems' logs: {tmp}[/dim]")
     table = Table(title="pipeline benchmark (one process each, same broker, same run)")
     for col in ("system", "events/s", "vs faust forward", "vs faust count", "paced at /s",
                 "p50 ms", "p95 ms", "p99 ms", "RSS drift"):

@@ -1,6 +1,7 @@
 """Run the decide agent as a Faust worker process, and say when it is ready (/readyz)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from streamagent.config import Settings
@@ -127,6 +128,19 @@ def run_worker(s: Settings) -> int:
             freeze_gc()
 
         w.app.on_partitions_assigned.connect(freeze_after_assignment)
+    if s.loop_stall_ms > 0:
+        from streamagent.stream.runtime import LoopWatch
+
+        watch = LoopWatch(metrics.loop_lag.observe, metrics.loop_stalls.inc,
+                          stall_s=s.loop_stall_ms / 1000.0)
+
+        @w.app.task
+        async def watch_the_loop() -> None:
+            watch.start(asyncio.get_running_loop())
+
+        @w.app.on_before_shutdown.connect
+        async def stop_watching(app, **kwargs) -> None:
+            watch.stop()
     # the process is the worker: a crash or a stuck rebalance ends it within the deadline
     make_worker(w.app, s.log_level.upper(),
                 exit_deadline_s=s.exit_deadline_s).execute_from_commandline()

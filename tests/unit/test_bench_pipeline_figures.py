@@ -46,3 +46,22 @@ def test_generated_orders_fall_inside_the_attribution_window():
         assert o["user_id"] == d["user_id"]
         assert 3_600_000 <= o["ts"] - d["ts"] < 48 * 3_600_000
     assert sum("decision_id" in o for o in orders) == 4  # every third names its decision
+
+
+def test_loop_figures_are_the_phase_s_own_buckets():
+    from streamagent.bench.pipeline import loop_figures
+
+    def page(counts, stalls):
+        out, n = {}, 0
+        for le, c in zip(("0.001", "0.01", "0.1", "1.0", "+Inf"), counts):
+            n += c
+            out[f'streamagent_stream_loop_lag_seconds_bucket{{le="{le}"}}'] = float(n)
+        out["streamagent_stream_loop_stalls_total"] = float(stalls)
+        return out
+    before = page([500, 0, 0, 0, 0], 1)  # the drain: fast ticks, one stall
+    after = page([590, 0, 9, 1, 0], 3)  # the phase: 90 fast, 9 in (10, 100] ms, 1 in (0.1, 1] s
+    f = loop_figures(before, after)
+    assert f["samples"] == 100 and f["stalls"] == 2
+    assert 0 < f["p50"] <= 1.0  # half of the phase's ticks were late by under a millisecond
+    assert 10.0 < f["p99"] <= 100.0
+    assert loop_figures(before, before) is None  # nothing in the phase: no figure
