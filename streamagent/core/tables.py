@@ -189,25 +189,61 @@ def scan_mapping(table: MutableMapping, partition: int, after, limit: int, prefi
     return [(k, table[k]) for k in keys]
 
 
-class UserStates:
-    """The user-state table: user id (bytes) -> UserState (its to_bytes blob)."""
+_MISS = object()
 
-    def __init__(self, table: MutableMapping[bytes, bytes]):
+
+class UserStates:
+    """The user-state table: user id (bytes) -> UserState (its to_bytes blob).
+
+    With ``cache_users`` > 0 it also keeps the decoded states of that many most recently used
+    users (a write-through cache: every write still goes to the table, at once). A user's
+    events come in bursts (a session's views, searches and carts within minutes), and reading
+    a state back was a store lookup and a JSON decode every batch (18% of the decide worker's
+    loop, docs/BENCHMARKS.md). States are immutable values, so a cached one is never changed
+    behind the cache's back; only writes that bypass this adapter could make it stale: the
+    worker calls :meth:`clear` whenever partitions move (a rebalance's recovery writes the
+    store from the changelog)."""
+
+    def __init__(self, table: MutableMapping[bytes, bytes], cache_users: int = 0):
         self.table = table
+        self.cache_users = cache_users
+        self._cache: dict[bytes, UserState | None] = {}  # least recently used first
 
     def get(self, key: bytes) -> UserState | None:
+        if self.cache_users:
+            state = self._cache.pop(key, _MISS)
+            if state is not _MISS:
+                self._cache[key] = state  # now the most recently used
+                return state
         raw = self.table.get(key)
-        return UserState.from_bytes(raw) if raw else None
+        state = UserState.from_bytes(raw) if raw else None
+        if self.cache_users:
+            self._remember(key, state)
+        return state
 
     def put(self, key: bytes, state: UserState) -> None:
         self.table[key] = state.to_bytes()
+        if self.cache_users:
+            self._cache.pop(key, None)
+            self._remember(key, state)
 
     def delete(self, key: bytes) -> bool:
         """Remove the user's state (a tombstone in the changelog); whether there was one."""
+        self._cache.pop(key, None)
         if self.table.get(key) is None:
             return False
         del self.table[key]
         return True
+
+    def clear(self) -> None:
+        """Forget every cached state (the table is read again)."""
+        self._cache.clear()
+
+    def _remember(self, key: bytes, state: UserState | None) -> None:
+        cache = self._cache
+        cache[key] = state
+        if len(cache) > self.cache_users:
+            del cache[next(iter(cache))]
 
     def last_seen(self, partition: int, after: bytes | None, limit: int,
                   partition_of: Callable[[bytes], int] | None = None) -> list[tuple[bytes, int]]:

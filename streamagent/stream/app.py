@@ -201,7 +201,16 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         for t in (users_t, budgets_t, join_t):
             await t.flush()
 
-    user_states = UserStates(users_t)
+    user_states = UserStates(users_t, s.state_cache_users)
+
+    # a rebalance's recovery writes the store from the changelog, behind the cache's back
+    @app.on_partitions_revoked.connect
+    async def _forget_revoked(sender, revoked, **kwargs) -> None:
+        user_states.clear()
+
+    @app.on_partitions_assigned.connect
+    async def _forget_assigned(sender, assigned, **kwargs) -> None:
+        user_states.clear()
     budget_shares, user_counts = BudgetShares(budgets_t), UserCounts(budgets_t)
     stream_clocks = StreamClocks(budgets_t)
 

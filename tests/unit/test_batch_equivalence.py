@@ -22,16 +22,17 @@ ITEMS = messages(n=240, users=12, seed=11, duplicates=True)
 MODEL = trained_like_model()
 
 
-def play(cuts: list[int]) -> tuple[list, dict, dict]:
+def play(cuts: list[int], cache_users: int = 0) -> tuple[list, dict, dict]:
     """Run ITEMS through a fresh handler in batches ending at ``cuts``: (sent records except
-    dead letters, which carry the wall clock; the users table; the budget table)."""
+    dead letters, which carry the wall clock; the users table; the budget table).
+    ``cache_users``: the user-state cache's size (core/tables.py UserStates)."""
     users, budgets, sent = {}, {}, []
 
     async def send(topic, key, value):
         if not topic.endswith(".dlq"):
             sent.append((topic, key, value))
     eng = DecisionEngine(CAT, dataclasses.replace(SHIPPED, **BINDING), MODEL)
-    h = DecideHandler(eng, DecideTables(UserStates(users), BudgetShares(budgets),
+    h = DecideHandler(eng, DecideTables(UserStates(users, cache_users), BudgetShares(budgets),
                                         UserCounts(budgets), StreamClocks(budgets)),
                       DecideTopics("decision-log", "coupon-actions", "user-events.dlq"), send,
                       Metrics(), ("session_start", "add_to_cart"),
@@ -61,6 +62,19 @@ def test_the_reference_run_decides_explores_and_hits_the_budget():
 @given(st.lists(st.integers(1, len(ITEMS) - 1), max_size=30))
 def test_any_batch_boundaries_give_byte_identical_records_and_state(cuts):
     sent, users, budgets = play(cuts)
+    ref_sent, ref_users, ref_budgets = ONE_AT_A_TIME
+    assert sent == ref_sent
+    assert users == ref_users
+    assert budgets == ref_budgets
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, len(ITEMS) - 1), max_size=30), st.sampled_from([3, 1000]))
+def test_the_user_state_cache_changes_nothing(cuts, cache_users):
+    """Decoded states kept between batches (3: fewer than the 12 users, so they are evicted
+    and read back; 1000: all kept) give the same records and tables as reading every time."""
+    sent, users, budgets = play(cuts, cache_users)
     ref_sent, ref_users, ref_budgets = ONE_AT_A_TIME
     assert sent == ref_sent
     assert users == ref_users

@@ -20,6 +20,39 @@ def test_user_states_store_the_state_blob():
     assert table[b"u1"] == s.to_bytes() and states.get(b"u1") == s
 
 
+class CountingGets(dict):
+    """A dict that counts the ``get`` calls that reach it (UserStates reads with get)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def get(self, key, default=None):
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_user_state_cache_writes_through_keeps_the_most_recent_and_forgets_on_clear():
+    table = CountingGets()
+    states = UserStates(table, cache_users=2)
+    a, b, c = (UserState(user_id=u, n_events=1) for u in ("a", "b", "c"))
+    states.put(b"a", a)
+    states.put(b"b", b)
+    assert table[b"a"] == a.to_bytes()  # written through at once
+    assert states.get(b"a") is a and states.get(b"b") is b and table.reads == 0
+    states.put(b"c", c)  # three users, room for two: "a" (least recently used) goes
+    assert states.get(b"a") == a and table.reads == 1  # read back from the table
+    assert states.get(b"a") is not None and table.reads == 1  # and cached again
+    table[b"a"] = UserState(user_id="a", n_events=9).to_bytes()  # a write behind its back
+    assert states.get(b"a").n_events == 1  # (stale until...)
+    states.clear()  # ...partitions move: the worker clears it
+    assert states.get(b"a").n_events == 9
+    assert states.delete(b"a") and b"a" not in table and table.reads == 3
+    assert states.get(b"a") is None and table.reads == 4  # deleted: read from the table
+    assert states.get(b"nobody") is None and states.get(b"nobody") is None
+    assert table.reads == 5  # the absence of "nobody" is cached too
+
+
 def test_budget_shares_and_user_counts_share_the_budget_table():
     table: dict = {}
     shares, counts = BudgetShares(table), UserCounts(table)
