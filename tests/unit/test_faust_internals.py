@@ -124,6 +124,45 @@ def test_table_writes_follow_the_current_event_and_direct_tables_reach_the_store
     asyncio.run(main())
 
 
+def test_direct_tables_on_rocksdb_store_what_faust_s_store_reads(tmp_path):
+    """On RocksDB, DirectTable reads and writes the current partition's database straight;
+    what it writes is what Faust's own store path reads back, and the other way round (bytes
+    keys raw, str keys JSON as Faust's serializer writes them), in that partition only."""
+    from streamagent.stream.app import table_options
+    from streamagent.stream.faust_internals import DirectTable, acting_as
+
+    class Event:
+        def __init__(self, partition):
+            self.message = type("M", (), {"partition": partition})()
+
+    async def main():
+        app = faust.App("faust-internals-test-5", broker="kafka://127.0.0.1:1",
+                        store="rocksdb://", datadir=str(tmp_path), web_enabled=False)
+        raw = app.Table("r", default=None, partitions=4, key_type=bytes, value_type=bytes,
+                        options=table_options("rocksdb://"))
+        text = app.Table("s", default=None, partitions=4, key_type=str, value_type=bytes,
+                         options=table_options("rocksdb://"))
+        for table, key in ((raw, b"user-1"), (text, "u:user-1")):
+            direct = DirectTable(table, app)
+            with acting_as(Event(2)):
+                direct[key] = b"v1"
+                assert direct._partition_db() is not None  # the straight path is taken
+                assert table.data[key] == b"v1"  # Faust's own read finds it
+                table.data[key] = b"v2"  # Faust's own write...
+                assert direct[key] == b"v2" and direct.get(key) == b"v2" and key in direct
+                stored = direct.pending[-1][0]
+                assert table.data._db_for_partition(2).get(stored) == b"v2"
+            with acting_as(Event(1)):  # another partition's database has no such key
+                assert direct.get(key) is None and key not in direct
+            with acting_as(Event(2)):
+                del direct[key]
+                assert direct.get(key) is None and table.data.get(key) is None
+            assert direct.pending == [(stored, b"v1", 2), (stored, None, 2)]
+            assert stored == (key if isinstance(key, bytes) else b'"u:user-1"')
+
+    asyncio.run(main())
+
+
 def test_the_worker_can_be_built_without_its_debug_spinner():
     from streamagent.stream.faust_internals import make_worker
 
