@@ -10,6 +10,12 @@ pin, when an upgrade takes away what this module relies on:
   it fetches again, and events sit in the broker for up to 1.5 s at moderate load (measured: p50
   1.3 s at 600 events/s on a forwarding agent). ``set_fetch_max_wait`` lowers it after the
   consumer is built, before it starts.
+- ``Stream.channel.queue``, ``App.topics._acking_topics``, ``Consumer._unacked_messages``,
+  ``App.flow_control``, ``App.consumer_generation_id`` and ``Message.tracked``:
+  :func:`take_batches` takes an agent's events in batches from its channel's queue with the
+  per-event rules of Faust's stream iteration (skip and acknowledge stale events, track the
+  rest until acknowledged), without the rest of that iteration (measured: see its docstring
+  and docs/BENCHMARKS.md).
 - ``faust.streams._current_event``: the context variable Faust's tables read to find which
   partition's store and changelog a write belongs to. An agent that takes events in batches
   (``Stream.take_events``) writes after the batch, outside any one event: ``acting_as`` sets it
@@ -84,6 +90,81 @@ from faust.types import TP
 
 _applied: dict[str, int] = {}
 log = logging.getLogger("streamagent.decide")
+
+
+async def take_batches(stream, max_n: int, within_s: float):
+    """Batches of a Faust agent's events, taken straight from its channel's queue.
+
+    What ``Stream.take_events`` does for an agent that only takes batches, without the
+    per-event machinery it runs for streams in general. ``take_events`` feeds its buffer from
+    a second iteration of the stream (``Stream.__aiter__``, passively) that yields to the event
+    loop once per event (``await sleep(0)``), runs every event through the stream's processor
+    chain and Faust's monitor sensors, and then waits for a full buffer or ``within`` with
+    three new tasks per batch. Here:
+
+    - the first event is awaited, then everything already queued is taken without awaiting
+      (up to ``max_n``); if that is fewer than ``max_n``, the batch waits once for the rest of
+      ``within_s`` after its first event and takes what came;
+    - each event keeps what Faust's stream does for correctness: an event of an older
+      consumer generation, or taken while flow control is suspended (a rebalance), is
+      acknowledged and dropped; an event of an acking topic is tracked as unacknowledged
+      (``Consumer._unacked_messages``: a rebalance waits for it) until the batch is handled;
+    - after the caller is done with a batch (or raised: as ``take_events`` does, and the
+      delivery guard then refuses every commit), each event is acknowledged
+      (``Event.ack``), which marks its offset committable.
+
+    Faust's monitor (its own message counters and timings, which streamagent does not read)
+    no longer sees these events."""
+    app = stream.app
+    queue = stream.channel.queue
+    consumer = app.consumer
+    acking = app.topics._acking_topics
+    track = consumer._unacked_messages.add
+    flow = app.flow_control
+    get_nowait = queue.get_nowait
+    loop = asyncio.get_running_loop()
+    events: list = []
+
+    def take(event) -> None:
+        message = event.message
+        if not flow.is_active() or message.generation_id != app.consumer_generation_id:
+            event.ack()  # as Faust's stream does: skipped, acknowledged, never handled
+            return
+        if message.topic in acking and not message.tracked:
+            message.tracked = True
+            track(message)
+        events.append(event)
+
+    while not stream.should_stop:
+        try:
+            take(await queue.get())
+            first_at = loop.time()
+            while len(events) < max_n:
+                if queue.empty():
+                    wait = first_at + within_s - loop.time()
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(wait)  # once: then what came, and no more waiting
+                    first_at = float("-inf")
+                    continue
+                take(get_nowait())
+        except StopAsyncIteration:
+            # the channel is closing (Faust throws this into its queue): as take_events,
+            # leave what is not handled yet unacknowledged, for the next start to take again
+            return
+        if not events:
+            continue
+        batch, events = events, []
+        try:
+            yield batch
+        finally:
+            for event in batch:
+                event.ack()
+
+
+def faust_take(stream, max_n: int, within_s: float):
+    """Faust's own batching (STREAM_TAKE=faust), called as :func:`take_batches` is."""
+    return stream.take_events(max_n, within=within_s)
 
 
 def set_fetch_max_wait(ms: int) -> None:

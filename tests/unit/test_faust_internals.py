@@ -163,6 +163,74 @@ def test_direct_tables_on_rocksdb_store_what_faust_s_store_reads(tmp_path):
     asyncio.run(main())
 
 
+def test_take_batches_takes_what_is_queued_waits_once_skips_stale_and_acks_after():
+    """The lean batching of the agents (take_batches) on a real Faust app's stream, channel
+    queue, consumer and events: queued events come in one batch without waiting, a lone one
+    after one wait of ``within``; events of an older consumer generation are acknowledged and
+    never handed over; a handed-over event is tracked as unacknowledged until its batch is
+    done, then acknowledged (its offset committable)."""
+    from faust.types.tuples import ConsumerMessage
+
+    from streamagent.stream.faust_internals import take_batches
+
+    async def main():
+        app = faust.App("faust-internals-test-6", broker="kafka://127.0.0.1:1",
+                        store="memory://", web_enabled=False)
+        stream = app.stream(app.topic("t", key_type=bytes, value_type=bytes))
+        queue, consumer = stream.channel.queue, app.consumer
+        for attr in ("_acking_topics",):
+            assert hasattr(app.topics, attr), changed(f"the conductor has no {attr}")
+        for attr in ("_unacked_messages", "_acked", "_committed_offset"):
+            assert hasattr(consumer, attr), changed(f"the consumer has no {attr}")
+        app.topics._acking_topics.add("t")  # (the subscription does this in a worker)
+        app.flow_control.resume()
+        offsets = iter(range(1000))
+
+        def put(n: int, generation: int = 0) -> list:
+            out = []
+            for _ in range(n):
+                msg = ConsumerMessage("t", 0, next(offsets), 0.0, 0, None, b"k", b"v", None,
+                                      generation_id=generation)
+                msg.incref()  # one channel delivers it (the conductor's count)
+                event = app.create_event(b"k", b"v", None, msg)
+                queue.put_nowait(event)
+                out.append(event)
+            return out
+
+        batches = take_batches(stream, 4, 0.05)
+        loop = asyncio.get_running_loop()
+        first = put(6)
+        t0 = loop.time()
+        b1 = await batches.__anext__()
+        assert [e.message.offset for e in b1] == [0, 1, 2, 3]  # max_n, no wait: all queued
+        assert loop.time() - t0 < 0.04
+        assert all(e.message.tracked and e.message in consumer._unacked_messages for e in b1)
+        assert not any(e.message.acked for e in b1)  # in the handler's hands
+        b2 = await batches.__anext__()  # the last two, after one wait of within
+        assert all(e.message.acked for e in b1)  # the previous batch is done: acknowledged
+        assert [e.message.offset for e in b2] == [4, 5]
+        stale = put(1, generation=-1)  # fetched before a rebalance
+        put(1)
+        t0 = loop.time()
+        b3 = await batches.__anext__()
+        assert [e.message.offset for e in b3] == [7] and loop.time() - t0 >= 0.04
+        assert stale[0].message.acked and stale[0].message not in consumer._unacked_messages
+        await batches.aclose()  # the handler raised or the agent stops: acknowledged anyway
+        assert all(e.message.acked for e in first + b3)
+        assert list(consumer._acked[TP("t", 0)]) == [0, 1, 2, 3, 4, 5, 6, 7]
+        waiting = asyncio.ensure_future(take_batches(stream, 4, 0.05).__anext__())
+        await asyncio.sleep(0.01)
+        await queue.throw(StopAsyncIteration())  # how Faust closes a channel
+        try:
+            await waiting
+        except StopAsyncIteration:  # the generator ended, it did not crash the agent
+            pass
+        else:
+            raise AssertionError("take_batches went on after its channel closed")
+
+    asyncio.run(main())
+
+
 def test_the_worker_can_be_built_without_its_debug_spinner():
     from streamagent.stream.faust_internals import make_worker
 
