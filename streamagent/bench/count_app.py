@@ -16,12 +16,15 @@ import orjson
 
 from streamagent.bench.forward_app import make_app as _forward_app
 from streamagent.config import Settings
-from streamagent.stream.faust_internals import faust_take, make_worker, take_batches
+from streamagent.stream.faust_internals import (faust_take, install_batched_delivery,
+                                                make_worker, take_batches)
 
 
 def make_app() -> faust.App:
-    app = _forward_app(agent=False)
     s = Settings()
+    if s.stream_take == "lean":  # the decide worker's consumption path (stream/app.py)
+        install_batched_delivery()
+    app = _forward_app(agent=False)
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     take = take_batches if s.stream_take == "lean" else faust_take
     src = app.topic(os.environ["BENCH_IN"], **raw)

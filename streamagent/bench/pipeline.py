@@ -255,14 +255,17 @@ def rss_figures(samples: list[tuple[float, float]], t_from: float, t_to: float) 
 
 
 LOOP_LAG = "streamagent_stream_loop_lag_seconds"
+EVENT_TO_DECISION = "streamagent_decision_event_to_decision_seconds"
 
 
-def loop_figures(before: dict[str, float], after: dict[str, float]) -> dict | None:
-    """The worker's event-loop lag over a phase, from two scrapes of its /metrics: p50 and p99
-    (ms, interpolated in the histogram's buckets as Prometheus does) and the stalls counted."""
+def loop_figures(before: dict[str, float], after: dict[str, float],
+                 name: str = LOOP_LAG) -> dict | None:
+    """A worker histogram over a phase, from two scrapes of its /metrics (by default the
+    event loop's lag): p50 and p99 (ms, interpolated in the buckets as Prometheus does), and
+    the loop's stalls counted."""
     buckets = []
     for key, v in after.items():
-        if key.startswith(LOOP_LAG + "_bucket{"):
+        if key.startswith(name + "_bucket{"):
             le = key.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float(le), v - before.get(key, 0.0)))
     buckets.sort()
@@ -385,14 +388,21 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
             port = getattr(started[0], "metrics_port", 0)
             before = scrape(port) if port else {}
             by_load[label] = lat = _paced(system, kafka, tin, tout, rate, latency_s, users, proc)
-            loop = loop_figures(before, scrape(port)) if port else None
+            after = scrape(port) if port else {}
+            loop = loop_figures(before, after) if port else None
             if lat:
                 lat["loop_lag_ms"] = loop
+                # the worker's own view: from the event's append to the decision's hand-over
+                # to the producer (what the benchmark's figure adds is the delivery)
+                lat["in_worker_ms"] = (loop_figures(before, after, EVENT_TO_DECISION)
+                                       if port else None)
                 log(f"  {system:7} paced {rate:,.0f}/s ({rate / events_per_s:.0%} of its peak): "
                     f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms "
                     f"(n {lat['n']})" + (f"; event loop lag p50 {loop['p50']:.1f} ms, p99 "
                                          f"{loop['p99']:.0f} ms, {loop['stalls']} stalls"
-                                         if loop else ""))
+                                         if loop else "")
+                    + (f"; append to decision sent p50 {w['p50']:.0f} ms, p99 {w['p99']:.0f} ms"
+                       if (w := lat.get("in_worker_ms")) else ""))
         result["latency_by_load"] = by_load
         # the table's column: at half of decide's peak (or the one --rate)
         result["latency_ms"] = by_load.get("50pct", by_load.get("rate"))

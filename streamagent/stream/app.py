@@ -30,7 +30,8 @@ from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acti
                                                 install_commit_guard,
                                                 install_recovery_keeps_buffers,
                                                 install_revoke_watchdog, read_offsets,
-                                                faust_take, set_fetch_max_wait, take_batches)
+                                                faust_take, install_batched_delivery,
+                                                set_fetch_max_wait, take_batches)
 
 log = logging.getLogger("streamagent.decide")
 
@@ -124,6 +125,8 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
+    if s.stream_take == "lean":
+        install_batched_delivery()  # Faust's fetch loop, one race per fetch (faust_internals)
     install_commit_guard()
     install_recovery_keeps_buffers()  # no record skipped after a restart's recovery (issue 14)
     app = faust.App(

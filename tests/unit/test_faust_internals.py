@@ -231,6 +231,30 @@ def test_take_batches_takes_what_is_queued_waits_once_skips_stale_and_acks_after
     asyncio.run(main())
 
 
+def test_the_batched_fetch_loop_mirrors_faust_s():
+    """install_batched_delivery replaces Faust's fetch loop by a copy that races a suspension
+    once per fetch: the loop it copies must still be the one it copied (same steps, same
+    private attributes), or the copy would drift from Faust's semantics silently."""
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    from streamagent.stream.faust_internals import install_batched_delivery
+
+    install_batched_delivery()
+    install_batched_delivery()  # idempotent: one wrapper, the original kept
+    patched = FaustConsumer._drain_messages
+    original = patched.streamagent_original
+    assert getattr(original, "streamagent_original", None) is None
+    src = inspect.getsource(original)
+    for step in ("getmany(timeout=1.0)", "self.wait_first(", "callback(message)",
+                 "self.suspend_flow.wait()", "_add_gap(", "self._n_acked >= commit_every",
+                 "set_read_offset(tp, offset)", "consumer_stopped_errors",
+                 "yield_every = 100"):
+        assert step in src, changed(f"Faust's fetch loop no longer has {step!r}")
+    for attr in ("_read_offset", "_commit_every", "_n_acked", "suspend_flow", "diag",
+                 "_add_gap", "callback"):
+        assert attr in src or hasattr(FaustConsumer, attr), changed(f"no {attr}")
+
+
 def test_the_worker_can_be_built_without_its_debug_spinner():
     from streamagent.stream.faust_internals import make_worker
 
