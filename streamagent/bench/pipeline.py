@@ -432,13 +432,28 @@ def _paced(system: str, kafka: KafkaClientConfig, tin: str, tout: str, rate: flo
             continue
         eid = _out_event_id(system, v)
         if eid.startswith(tag) and eid in ins:
-            lat.append(t - ins[eid])
-    a = np.array(lat, dtype=float)
-    if not a.size:
+            lat.append((ins[eid], t - ins[eid]))
+    figures = latency_figures(lat)
+    return None if figures is None else {"rate_events_per_s": rate, "expected": want,
+                                         **figures}
+
+
+def latency_figures(pairs: list[tuple[float, float]]) -> dict | None:
+    """Percentiles of (input append time, latency ms) pairs: over the whole phase, after its
+    first quarter (is the tail the start's transient, a worker just done with a backlog, or
+    the steady state?), and the p99 of each tenth of the phase in order."""
+    if not pairs:
         return None
-    return {"rate_events_per_s": rate, "n": int(a.size), "expected": want,
+    a = np.array([x for _, x in sorted(pairs)], dtype=float)
+    late = a[len(a) // 4:]
+    return {"n": int(a.size),
             "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()),
+            "after_first_quarter": {"p50": float(np.percentile(late, 50)),
+                                    "p95": float(np.percentile(late, 95)),
+                                    "p99": float(np.percentile(late, 99))},
+            "p99_by_tenth": [float(np.percentile(c, 99)) for c in np.array_split(a, 10)
+                             if c.size]}
 
 
 def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:

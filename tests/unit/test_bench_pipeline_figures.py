@@ -65,3 +65,15 @@ def test_loop_figures_are_the_phase_s_own_buckets():
     assert 0 < f["p50"] <= 1.0  # half of the phase's ticks were late by under a millisecond
     assert 10.0 < f["p99"] <= 100.0
     assert loop_figures(before, before) is None  # nothing in the phase: no figure
+
+
+def test_latency_figures_show_where_in_the_phase_the_tail_is():
+    from streamagent.bench.pipeline import latency_figures
+
+    # 1,000 events, appended in order (given shuffled); the first 100 slow (a transient)
+    pairs = [(float(t), 500.0 if t < 100 else 10.0) for t in range(1000)][::-1]
+    f = latency_figures(pairs)
+    assert f["n"] == 1000 and f["p99"] == 500.0 and f["p50"] == 10.0
+    assert f["after_first_quarter"]["p99"] == 10.0  # steady once the first quarter is past
+    assert f["p99_by_tenth"][0] == 500.0 and set(f["p99_by_tenth"][1:]) == {10.0}
+    assert latency_figures([]) is None
