@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
-    if s.stream_take == "lean":
+    if s.stream_take == "lean":  # (process-wide: Faust's consumer class is patched)
         install_batched_delivery()  # Faust's fetch loop, one race per fetch (faust_internals)
     install_commit_guard()
     install_recovery_keeps_buffers()  # no record skipped after a restart's recovery (issue 14)
@@ -258,8 +258,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     take = take_batches if s.stream_take == "lean" else faust_take
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
-    # still in flight, and a crash loses them. take_events acknowledges a batch after the
-    # handler returns (or raises: then the delivery guard holds back every commit).
+    # still in flight, and a crash loses them. take_batches (and Faust's take_events)
+    # acknowledges a batch after the handler returns (or raises: then the delivery guard
+    # holds back every commit).
     @app.agent(user_events, concurrency=1)
     async def decide(stream):
         for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
