@@ -2,8 +2,8 @@
 
 The ceiling of the Faust per-message path for the pipeline benchmark: the same driver,
 consumer tuning, commit settings and batching (STREAMAGENT_STREAM_TAKE, with
-STREAMAGENT_DECIDE_BATCH_MAX and _DECIDE_BATCH_WAIT_MS) as the decide worker, and nothing else: per batch it sends one
-record ``{"n": <events in the batch>}``, so the benchmark sees how many events went through and
+STREAMAGENT_DECIDE_BATCH_MAX and _DECIDE_BATCH_WAIT_MS) as the decide worker, and nothing
+else: per batch it sends one record ``{"n": <events in the batch>}``, so the benchmark sees how many events went through and
 when. Run as ``python -m streamagent.bench.count_app`` with the BENCH_* variables of
 forward_app. Not part of the product.
 """
@@ -16,17 +16,14 @@ import orjson
 
 from streamagent.bench.forward_app import make_app as _forward_app
 from streamagent.config import Settings
-from streamagent.stream.faust_internals import (faust_take, install_batched_delivery,
-                                                make_worker, take_batches)
+from streamagent.stream.faust_internals import consumption_path, make_worker
 
 
 def make_app() -> faust.App:
     s = Settings()
-    if s.stream_take == "lean":  # the decide worker's consumption path (stream/app.py)
-        install_batched_delivery()
+    take = consumption_path(s.stream_take)  # the decide worker's (stream/app.py)
     app = _forward_app(agent=False)
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    take = take_batches if s.stream_take == "lean" else faust_take
     src = app.topic(os.environ["BENCH_IN"], **raw)
     dst = app.topic(os.environ["BENCH_OUT"], **raw)
 

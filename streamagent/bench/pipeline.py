@@ -258,11 +258,10 @@ LOOP_LAG = "streamagent_stream_loop_lag_seconds"
 EVENT_TO_DECISION = "streamagent_decision_event_to_decision_seconds"
 
 
-def loop_figures(before: dict[str, float], after: dict[str, float],
-                 name: str = LOOP_LAG) -> dict | None:
-    """A worker histogram over a phase, from two scrapes of its /metrics (by default the
-    event loop's lag): p50 and p99 (ms, interpolated in the buckets as Prometheus does), and
-    the loop's stalls counted."""
+def histogram_figures(before: dict[str, float], after: dict[str, float],
+                      name: str) -> dict | None:
+    """A worker histogram (seconds) over a phase, from two scrapes of its /metrics: p50 and
+    p99 in ms, interpolated in the buckets as Prometheus does, and the samples."""
     buckets = []
     for key, v in after.items():
         if key.startswith(name + "_bucket{"):
@@ -283,9 +282,16 @@ def loop_figures(before: dict[str, float], after: dict[str, float],
             lo, below = le, n
         return lo * 1000.0
 
-    stalls = "streamagent_stream_loop_stalls_total"
-    return {"p50": quantile(0.5), "p99": quantile(0.99), "samples": int(total),
-            "stalls": int(after.get(stalls, 0.0) - before.get(stalls, 0.0))}
+    return {"p50": quantile(0.5), "p99": quantile(0.99), "samples": int(total)}
+
+
+def loop_figures(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """The worker's event-loop lag over a phase (histogram_figures) and its stalls counted."""
+    figures = histogram_figures(before, after, LOOP_LAG)
+    if figures is not None:
+        stalls = "streamagent_stream_loop_stalls_total"
+        figures["stalls"] = int(after.get(stalls, 0.0) - before.get(stalls, 0.0))
+    return figures
 
 
 def _keep_only_logs(tmp: Path) -> None:
@@ -394,7 +400,7 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
                 lat["loop_lag_ms"] = loop
                 # the worker's own view: from the event's append to the decision's hand-over
                 # to the producer (what the benchmark's figure adds is the delivery)
-                lat["in_worker_ms"] = (loop_figures(before, after, EVENT_TO_DECISION)
+                lat["in_worker_ms"] = (histogram_figures(before, after, EVENT_TO_DECISION)
                                        if port else None)
                 log(f"  {system:7} paced {rate:,.0f}/s ({rate / events_per_s:.0%} of its peak): "
                     f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms, p99 {lat['p99']:.0f} ms "

@@ -30,8 +30,7 @@ from streamagent.stream.faust_internals import (DeliveryGuard, DirectTable, acti
                                                 install_commit_guard,
                                                 install_recovery_keeps_buffers,
                                                 install_revoke_watchdog, read_offsets,
-                                                faust_take, install_batched_delivery,
-                                                set_fetch_max_wait, take_batches)
+                                                consumption_path, set_fetch_max_wait)
 
 log = logging.getLogger("streamagent.decide")
 
@@ -125,8 +124,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     s.tables_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
 
     set_fetch_max_wait(s.consumer_fetch_max_wait_ms)
-    if s.stream_take == "lean":  # (process-wide: Faust's consumer class is patched)
-        install_batched_delivery()  # Faust's fetch loop, one race per fetch (faust_internals)
+    take = consumption_path(s.stream_take)  # lean: Faust's fetch loop batched (faust_internals)
     install_commit_guard()
     install_recovery_keeps_buffers()  # no record skipped after a restart's recovery (issue 14)
     app = faust.App(
@@ -254,8 +252,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     # records of a partition never handed to the agents (counted and logged)
     watch = OffsetWatch(m.skipped, lambda: app.consumer_generation_id)
-
-    take = take_batches if s.stream_take == "lean" else faust_take
 
     # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
     # still in flight, and a crash loses them. take_batches (and Faust's take_events)
