@@ -67,7 +67,10 @@ def cmd_topics(args) -> int:
 def cmd_worker(args) -> int:
     from streamagent.stream.worker import run_worker
 
-    return run_worker(_settings())
+    s = _settings()
+    if args.role:
+        s = s.model_copy(update={"worker_role": args.role})
+    return run_worker(s)
 
 
 def cmd_learner(args) -> int:
@@ -229,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_topics)
 
     w = sub.add_parser("worker", help="run the decide and reward-join agents (a Faust worker)")
+    w.add_argument("--role", choices=["all", "decide", "join"],
+                   help="all: both agents in this process; decide or join: one of them "
+                        "(default: STREAMAGENT_WORKER_ROLE, all)")
     w.set_defaults(fn=cmd_worker)
 
     le = sub.add_parser("learner", help="run the Q-learner: transitions in, model versions out")

@@ -54,6 +54,11 @@ def add_arguments(p) -> None:
                         "decide2 (two decide workers sharing the partitions), join (the join "
                         "agent alone on the decide run's decisions and generated orders), learner "
                         "(ingest, then model freshness with a decide worker)")
+    p.add_argument("--worker-role", choices=["split", "all"], default="split",
+                   help="split (default): the decide workers run the decide agent only "
+                        "(STREAMAGENT_WORKER_ROLE=decide) beside one join worker (role join), as "
+                        "a deployment that gives the join its own process; all: each worker runs "
+                        "both agents in one process (the figures before 2026-11-28)")
     p.add_argument("--transitions", type=int, default=20_000,
                    help="learner: transitions in its ingest backlog")
     p.add_argument("--freshness-seconds", type=float, default=90.0,
@@ -101,14 +106,15 @@ def _behind(kafka: KafkaClientConfig, group: str, topic: str) -> int:
         c.close()
 
 
-def _wait_idle(kafka: KafkaClientConfig, group: str, topics: list[str], timeout: float,
+def _wait_idle(kafka: KafkaClientConfig, reads: list[tuple[str, str]], timeout: float,
                proc) -> float:
-    """Wait until the group has committed everything on ``topics`` (the decide worker's join
-    agent still works through the backlog's decisions after the last decision is out, and
-    paced events would queue behind it). Returns the seconds waited."""
+    """Wait until each (group, topic) of ``reads`` has committed everything (the join still
+    works through the backlog's decisions after the last decision is out, and paced events
+    would queue behind it in a shared process or on shared cores). Returns the seconds
+    waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if all(_behind(kafka, group, t) == 0 for t in topics):
+        if all(_behind(kafka, group, t) == 0 for group, t in reads):
             break
         if proc.poll() is not None:
             raise RuntimeError(f"system under test exited with {proc.returncode}")
@@ -139,8 +145,10 @@ def _wait_for(kafka: KafkaClientConfig, topic: str, count: int, timeout: float, 
 
 
 def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path, partitions: int,
-           profile: tuple[float, Path] | None = None) -> tuple[list, str]:
-    """The system's processes (two for decide2: the same consumer group) and its app id."""
+           profile: tuple[float, Path] | None = None,
+           worker_role: str = "split") -> tuple[list, str]:
+    """The system's processes (two decide workers for decide2: the same consumer group; with
+    ``worker_role`` split, a join worker after them, ``role`` "join") and its app id."""
     app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
     # the system under test reaches the broker as this process does (STREAMAGENT_KAFKA_*)
     env = {**os.environ, **kafka.env(), "BENCH_BOOTSTRAP": kafka.bootstrap, "BENCH_IN": tin,
@@ -161,11 +169,16 @@ def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path
                     "STREAMAGENT_TOPIC_CONVERSIONS": tin + "-conversions",
                     "STREAMAGENT_PARTITIONS": str(partitions),
                     "STREAMAGENT_LOG_LEVEL": "warning"})
+    roles = [None] * workers
+    if cmd[-1] == "worker":
+        roles = (["decide"] * workers + ["join"] if worker_role == "split"
+                 else ["all"] * workers)
     procs = []
-    for i in range(workers):
+    for i, role in enumerate(roles):
         wenv, port = dict(env), 0
-        if cmd[-1] == "worker":  # each worker its own tables directory (as on two machines)
+        if role is not None:  # each worker its own tables directory (as on two machines)
             wenv["STREAMAGENT_DATA_DIR"] = str(tmp / f"{app_id}-{i}")
+            wenv["STREAMAGENT_WORKER_ROLE"] = role
             # /metrics, for the event loop's lag in each paced phase (loop_figures)
             port = free_port()
             wenv["STREAMAGENT_METRICS_PORT"] = str(port)
@@ -173,6 +186,7 @@ def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path
         procs.append(subprocess.Popen(cmd, env=wenv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL))
         procs[-1].metrics_port = port
+        procs[-1].role = role
     if profile and system == "decide":
         seconds, svg = profile
         # py-spy samples the running worker from outside (no change in the worker) and writes
@@ -347,7 +361,8 @@ def _out_event_id(system: str, value: bytes) -> str:
 
 def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], triggers: set[str],
                partitions: int, tmp: Path, rates, latency_s: float, users: int,
-               log=print, profile: tuple[float, Path] | None = None) -> dict:
+               log=print, profile: tuple[float, Path] | None = None,
+               worker_role: str = "split") -> dict:
     """Drain the backlog, then one paced phase per (label, events/s) of ``rates(peak events/s)``,
     in the same processes, each after the system has caught up."""
     rid = uuid.uuid4().hex[:6]
@@ -357,9 +372,13 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
     deciding = system.startswith("decide")
     expect = len(backlog) if not deciding else sum(
         1 for e in backlog if e["event_id"] in triggers)
-    started, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile)
+    started, app_id = _start(system, kafka, tin, tout, tmp, partitions, profile, worker_role)
     proc = _Procs(started)
-    rss = RssSampler([p.pid for p in started])
+    # the deciding processes' memory (the join worker's is the join system's figure)
+    rss = RssSampler([p.pid for p in started if getattr(p, "role", None) != "join"])
+    split = any(getattr(p, "role", None) == "join" for p in started)
+    # who must have read what before a paced phase: the join in its own group when split
+    reads = [(app_id, tin), (f"{app_id}-join" if split else app_id, tout)]
     if system == "count":
         try:
             return _run_count(kafka, tout, len(backlog), proc, log)
@@ -388,7 +407,7 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
         by_load = {}
         for label, rate in (rates(events_per_s) if latency_s > 0 else []):
             if deciding:  # the same app id is the Faust consumer group
-                waited = _wait_idle(kafka, app_id, [tin, tout], 300, proc)
+                waited = _wait_idle(kafka, reads, 300, proc)
                 log(f"  {system:7} caught up with its inputs (join included) after {waited:.0f} s")
                 result.setdefault("catch_up_s", waited)
             port = getattr(started[0], "metrics_port", 0)
@@ -501,7 +520,8 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
            "STREAMAGENT_TOPIC_COUPON_ACTIONS": f"bench-{rid}-coupons",
            "STREAMAGENT_TOPIC_REWARDS": outs[0], "STREAMAGENT_TOPIC_TRANSITIONS": outs[1],
            "STREAMAGENT_PARTITIONS": str(partitions), "STREAMAGENT_COMMIT_INTERVAL_S": "0.5",
-           "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning"}
+           "STREAMAGENT_METRICS_PORT": "0", "STREAMAGENT_LOG_LEVEL": "warning",
+           "STREAMAGENT_WORKER_ROLE": "join"}
     proc = subprocess.Popen([sys.executable, "-m", "streamagent.cli", "worker"], env=env,
                             stdout=open(tmp / "join.log", "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -515,7 +535,8 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
         points: list[tuple[float, int]] = []  # (time, records committed)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 600:
-            done = n - _behind(kafka, app_id, tdec) - _behind(kafka, app_id, tconv)
+            group = f"{app_id}-join"  # the join worker's consumer group (stream.app.group_id)
+            done = n - _behind(kafka, group, tdec) - _behind(kafka, group, tconv)
             points.append((time.time(), done))
             if done >= n:
                 break
@@ -822,7 +843,8 @@ def main(args) -> int:
                 rates = lambda peak: fixed  # noqa: E731
             r = run_system(system, kafka, backlog, triggers, args.partitions, tmp, rates,
                            args.latency_seconds, args.users, log=con.print,
-                           profile=profile if system == "decide" else None)
+                           profile=profile if system == "decide" else None,
+                           worker_role=args.worker_role)
             if system == "decide" and not args.rate:
                 half = (r.get("latency_by_load") or {}).get("50pct")
                 fixed = [("50pct", half["rate_events_per_s"] if half else
@@ -869,7 +891,7 @@ def main(args) -> int:
                   + (f"p50 {f['p50']:.1f} s, p99 {f['p99']:.1f} s, max {f['max']:.1f} s"
                      if f else "not measured"))
     doc = {"events": args.events, "users": args.users, "partitions": args.partitions,
-           "cpus": os.cpu_count(), "results": results,
+           "cpus": os.cpu_count(), "worker_role": args.worker_role, "results": results,
            "decide_vs_faust_forward": (results["decide"]["events_per_s"] / base)
            if base and "decide" in results else None,
            "figures": figures(results),

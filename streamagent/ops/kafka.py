@@ -313,3 +313,33 @@ def end_offsets(kafka: KafkaClientConfig, topic: str) -> int:
                    for p in md.topics[topic].partitions)
     finally:
         c.close()
+
+
+def seed_group_offsets(kafka: KafkaClientConfig, source_group: str, group: str,
+                       topics: list[str]) -> dict[tuple[str, int], int]:
+    """Give ``group`` the offsets ``source_group`` committed on ``topics``, unless ``group``
+    has committed any there already; returns what was copied ((topic, partition) -> offset).
+
+    A worker role that moves to a consumer group of its own (WORKER_ROLE=join) continues where
+    the group that read its topics before stopped: nothing read twice, nothing skipped. The
+    commit is a plain offset commit outside any group generation, which the broker accepts
+    while ``group`` has no members (the worker calls this before it joins)."""
+    from confluent_kafka import TopicPartition
+
+    src, dst = make_consumer(kafka, group=source_group), make_consumer(kafka, group=group)
+    try:
+        tps = []
+        for t in topics:
+            meta = src.list_topics(t, timeout=10).topics[t]
+            if meta.error is not None:
+                raise RuntimeError(f"topic {t}: {meta.error}")
+            tps += [TopicPartition(t, p) for p in sorted(meta.partitions)]
+        if any(tp.offset >= 0 for tp in dst.committed(tps, timeout=10)):
+            return {}
+        have = [tp for tp in src.committed(tps, timeout=10) if tp.offset >= 0]
+        if have:
+            dst.commit(offsets=have, asynchronous=False)
+        return {(tp.topic, tp.partition): tp.offset for tp in have}
+    finally:
+        src.close()
+        dst.close()

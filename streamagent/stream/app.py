@@ -102,6 +102,35 @@ def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = Non
     return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed, settings.q_heads)
 
 
+def group_id(s: Settings) -> str:
+    """The worker's Faust app id (its consumer group): a join-only worker has its own group, as
+    it reads other topics than the deciders (Faust assigns every subscribed topic's partitions
+    to every member of a group, so the roles cannot share one)."""
+    return f"{s.app_id}-join" if s.worker_role == "join" else s.app_id
+
+
+def join_changelog_topic(s: Settings) -> str:
+    """The join-state table's changelog, the same in every role: the name Faust gives it in
+    an all-in-one worker (APP_ID-join-state-changelog), so a join worker restores the state an
+    all-in-one worker wrote."""
+    return f"{s.app_id}-join-state-changelog"
+
+
+def role_inputs(s: Settings) -> tuple[str, ...]:
+    """The input topics of the worker's role."""
+    decide = (s.topic_user_events,)
+    join = (s.topic_decision_log, s.topic_conversions)
+    return {"all": decide + join, "decide": decide, "join": join}[s.worker_role]
+
+
+def _table_with_changelog(app: faust.App, name: str, changelog: str, **kwargs):
+    """app.Table(name, ...) whose changelog topic is named ``changelog`` (Faust names it
+    after the app id); everything else about the topic is Faust's default."""
+    table = app.conf.Table(app, name=name, beacon=app.tables.beacon, **kwargs)
+    table._changelog_topic_name = lambda: changelog  # read once, when the table is added
+    return app.tables.add(table)
+
+
 def worker_metrics(s: Settings, catalog) -> Metrics:
     """The worker's metrics, with the label values of its topics and actions pre-set."""
     return Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
@@ -127,8 +156,9 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     take = consumption_path(s.stream_take)  # lean: Faust's fetch loop batched (faust_internals)
     install_commit_guard()
     install_recovery_keeps_buffers()  # no record skipped after a restart's recovery (issue 14)
+    deciding, joining = s.worker_role in ("all", "decide"), s.worker_role in ("all", "join")
     app = faust.App(
-        s.app_id,
+        group_id(s),
         **faust_broker(kafka_client(s)),
         store=s.table_store,
         datadir=str(s.tables_dir),
@@ -163,16 +193,20 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     rewards = app.topic(s.topic_rewards, partitions=n_parts, **raw)
     transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
-    users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
-                      value_type=bytes, options=table_options(s.table_store, s),
-                      extra_topic_configs=changelog_configs(s))
-    budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
-                        value_type=bytes, options=table_options(s.table_store, s),
-                        extra_topic_configs=changelog_configs(s))
-    # pending decisions and conversions per user, watermarks and the due-time index
-    join_state = app.Table("join-state", default=None, partitions=n_parts, key_type=str,
-                           value_type=bytes, options=table_options(s.table_store, s),
-                           extra_topic_configs=changelog_configs(s))
+    users = budgets = join_state = None
+    if deciding:
+        users = app.Table("user-state", default=None, partitions=n_parts, key_type=bytes,
+                          value_type=bytes, options=table_options(s.table_store, s),
+                          extra_topic_configs=changelog_configs(s))
+        budgets = app.Table("budget", default=None, partitions=n_parts, key_type=bytes,
+                            value_type=bytes, options=table_options(s.table_store, s),
+                            extra_topic_configs=changelog_configs(s))
+    if joining:
+        # pending decisions and conversions per user, watermarks and the due-time index
+        join_state = _table_with_changelog(
+            app, "join-state", join_changelog_topic(s), default=None, partitions=n_parts,
+            key_type=str, value_type=bytes, options=table_options(s.table_store, s),
+            extra_topic_configs=changelog_configs(s))
 
     # a record sent but not delivered stops the commits and the worker (faust_internals.py)
     guard = app.streamagent_delivery_guard = DeliveryGuard(app)
@@ -196,24 +230,13 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     # read and written through their stores, changelogs sent per batch (faust_internals)
     users_t, budgets_t, join_t = (DirectTable(t, app, changelog_failed, outputs)
+                                  if t is not None else None
                                   for t in (users, budgets, join_state))
+    direct_tables = [t for t in (users_t, budgets_t, join_t) if t is not None]
 
     async def flush_tables() -> None:
-        for t in (users_t, budgets_t, join_t):
+        for t in direct_tables:
             await t.flush()
-
-    user_states = UserStates(users_t, s.state_cache_users)
-
-    # a rebalance's recovery writes the store from the changelog, behind the cache's back
-    @app.on_partitions_revoked.connect
-    async def _forget_revoked(sender, revoked, **kwargs) -> None:
-        user_states.clear()
-
-    @app.on_partitions_assigned.connect
-    async def _forget_assigned(sender, assigned, **kwargs) -> None:
-        user_states.clear()
-    budget_shares, user_counts = BudgetShares(budgets_t), UserCounts(budgets_t)
-    stream_clocks = StreamClocks(budgets_t)
 
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
         # hand over without waiting for delivery; the commit step waits for every output
@@ -244,51 +267,69 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
 
     partition_of = lambda key: key_partition(key, n_parts)  # noqa: E731
     ps = pseudonyms(s, partition_of)  # None unless STREAMAGENT_PSEUDONYM_KEY[_FILE] is set
-    handler = DecideHandler(
-        engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
-        DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
-        send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
-        partition_of=partition_of, pseudonyms=ps)
-
     # records of a partition never handed to the agents (counted and logged)
     watch = OffsetWatch(m.skipped, lambda: app.consumer_generation_id)
+    decide = join = join_handler = None
 
-    # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
-    # still in flight, and a crash loses them. take_batches (and Faust's take_events)
-    # acknowledges a batch after the handler returns (or raises: then the delivery guard
-    # holds back every commit).
-    @app.agent(user_events, concurrency=1)
-    async def decide(stream):
-        for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
-            await t.maybe_declare()  # outputs go straight to the producer: make sure they exist
-        async for events in take(stream, s.decide_batch_max, s.decide_batch_wait_ms / 1000.0):
-            msgs = [e.message for e in events]
-            watch.see(msgs)
-            by_part = {m.partition: e for m, e in zip(msgs, events)}
-            await handler.handle(msgs,
-                                 scope=lambda p: acting_as(by_part[p]))
+    if deciding:
+        user_states = UserStates(users_t, s.state_cache_users)
 
-    join_handler = JoinHandler(
-        catalog, join_params(s), join_t,
-        JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
-                   s.topic_transitions, s.dlq), send, m, n_parts, worker_name, flush_tables,
-        sweep_keys=s.state_sweep_keys, pseudonyms=ps)
+        # a rebalance's recovery writes the store from the changelog, behind the cache's back
+        @app.on_partitions_revoked.connect
+        async def _forget_revoked(sender, revoked, **kwargs) -> None:
+            user_states.clear()
 
-    @app.agent(join_in, concurrency=1)
-    async def join(stream):
-        for t in (rewards, transitions, dlqs[s.topic_decision_log], dlqs[s.topic_conversions]):
-            await t.maybe_declare()
-        # rewards are not urgent: a longer wait makes fewer, bigger batches, which leaves the
-        # shared event loop to the decide agent (measured: p50 event->decision 961 ms at
-        # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
-        async for events in take(stream, s.join_batch_max, s.join_batch_wait_ms / 1000.0):
-            msgs = [e.message for e in events]
-            watch.see(msgs)
-            by_part = {m.partition: e for m, e in zip(msgs, events)}
-            await join_handler.handle(msgs,
-                                      scope=lambda p: acting_as(by_part[p]))
+        @app.on_partitions_assigned.connect
+        async def _forget_assigned(sender, assigned, **kwargs) -> None:
+            user_states.clear()
+        budget_shares, user_counts = BudgetShares(budgets_t), UserCounts(budgets_t)
+        stream_clocks = StreamClocks(budgets_t)
+        handler = DecideHandler(
+            engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
+            DecideTopics(s.topic_decision_log, s.topic_coupon_actions,
+                         s.dlq(s.topic_user_events)),
+            send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
+            partition_of=partition_of, pseudonyms=ps)
 
-    inputs = frozenset((s.topic_user_events, s.topic_conversions, s.topic_decision_log))
+        # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
+        # still in flight, and a crash loses them. take_batches (and Faust's take_events)
+        # acknowledges a batch after the handler returns (or raises: then the delivery guard
+        # holds back every commit).
+        @app.agent(user_events, concurrency=1)
+        async def decide(stream):
+            for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
+                await t.maybe_declare()  # outputs go straight to the producer: make sure
+            async for events in take(stream, s.decide_batch_max,
+                                     s.decide_batch_wait_ms / 1000.0):
+                msgs = [e.message for e in events]
+                watch.see(msgs)
+                by_part = {m.partition: e for m, e in zip(msgs, events)}
+                await handler.handle(msgs,
+                                     scope=lambda p: acting_as(by_part[p]))
+
+    if joining:
+        join_handler = JoinHandler(
+            catalog, join_params(s), join_t,
+            JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
+                       s.topic_transitions, s.dlq), send, m, n_parts, worker_name,
+            flush_tables, sweep_keys=s.state_sweep_keys, pseudonyms=ps)
+
+        @app.agent(join_in, concurrency=1)
+        async def join(stream):
+            for t in (rewards, transitions, dlqs[s.topic_decision_log],
+                      dlqs[s.topic_conversions]):
+                await t.maybe_declare()
+            # rewards are not urgent: a longer wait makes fewer, bigger batches, which leaves
+            # a shared event loop to the decide agent (measured: p50 event->decision 961 ms at
+            # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
+            async for events in take(stream, s.join_batch_max, s.join_batch_wait_ms / 1000.0):
+                msgs = [e.message for e in events]
+                watch.see(msgs)
+                by_part = {m.partition: e for m, e in zip(msgs, events)}
+                await join_handler.handle(msgs,
+                                          scope=lambda p: acting_as(by_part[p]))
+
+    inputs = frozenset(role_inputs(s))
 
     @app.timer(interval=5.0)
     async def report_lag():
@@ -317,6 +358,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     app.streamagent_decide = decide  # handles for tests
     app.streamagent_send = send
     app.streamagent_join = join
-    app.streamagent_joiner = join_handler.joiner()
+    app.streamagent_joiner = join_handler.joiner() if join_handler is not None else None
     app.streamagent_users = users
     return Wiring(app, engine, m, s)

@@ -23,8 +23,9 @@ class WorkerHealth:
     The checks only read flags (from the HTTP server's thread); Faust and the follower set them.
     """
 
-    def __init__(self, metrics, topic: str):
+    def __init__(self, metrics, topic: str, needs_model: bool = True):
         self.topic = topic
+        self.needs_model = needs_model
         self.app = None
         self.engine = None
         self.follower = None
@@ -73,6 +74,8 @@ class WorkerHealth:
         return False, "waiting for an assignment to recover"
 
     def model(self) -> tuple[bool, str]:
+        if not self.needs_model:
+            return True, "a join worker: no model"
         if self.engine is None:
             return False, "loading the model"
         version = self.engine.model.version
@@ -84,11 +87,28 @@ class WorkerHealth:
         return True, f"v{version}, following model-updates"
 
 
+def seed_join_group(s: Settings, kafka) -> None:
+    """A join worker's group (APP_ID-join) starts where the all-in-one workers' group (APP_ID)
+    left the join's inputs, the first time it runs (ops.kafka.seed_group_offsets)."""
+    from streamagent.ops.kafka import seed_group_offsets
+    from streamagent.stream.app import group_id, role_inputs
+
+    log = logging.getLogger("streamagent.worker")
+    try:
+        copied = seed_group_offsets(kafka, s.app_id, group_id(s), list(role_inputs(s)))
+    except Exception as exc:  # a group with members already: it has its own offsets
+        log.warning("join group %s: offsets of %s not copied (%s)", group_id(s), s.app_id, exc)
+        return
+    if copied:
+        log.info("join group %s starts where group %s stopped: %d partitions, %d records "
+                 "before them", group_id(s), s.app_id, len(copied), sum(copied.values()))
+
+
 def run_worker(s: Settings) -> int:
     from streamagent.core.catalog import load_catalog
     from streamagent.ops.kafka import kafka_client
     from streamagent.ops.topics import create_topics, partition_count
-    from streamagent.stream.app import create_app, worker_metrics
+    from streamagent.stream.app import create_app, group_id, role_inputs, worker_metrics
     from streamagent.stream.faust_internals import make_worker
 
     logging.basicConfig(level=s.log_level.upper(),
@@ -99,26 +119,32 @@ def run_worker(s: Settings) -> int:
     kafka = kafka_client(s)  # brokers and TLS/SASL: a bad mix stops the worker here
     # serve first: /healthz answers and /readyz says what is missing while the worker starts
     metrics = worker_metrics(s, load_catalog(s.catalog_path))
-    health = WorkerHealth(metrics, s.topic_user_events)
+    deciding = s.worker_role != "join"
+    health = WorkerHealth(metrics, role_inputs(s)[0], needs_model=deciding)
     metrics.serve(s.metrics_port, s.metrics_host)
     create_topics(s, log=logging.getLogger("streamagent.topics").info)
     n = partition_count(kafka, s.topic_user_events, s.partitions)
+    if s.worker_role == "join":
+        seed_join_group(s, kafka)
     check = snapshot_check(s)
-    if s.model_path:  # checked here: an unusable file stops the worker with the reason
+    if not deciding:  # the join needs the catalog only
+        snap = None
+    elif s.model_path:  # checked here: an unusable file stops the worker with the reason
         load_model_file(s.model_path, check)
         snap = None
     else:  # the newest valid snapshot: corrupt or invalid ones are skipped (and logged)
         snap = latest_snapshot(kafka, s.topic_model_updates, check=check)
     w = create_app(s, metrics=metrics, n_partitions=n, snapshot=snap)
     follower = None
-    if not s.model_path:  # a fixed model file means: do not follow the learner
+    if deciding and not s.model_path:  # a fixed model file means: do not follow the learner
         follower = ModelFollower(kafka, s.topic_model_updates, w.engine, w.metrics,
                                  check=check)
         follower.start()
     health.attach(w.app, w.engine, follower, pinned=bool(s.model_path))
     logging.getLogger("streamagent").info(
-        "decide worker: %d partitions, model v%d, metrics on %s:%s", n, w.engine.model.version,
-        s.metrics_host, s.metrics_port or "off")
+        "worker (role %s, group %s): %d partitions, model v%d, metrics on %s:%s",
+        s.worker_role, group_id(s), n, w.engine.model.version, s.metrics_host,
+        s.metrics_port or "off")
     if s.gc_freeze:
         from streamagent.stream.runtime import freeze_gc
 
