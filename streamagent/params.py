@@ -48,8 +48,6 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         exploration=s.exploration, epsilon_start=s.epsilon_start,
                         epsilon_end=s.epsilon_end, epsilon_decay_steps=s.epsilon_decay_steps,
                         temperature=s.softmax_temperature, explore_run_mean=s.explore_run_mean,
-                        explore_rest_prob=s.explore_rest_prob,
-                        explore_rest_mean=s.explore_rest_decisions,
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
@@ -89,9 +87,7 @@ def learner_params(s: Settings) -> LearnerParams:
                          seed=s.seed, heads=s.q_heads, dueling=s.dueling,
                          center_rewards=s.reward_centering,
                          never_floor=s.never_floor,
-                         never_floor_slack=s.never_floor_slack,
-                         lr_end=s.learning_rate_end, lr_decay_steps=s.learning_rate_decay_steps,
-                         gradient_steps=s.gradient_steps, clipped_double=s.clipped_double_q)
+                         never_floor_slack=s.never_floor_slack)
 
 
 def gate_params_from(s: Settings) -> GateParams:

@@ -89,21 +89,6 @@ class LearnerParams:
     # casual users' trap of docs/BENCHMARKS.md.
     never_floor: bool = False
     never_floor_slack: float = 0.0
-    # The learning rate falls linearly from ``lr`` to ``lr_end`` over ``lr_decay_steps``
-    # gradient steps, then stays there (0 steps = constant). SGD's steady-state jitter of Q
-    # scales with the step size, and the gaps that decide a coupon are a few percent of Q: a
-    # fast start learns the common part, a small step later keeps the gaps' noise down.
-    lr_end: float = 0.0
-    lr_decay_steps: int = 0
-    # gradient steps each time training is due (every ``train_every`` transitions): the
-    # replay ratio, in minibatches per transition, is gradient_steps / train_every
-    gradient_steps: int = 1
-    # Clipped double Q (Fujimoto et al. 2018), with heads >= 2: every head's target takes the
-    # smallest of the heads' next-state values, and every head trains on every transition.
-    # The max in a Q-learning target over-estimates by a little at each step, and with
-    # gamma 0.95 per day that bias adds up some twenty-fold in Q: enough to make a coupon look
-    # better than a rest where the true gap is a percent or two (the fatigue trap).
-    clipped_double: bool = False
 
 
 class Replay:
@@ -332,18 +317,13 @@ class QLearner:
 
     def _store(self, s, a, r, s2, disc, mask2) -> dict | None:
         boot = None
-        if self.p.heads > 1 and self.p.clipped_double:  # every head sees every transition
-            boot = np.ones(self.p.heads, np.float32)
-        elif self.p.heads > 1:  # (one head: no draw, so the replay's random stream is as before)
+        if self.p.heads > 1:  # (one head: no draw, so the replay's random stream is as before)
             boot = (self.rng.random(self.p.heads) < BOOTSTRAP_P).astype(np.float32)
         self.replay.add(s, a, r, s2, disc, mask2, boot)
         self.seen += 1
         if len(self.replay) < self.p.learning_starts or self.seen % self.p.train_every:
             return None
-        out = self.update()
-        for _ in range(self.p.gradient_steps - 1):
-            out = self.update()
-        return out
+        return self.update()
 
     def update(self) -> dict:
         """One gradient step of every head on a minibatch (each on its bootstrap share)."""
@@ -365,8 +345,6 @@ class QLearner:
                 q2 = q2_target.gather(-1, a2).squeeze(-1)
             else:
                 q2 = q2_target.max(-1).values
-            if p.clipped_double and p.heads > 1:
-                q2 = q2.min(-1, keepdim=True).values.expand_as(q2)
             if p.never_floor:
                 v2_never = self.never_target(s2).squeeze(-1)  # (batch,)
                 q2 = torch.maximum(q2, v2_never[:, None])
@@ -399,7 +377,6 @@ class QLearner:
             never_loss = self._never_loss(s, a, r, disc, v2_never)
         (loss if never_loss is None else loss + never_loss).backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), p.grad_clip)
-        self._set_lr()
         self.opt.step()
         if never_loss is not None:
             nn.utils.clip_grad_norm_(self.never_online.parameters(), p.grad_clip)
@@ -410,23 +387,6 @@ class QLearner:
         self.last_loss = float(loss.detach())
         self.last_max_q = float(q2_target.max(-1).values.mean()) + self.offset
         return {"loss": self.last_loss, "max_q": self.last_max_q, "train_steps": self.train_steps}
-
-    def lr_now(self) -> float:
-        """The step size of the next gradient step (LearnerParams.lr_decay_steps)."""
-        p = self.p
-        if p.lr_decay_steps <= 0:
-            return p.lr
-        f = min(self.train_steps / p.lr_decay_steps, 1.0)
-        return p.lr + (p.lr_end - p.lr) * f
-
-    def _set_lr(self) -> None:
-        if self.p.lr_decay_steps <= 0:
-            return
-        lr = self.lr_now()
-        for opt in (self.opt, self.never_opt):
-            if opt is not None:
-                for g in opt.param_groups:
-                    g["lr"] = lr
 
     def _never_loss(self, s, a, r, disc, v2):
         """V_never's TD(0) loss on the minibatch's "no coupon" transitions (action 0),
