@@ -31,7 +31,7 @@ from streamagent.core.qnet import NumpyQ
 from streamagent.core.tables import JoinStore
 from streamagent.params import (engine_params, gate_params_from, join_params, learner_params,
                                 shipped)
-from streamagent.sim.mdp import average_reward
+from streamagent.sim.mdp import average_reward, policy_evaluation, value_iteration
 from streamagent.sim.report import moving_mean
 from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, purchase_event, scenario
 from streamagent.units import DAY_MS
@@ -50,6 +50,9 @@ class Result:
     # the last quarter's decisions by the user's true type and hidden level: segment ->
     # level -> action -> count (what a policy does where, beside what the optimum does)
     actions: dict = field(default_factory=dict)
+    # a learner's own values at the end, over the last quarter's decisions by true type and
+    # hidden level: segment -> level -> n, q_none, q_coupon (the best coupon's), v_never
+    values: dict = field(default_factory=dict)
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -67,7 +70,8 @@ class Result:
                 "events_to_90pct": reach(0.9), "events_to_95pct": reach(0.95),
                 "gate_verdicts": dict(self.gate),
                 "realised_profit_per_user_day": self.realised / n_users / len(d),
-                "actions_last_quarter": self.actions, "seconds": self.seconds}
+                "actions_last_quarter": self.actions, "values_last_quarter": self.values,
+                "seconds": self.seconds}
 
 
 def bench_settings(**overrides):
@@ -124,6 +128,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     gate_counts: dict = {}
     clock = StreamClock()  # the one partition's event-time clock
     actions: dict = {}
+    tail_features: dict = {}  # (segment, level) -> the last quarter's decision features
     tail_from = days - max(1, days // 4)
     for day in range(days):
         profit_today = 0.0
@@ -161,6 +166,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             if day >= tail_from:
                 by = actions.setdefault(u.segment.name, {}).setdefault(str(u.fatigue), {})
                 by[catalog.actions[a]] = by.get(catalog.actions[a], 0) + 1
+                if learning:
+                    tail_features.setdefault((u.segment.name, u.fatigue), []).append(
+                        decision.features)
             order = shop.respond(u, a, decision.ts, decision.decision_id)
             if order:
                 orders += 1
@@ -205,8 +213,38 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         daily.append(profit_today / n_users)
         if log and (day + 1) % 10 == 0:
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
+    values = learned_values(learner, tail_features) if learning else {}
     return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised,
-                  gate_counts, actions)
+                  gate_counts, actions, values)
+
+
+def learned_values(learner: QLearner, features: dict) -> dict:
+    """The learner's Q(no coupon), best coupon Q and never-value (the floor), averaged over
+    the decisions of each (segment, level): what it believes where it acts."""
+    out: dict = {}
+    for (seg, level), rows in sorted(features.items()):
+        X = np.asarray(rows, np.float32)
+        q = learner.q_values(X)
+        v = {"n": len(rows), "q_none": float(q[:, 0].mean()),
+             "q_coupon": float(q[:, 1:].max(1).mean())}
+        if learner.p.never_floor:
+            v["v_never"] = float(learner.never_values(X).mean())
+        out.setdefault(seg, {})[str(level)] = v
+    return out
+
+
+def mdp_values(sc, catalog: Catalog, gamma: float) -> dict:
+    """The same figures from the simulator's MDP at ``gamma``: Q*(no coupon), the best
+    coupon's Q* and the value of never couponing, per segment and level."""
+    out: dict = {}
+    for seg in sc.segments:
+        m = mdp(sc, seg, catalog)
+        V, _ = value_iteration(m.P, m.R, gamma)
+        Q = m.R + gamma * m.P @ V
+        never = policy_evaluation(m.P, m.R, np.zeros(m.P.shape[1], int), gamma)
+        out[seg.name] = {str(f): {"q_none": float(Q[0, f]), "q_coupon": float(Q[1:, f].max()),
+                                  "v_never": float(never[f])} for f in range(m.P.shape[1])}
+    return out
 
 
 def _consume(out, learner: QLearner | None, bandit=None, contexts=None, holdout=None,
@@ -424,6 +462,9 @@ def main(args) -> int:
                                    "fixed_policy_check": check}
         _print_table(con, sn, args, seeds, agg, check)
         _print_actions(con, sn, rows, per_seed[sn][0]["optimum"]["policies"])
+        mdp_v = mdp_values(scenario(sn), catalog, args.gamma)
+        report["scenarios"][sn]["mdp_values"] = mdp_v
+        _print_values(con, sn, rows, mdp_v)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -511,6 +552,40 @@ def _print_actions(con, sname: str, rows: list[dict], optimal: dict) -> None:
                 else:
                     cells.append(f"- (opt {opt})")
             table.add_row(seg, *cells)
+        con.print(table)
+
+
+def _print_values(con, sname: str, rows: list[dict], mdp_v: dict) -> None:
+    """Each learner's own values on its worst seed, beside the MDP's: where a trap comes from
+    (a coupon valued above a rest, a never-value too low to act as the floor)."""
+    from rich.table import Table
+
+    for pol in dict.fromkeys(r["policy"] for r in rows if r.get("values_last_quarter")):
+        worst = min((r for r in rows if r["policy"] == pol),
+                    key=lambda r: r["fraction_of_optimum"] or 0.0)
+        values = worst["values_last_quarter"]
+        levels = sorted({int(lv) for by in values.values() for lv in by})
+        table = Table(title=f"{sname}: {pol}'s values on its worst seed ({worst['seed']}, "
+                            f"{worst['fraction_of_optimum']:.1%}), last quarter, by true type and "
+                            f"level: Q(no coupon) / best coupon (advantage) / never-value; "
+                            f"MDP below")
+        table.add_column("type")
+        for lv in levels:
+            table.add_column(f"level {lv}", justify="right")
+
+        def cell(v: dict) -> str:
+            adv = (v["q_coupon"] - v["q_none"]) / abs(v["q_none"]) if v["q_none"] else 0.0
+            floor = f" / {v['v_never']:.1f}" if "v_never" in v else ""
+            return f"{v['q_none']:.1f} / {v['q_coupon']:.1f} ({adv:+.1%}){floor}"
+        for seg, by in values.items():
+            learnt, model = [], []
+            for lv in levels:
+                v = by.get(str(lv))
+                learnt.append(f"{cell(v)} (n {v['n']})" if v else "-")
+                m = mdp_v.get(seg, {}).get(str(lv))
+                model.append(f"MDP {cell(m)}" if m else "-")
+            table.add_row(seg, *learnt)
+            table.add_row("", *model, style="dim")
         con.print(table)
 
 

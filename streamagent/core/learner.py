@@ -439,6 +439,14 @@ class QLearner:
             q = self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
         return q + np.float32(self.offset)
 
+    def never_values(self, X) -> np.ndarray:
+        """V_never of each row of ``X`` (see never_value)."""
+        if self.never_online is None:
+            raise ValueError("no never-value network: STREAMAGENT_NEVER_FLOOR is off")
+        with torch.no_grad():
+            v = self.never_online(torch.as_tensor(np.asarray(X, np.float32)))
+        return v.numpy().reshape(-1) + np.float32(self.offset)
+
     def never_value(self, features) -> float:
         """V_never(s): the learnt value of never sending a coupon again (NEVER_FLOOR)."""
         if self.never_online is None:

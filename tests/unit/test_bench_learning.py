@@ -47,6 +47,21 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert sum(n for by in never.values() for acts in by.values() for n in acts.values()) == 120
     oracle = B.coupon_shares(list(runs.values()), "oracle")
     assert all(share == 1.0 and top == "amt5_min30" for share, top, _ in oracle["bargain"].values())
+    # the learner's own values where it acted, beside the MDP's; none for a fixed rule
+    assert not runs["never"]["values_last_quarter"]
+    values = runs["q_gamma"]["values_last_quarter"]
+    n = sum(v["n"] for by in values.values() for v in by.values())
+    assert n == sum(k for by in runs["q_gamma"]["actions_last_quarter"].values()
+                    for acts in by.values() for k in acts.values()) == 120
+    assert all({"q_none", "q_coupon", "v_never"} <= set(v) for by in values.values()
+               for v in by.values())
+    mdp_v = doc["scenarios"]["fatigue"]["mdp_values"]
+    # the MDP's values (gamma 0.95): casual users are best never couponed, bargain hunters
+    # always; the value of never couponing is at most the optimum's
+    assert mdp_v["casual"]["3"]["q_none"] > mdp_v["casual"]["3"]["q_coupon"]
+    assert mdp_v["bargain"]["0"]["q_coupon"] > mdp_v["bargain"]["0"]["q_none"]
+    assert all(v["v_never"] <= max(v["q_none"], v["q_coupon"]) + 1e-9
+               for by in mdp_v.values() for v in by.values())
 
 
 def test_interval_and_fixed_policy_check():
