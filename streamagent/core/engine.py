@@ -14,13 +14,13 @@ from streamagent.core.catalog import Catalog
 from streamagent.core.constraints import (CapParams, action_mask, budget_remaining, budget_spend,
                                           period_of)
 from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, Decision,
-                                        UserEvent, decode_user_event)
+                                        UserEvent, decode_user_event, encode)
 from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
 from streamagent.core.pacing import PacingParams, pace
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
-from streamagent.core.state import (StateParams, UserState, apply, evolve, expired,
+from streamagent.core.state import (EncodedDoc, StateParams, UserState, apply, evolve, expired,
                                     find_decision, is_replay, record_decision, remember)
 from streamagent.errors import ConfigError
 from streamagent.units import DAY_MS
@@ -79,6 +79,7 @@ class StepResult:
     expired: bool = False  # the user's stored state had expired (StateParams.ttl_ms): dropped
     # the decision's document, built once for the state and the decision-log (None: build it)
     decision_doc: dict | None = None
+    decision_raw: bytes | None = None  # decision_doc encoded, as the decision-log gets it
 
 
 class _Seen:
@@ -405,9 +406,10 @@ class DecisionEngine:
         if a:
             budget = budget_spend(budget, period, cost)
         doc = decision.to_doc()
-        state = record_decision(state, decision, a != 0, p.state, doc)
+        raw = encode(doc)  # the decision-log record, and the state's copy of it
+        state = record_decision(state, decision, a != 0, p.state, EncodedDoc(raw, doc))
         return StepResult(state, budget, clock, ev, decision, self._action_for(decision),
-                          decision_doc=doc)
+                          decision_doc=doc, decision_raw=raw)
 
     def _action_for(self, decision: Decision | None) -> CouponAction | None:
         if decision is None or decision.action_index == 0:

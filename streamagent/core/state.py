@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import orjson
@@ -22,6 +23,54 @@ RECENT_DECISIONS = 4  # decisions kept for re-emission when a crash replays thei
 # defaults and fields unknown here are ignored, so workers of two releases can share the
 # tables during a rolling deploy. Adding or removing a field needs a new version.
 BLOB_VERSION = 2
+
+
+class EncodedDoc(Mapping):
+    """A decision-log document kept with its JSON bytes (those sent to the decision-log).
+
+    A user's state keeps its recent decisions, features and Q-values included: about three
+    quarters of the state's JSON. Kept as dicts they were encoded again at every write of the
+    state (measured: 4.5 µs a write with four decisions, 1.1 µs with their bytes copied in
+    as they are). It reads as the document (a Mapping, decoded on first use) and compares
+    equal to it; a state read back from its table holds plain dicts, which encode the same.
+    """
+
+    __slots__ = ("raw", "_doc")
+
+    def __init__(self, raw: bytes, doc: dict | None = None):
+        self.raw, self._doc = raw, doc
+
+    @property
+    def doc(self) -> dict:
+        if self._doc is None:
+            self._doc = orjson.loads(self.raw)
+        return self._doc
+
+    def __getitem__(self, key):
+        return self.doc[key]
+
+    def __iter__(self):
+        return iter(self.doc)
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, EncodedDoc):
+            return self.raw == other.raw or self.doc == other.doc
+        return self.doc == other if isinstance(other, Mapping) else NotImplemented
+
+    __hash__ = None  # as a dict's
+
+    def __repr__(self) -> str:
+        return f"EncodedDoc({self.doc!r})"
+
+
+def _fragment(obj):
+    """orjson's default= hook: an EncodedDoc goes in as its bytes."""
+    if isinstance(obj, EncodedDoc):
+        return orjson.Fragment(obj.raw)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 @dataclass(frozen=True)
@@ -77,7 +126,7 @@ class UserState:
     # recent decisions, newest last, as their decision-log documents: only a replay reads one
     # (find_decision), so they are not decoded into Decisions with every read of the state
     # (that took about a tenth of the decide worker's loop)
-    decisions: tuple[dict, ...] = field(default=())
+    decisions: tuple[Mapping, ...] = field(default=())  # dicts or EncodedDocs
 
     @property
     def recent(self) -> tuple[Decision, ...]:
@@ -93,7 +142,7 @@ class UserState:
             # decode (they accept exactly their own fields). With dedupe_events 0 those
             # releases can therefore share the tables with this one: a rolling upgrade.
             del doc["event_ids"]
-        return orjson.dumps(doc)
+        return orjson.dumps(doc, default=_fragment)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "UserState":
@@ -261,9 +310,9 @@ def coupons_in_window(state: UserState, ts: int, window_ms: int) -> int:
 
 
 def record_decision(state: UserState, decision: Decision, coupon_issued: bool,
-                    p: StateParams, doc: dict | None = None) -> UserState:
+                    p: StateParams, doc: Mapping | None = None) -> UserState:
     """Remember a decision (and the coupon it issued) in the user's state; ``doc``: its
-    document, if the caller has it already."""
+    document (a dict or an EncodedDoc), if the caller has it already."""
     ts = decision.ts
     coupon_ts = state.coupon_ts
     doc = decision.to_doc() if doc is None else doc

@@ -79,6 +79,26 @@ def test_state_round_trips_through_bytes():
     assert UserState.from_bytes(s.to_bytes()) == s
 
 
+def test_decisions_kept_with_their_bytes_encode_as_the_documents_do():
+    from streamagent.core.contracts import encode
+    from streamagent.core.state import EncodedDoc, find_decision
+
+    s = apply(UserState("u"), ev(1, category="shoes", device="mobile"), P, 0, 1)
+    plain = encoded = s
+    for i in range(6):  # more than RECENT_DECISIONS: the oldest go
+        d = decided(T0 + i, f"e{i}")
+        doc = d.to_doc()
+        plain = record_decision(plain, d, i % 2 == 0, P, doc)
+        encoded = record_decision(encoded, d, i % 2 == 0, P, EncodedDoc(encode(doc)))
+    assert encoded.to_bytes() == plain.to_bytes()  # the same blob, byte for byte
+    back = UserState.from_bytes(encoded.to_bytes())
+    assert back == encoded == plain  # dicts read back compare equal to the encoded documents
+    assert all(isinstance(x, EncodedDoc) for x in encoded.decisions)
+    assert find_decision(encoded, "e5") == find_decision(plain, "e5") == decided(T0 + 5, "e5")
+    assert find_decision(encoded, "e1") is None  # no longer among the recent ones
+    assert {**encoded.decisions[-1]} == plain.decisions[-1]
+
+
 def test_frequency_cap_min_gap_and_budget_masks():
     caps = CapParams(max_coupons=2, window_ms=7 * 86_400_000, min_gap_ms=86_400_000)
     costs = [0.0, 5.0, 50.0]
