@@ -407,7 +407,8 @@ class DecisionEngine:
             budget = budget_spend(budget, period, cost)
         doc = decision.to_doc()
         raw = encode(doc)  # the decision-log record, and the state's copy of it
-        state = record_decision(state, decision, a != 0, p.state, EncodedDoc(raw, doc))
+        # bytes only: a cached state holds no decoded copy (only a replay decodes one)
+        state = record_decision(state, decision, a != 0, p.state, EncodedDoc(raw))
         return StepResult(state, budget, clock, ev, decision, self._action_for(decision),
                           decision_doc=doc, decision_raw=raw)
 
