@@ -54,11 +54,11 @@ def add_arguments(p) -> None:
                         "decide2 (two decide workers sharing the partitions), join (the join "
                         "agent alone on the decide run's decisions and generated orders), learner "
                         "(ingest, then model freshness with a decide worker)")
-    p.add_argument("--worker-role", choices=["split", "all"], default="split",
-                   help="split (default): the decide workers run the decide agent only "
-                        "(STREAMAGENT_WORKER_ROLE=decide) beside one join worker (role join), as "
-                        "a deployment that gives the join its own process; all: each worker runs "
-                        "both agents in one process (the figures before 2026-11-28)")
+    p.add_argument("--worker-role", choices=["all", "split"], default="all",
+                   help="all (default, as the product ships): each decide worker runs both "
+                        "agents in one process; split: the decide workers run the decide agent "
+                        "only (STREAMAGENT_WORKER_ROLE=decide) beside one join worker (role "
+                        "join), a deployment that gives the join its own process")
     p.add_argument("--transitions", type=int, default=20_000,
                    help="learner: transitions in its ingest backlog")
     p.add_argument("--freshness-seconds", type=float, default=90.0,
@@ -146,7 +146,7 @@ def _wait_for(kafka: KafkaClientConfig, topic: str, count: int, timeout: float, 
 
 def _start(system: str, kafka: KafkaClientConfig, tin: str, tout: str, tmp: Path, partitions: int,
            profile: tuple[float, Path] | None = None,
-           worker_role: str = "split") -> tuple[list, str]:
+           worker_role: str = "all") -> tuple[list, str]:
     """The system's processes (two decide workers for decide2: the same consumer group; with
     ``worker_role`` split, a join worker after them, ``role`` "join") and its app id."""
     app_id = f"bench-{system}-{uuid.uuid4().hex[:6]}"
@@ -362,7 +362,7 @@ def _out_event_id(system: str, value: bytes) -> str:
 def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], triggers: set[str],
                partitions: int, tmp: Path, rates, latency_s: float, users: int,
                log=print, profile: tuple[float, Path] | None = None,
-               worker_role: str = "split") -> dict:
+               worker_role: str = "all") -> dict:
     """Drain the backlog, then one paced phase per (label, events/s) of ``rates(peak events/s)``,
     in the same processes, each after the system has caught up."""
     rid = uuid.uuid4().hex[:6]
