@@ -1,4 +1,5 @@
-"""Faust wiring: topics, tables and the decide agent. The logic lives in streamagent.core.
+"""Faust wiring: topics, tables and the decide and join agents, both in one worker or one of
+them (WORKER_ROLE). The logic lives in streamagent.core.
 
 Keying contract: producers key user-events by user_id (UTF-8). Faust then finds each user's
 events, state-table entry and decisions on the same partition with no repartition hop. A
@@ -10,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faust
@@ -131,6 +133,92 @@ def _table_with_changelog(app: faust.App, name: str, changelog: str, **kwargs):
     return app.tables.add(table)
 
 
+@dataclass
+class _Wires:
+    """What the agents are wired to, the same for both."""
+
+    app: faust.App
+    s: Settings
+    m: Metrics
+    n_parts: int
+    take: Callable  # faust_internals.consumption_path
+    send: Callable  # (topic, key, value) -> awaitable: hand a record over (create_app)
+    flush_tables: Callable
+    worker_name: str
+    watch: OffsetWatch
+    pseudonyms: object  # ingress.Pseudonyms or None
+
+    def topic(self, *names: str):
+        return self.app.topic(*names, partitions=self.n_parts, key_type=bytes, value_type=bytes,
+                              key_serializer="raw", value_serializer="raw")
+
+    async def feed(self, stream, handler, max_n: int, wait_s: float) -> None:
+        """Hand the stream's batches to ``handler``, each record acting as its own event
+        (faust_internals.acting_as: the tables' changelogs and offsets follow it)."""
+        async for events in self.take(stream, max_n, wait_s):
+            msgs = [e.message for e in events]
+            self.watch.see(msgs)
+            by_part = {m.partition: e for m, e in zip(msgs, events)}
+            await handler.handle(msgs, scope=lambda p: acting_as(by_part[p]))
+
+
+def _decide_agent(w: _Wires, engine: DecisionEngine, users_t, budgets_t, partition_of):
+    """The decide agent on user-events, and its state cache."""
+    s, app = w.s, w.app
+    user_states = UserStates(users_t, s.state_cache_users)
+
+    # a rebalance's recovery writes the store from the changelog, behind the cache's back
+    @app.on_partitions_revoked.connect
+    async def _forget_revoked(sender, revoked, **kwargs) -> None:
+        user_states.clear()
+
+    @app.on_partitions_assigned.connect
+    async def _forget_assigned(sender, assigned, **kwargs) -> None:
+        user_states.clear()
+    tables = DecideTables(user_states, BudgetShares(budgets_t), UserCounts(budgets_t),
+                          StreamClocks(budgets_t))
+    handler = DecideHandler(
+        engine, tables,
+        DecideTopics(s.topic_decision_log, s.topic_coupon_actions, s.dlq(s.topic_user_events)),
+        w.send, w.m, s.trigger_types, w.worker_name, w.flush_tables,
+        sweep_keys=s.state_sweep_keys, partition_of=partition_of, pseudonyms=w.pseudonyms)
+    outputs = [w.topic(t) for t in (s.topic_coupon_actions, s.topic_decision_log,
+                                    s.dlq(s.topic_user_events))]
+
+    # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
+    # still in flight, and a crash loses them. take_batches (and Faust's take_events)
+    # acknowledges a batch after the handler returns (or raises: then the delivery guard
+    # holds back every commit).
+    @app.agent(w.topic(s.topic_user_events), concurrency=1)
+    async def decide(stream):
+        for t in outputs:
+            await t.maybe_declare()  # outputs go straight to the producer: make sure they exist
+        await w.feed(stream, handler, s.decide_batch_max, s.decide_batch_wait_ms / 1000.0)
+    return decide
+
+
+def _join_agent(w: _Wires, catalog, join_t):
+    """The reward join on decision-log and conversions, and its handler."""
+    s = w.s
+    handler = JoinHandler(
+        catalog, join_params(s), join_t,
+        JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
+                   s.topic_transitions, s.dlq), w.send, w.m, w.n_parts, w.worker_name,
+        w.flush_tables, sweep_keys=s.state_sweep_keys, pseudonyms=w.pseudonyms)
+    outputs = [w.topic(t) for t in (s.topic_rewards, s.topic_transitions,
+                                    s.dlq(s.topic_decision_log), s.dlq(s.topic_conversions))]
+
+    @w.app.agent(w.topic(s.topic_decision_log, s.topic_conversions), concurrency=1)
+    async def join(stream):
+        for t in outputs:
+            await t.maybe_declare()
+        # rewards are not urgent: a longer wait makes fewer, bigger batches, which leaves a
+        # shared event loop to the decide agent (measured: p50 event->decision 961 ms at
+        # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
+        await w.feed(stream, handler, s.join_batch_max, s.join_batch_wait_ms / 1000.0)
+    return join, handler
+
+
 def worker_metrics(s: Settings, catalog) -> Metrics:
     """The worker's metrics, with the label values of its topics and actions pre-set."""
     return Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
@@ -183,15 +271,6 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
     # before anything builds app.consumer, which takes the revocation callback (faust_internals)
     install_revoke_watchdog(app, s.revoke_timeout_s)
 
-    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    user_events = app.topic(s.topic_user_events, partitions=n_parts, **raw)
-    coupon_actions = app.topic(s.topic_coupon_actions, partitions=n_parts, **raw)
-    decision_log = app.topic(s.topic_decision_log, partitions=n_parts, **raw)
-    dlqs = {t: app.topic(s.dlq(t), partitions=n_parts, **raw)
-            for t in (s.topic_user_events, s.topic_conversions, s.topic_decision_log)}
-    join_in = app.topic(s.topic_decision_log, s.topic_conversions, partitions=n_parts, **raw)
-    rewards = app.topic(s.topic_rewards, partitions=n_parts, **raw)
-    transitions = app.topic(s.topic_transitions, partitions=n_parts, **raw)
     # key_type/value_type bytes make Faust use the raw codec for the store and changelog
     users = budgets = join_state = None
     if deciding:
@@ -266,68 +345,15 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             log.error("a dead letter could not be delivered: %r", fut.exception())
 
     partition_of = lambda key: key_partition(key, n_parts)  # noqa: E731
-    ps = pseudonyms(s, partition_of)  # None unless STREAMAGENT_PSEUDONYM_KEY[_FILE] is set
-    # records of a partition never handed to the agents (counted and logged)
-    watch = OffsetWatch(m.skipped, lambda: app.consumer_generation_id)
+    w = _Wires(app, s, m, n_parts, take, send, flush_tables, worker_name,
+               # records of a partition never handed to the agents (counted and logged)
+               OffsetWatch(m.skipped, lambda: app.consumer_generation_id),
+               pseudonyms(s, partition_of))  # None unless STREAMAGENT_PSEUDONYM_KEY[_FILE]
     decide = join = join_handler = None
-
     if deciding:
-        user_states = UserStates(users_t, s.state_cache_users)
-
-        # a rebalance's recovery writes the store from the changelog, behind the cache's back
-        @app.on_partitions_revoked.connect
-        async def _forget_revoked(sender, revoked, **kwargs) -> None:
-            user_states.clear()
-
-        @app.on_partitions_assigned.connect
-        async def _forget_assigned(sender, assigned, **kwargs) -> None:
-            user_states.clear()
-        budget_shares, user_counts = BudgetShares(budgets_t), UserCounts(budgets_t)
-        stream_clocks = StreamClocks(budgets_t)
-        handler = DecideHandler(
-            engine, DecideTables(user_states, budget_shares, user_counts, stream_clocks),
-            DecideTopics(s.topic_decision_log, s.topic_coupon_actions,
-                         s.dlq(s.topic_user_events)),
-            send, m, s.trigger_types, worker_name, flush_tables, sweep_keys=s.state_sweep_keys,
-            partition_of=partition_of, pseudonyms=ps)
-
-        # concurrency=1: faust-streaming #606 — with more, offsets are committed past messages
-        # still in flight, and a crash loses them. take_batches (and Faust's take_events)
-        # acknowledges a batch after the handler returns (or raises: then the delivery guard
-        # holds back every commit).
-        @app.agent(user_events, concurrency=1)
-        async def decide(stream):
-            for t in (coupon_actions, decision_log, dlqs[s.topic_user_events]):
-                await t.maybe_declare()  # outputs go straight to the producer: make sure
-            async for events in take(stream, s.decide_batch_max,
-                                     s.decide_batch_wait_ms / 1000.0):
-                msgs = [e.message for e in events]
-                watch.see(msgs)
-                by_part = {m.partition: e for m, e in zip(msgs, events)}
-                await handler.handle(msgs,
-                                     scope=lambda p: acting_as(by_part[p]))
-
+        decide = _decide_agent(w, engine, users_t, budgets_t, partition_of)
     if joining:
-        join_handler = JoinHandler(
-            catalog, join_params(s), join_t,
-            JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
-                       s.topic_transitions, s.dlq), send, m, n_parts, worker_name,
-            flush_tables, sweep_keys=s.state_sweep_keys, pseudonyms=ps)
-
-        @app.agent(join_in, concurrency=1)
-        async def join(stream):
-            for t in (rewards, transitions, dlqs[s.topic_decision_log],
-                      dlqs[s.topic_conversions]):
-                await t.maybe_declare()
-            # rewards are not urgent: a longer wait makes fewer, bigger batches, which leaves
-            # a shared event loop to the decide agent (measured: p50 event->decision 961 ms at
-            # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
-            async for events in take(stream, s.join_batch_max, s.join_batch_wait_ms / 1000.0):
-                msgs = [e.message for e in events]
-                watch.see(msgs)
-                by_part = {m.partition: e for m, e in zip(msgs, events)}
-                await join_handler.handle(msgs,
-                                          scope=lambda p: acting_as(by_part[p]))
+        join, join_handler = _join_agent(w, catalog, join_t)
 
     inputs = frozenset(role_inputs(s))
 
