@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from streamagent.errors import ConfigError
@@ -338,7 +338,14 @@ def seed_group_offsets(kafka: KafkaClientConfig, source_group: str, group: str,
             return {}
         have = [tp for tp in src.committed(tps, timeout=10) if tp.offset >= 0]
         if have:
-            dst.commit(offsets=have, asynchronous=False)
+            try:
+                dst.commit(offsets=have, asynchronous=False)
+            except KafkaException:
+                # refused while the group has members: another worker of the role started
+                # first and copied them (then they are there), else the failure is real
+                if any(tp.offset >= 0 for tp in dst.committed(tps, timeout=10)):
+                    return {}
+                raise
         return {(tp.topic, tp.partition): tp.offset for tp in have}
     finally:
         src.close()

@@ -94,11 +94,9 @@ def seed_join_group(s: Settings, kafka) -> None:
     from streamagent.stream.app import group_id, role_inputs
 
     log = logging.getLogger("streamagent.worker")
-    try:
-        copied = seed_group_offsets(kafka, s.app_id, group_id(s), list(role_inputs(s)))
-    except Exception as exc:  # a group with members already: it has its own offsets
-        log.warning("join group %s: offsets of %s not copied (%s)", group_id(s), s.app_id, exc)
-        return
+    # a failure stops the worker (its supervisor restarts it): started without the copy, it
+    # would read decision-log and conversions from their beginning and send rewards again
+    copied = seed_group_offsets(kafka, s.app_id, group_id(s), list(role_inputs(s)))
     if copied:
         log.info("join group %s starts where group %s stopped: %d partitions, %d records "
                  "before them", group_id(s), s.app_id, len(copied), sum(copied.values()))

@@ -87,3 +87,39 @@ def test_all_in_one_worker_then_decide_and_join_workers(kafka, tmp_path, run_id)
     round1 = {i for i, d in decisions.items() if d["trigger_event_id"].endswith("-1")}
     assert round1 <= set(ids)
     assert b"starts where group" in (tmp_path / "join.log").read_bytes(), join.tail()
+
+
+def test_offsets_are_copied_once_to_an_empty_group(kafka, run_id):
+    from confluent_kafka import TopicPartition
+
+    from streamagent.ops.kafka import make_consumer, seed_group_offsets
+    from tests.integration.helpers import client
+
+    from confluent_kafka.admin import NewTopic
+
+    from streamagent.ops.kafka import make_admin
+
+    topic = f"seed-{run_id}"
+    admin = make_admin(client(kafka))
+    for f in admin.create_topics([NewTopic(topic, num_partitions=1,
+                                           replication_factor=1)]).values():
+        f.result(30)
+    produce(kafka, topic, [event(f"e{i}", "u", "page_view", T0 + i) for i in range(5)])
+    src, dst = f"src-{run_id}", f"dst-{run_id}"
+    c = make_consumer(client(kafka), group=src)
+    c.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+    c.close()
+    k = client(kafka)
+    assert seed_group_offsets(k, src, dst, [topic]) == {(topic, 0): 3}
+    # the group has its own offsets now: a second copy changes nothing
+    c = make_consumer(k, group=src)
+    c.commit(offsets=[TopicPartition(topic, 0, 5)], asynchronous=False)
+    c.close()
+    assert seed_group_offsets(k, src, dst, [topic]) == {}
+    d = make_consumer(k, group=dst)
+    try:
+        [tp] = d.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        d.close()
+    assert tp.offset == 3
+    assert seed_group_offsets(k, f"none-{run_id}", f"dst2-{run_id}", [topic]) == {}
