@@ -58,6 +58,17 @@ class EngineParams:
     greedy_margin: float = 0.0
     # budget pacing (core/pacing.py): a shadow price on coupon cost; None = off
     pacing: PacingParams | None = None
+    # Rest exploration: where the greedy action is a coupon, "no coupon" gets this much more
+    # probability, and when drawn it starts a rest of the user's next decisions (geometric,
+    # with explore_rest_mean as mean). A user conditioned by daily coupons only shows what
+    # resting is worth after several coupon-free days in a row, which one-day epsilon
+    # detours almost never make; they are what the never floor's value of a rested user is
+    # learnt from. 0 = off.
+    explore_rest_prob: float = 0.0
+    explore_rest_mean: float = 7.0
+    # the rest probability falls linearly to 0 over this many training steps of the model
+    # (as epsilon does): rests while the model is young, none once it knows; 0 = it stays
+    explore_rest_decay_steps: int = 0
 
     @property
     def budget_share(self) -> float:
@@ -360,6 +371,11 @@ class DecisionEngine:
                                      head_greedy)
         did = decision_id(p.app_id, ev.event_id)
         run = p.exploration == "epsilon" and p.explore_run_mean > 1.0
+        rest_p = p.explore_rest_prob
+        if p.explore_rest_decay_steps:
+            rest_p *= max(0.0, 1.0 - model.snapshot.train_steps / p.explore_rest_decay_steps)
+        resting = p.exploration == "epsilon" and rest_p > 0.0
+        rest = resting and greedy != 0 and bool(allowed[0])  # a rest may start here
         if policy is not None:
             a, prop = policy(x, allowed)
             if not allowed[a]:
@@ -375,7 +391,7 @@ class DecisionEngine:
             pool = thompson_pool(head_greedy, allowed)
             explore = uniform_from(p.seed, key) < eps
             a = int(pool[int(uniform_from(p.seed + 1, key) * len(pool))]) if explore else greedy
-        elif run and state.explore_left > 0 and allowed[state.explore_action]:
+        elif (run or resting) and state.explore_left > 0 and allowed[state.explore_action]:
             # inside a run the action is fixed by the user's state: the behaviour policy gives
             # it probability 1, and that is what the log says
             a = state.explore_action
@@ -383,12 +399,17 @@ class DecisionEngine:
             probs[a] = 1.0
             state = evolve(state, {"explore_left": state.explore_left - 1})
         else:
+            if rest:  # (the logged propensity of "no coupon" includes the rest's share)
+                probs = probs * (1.0 - rest_p)
+                probs[0] += rest_p
             a = sample(probs, uniform_from(p.seed, did))
             left = 0
-            if run and a != greedy:
+            mean = (p.explore_rest_mean if rest and a == 0 else p.explore_run_mean) \
+                if a != greedy else 1.0
+            if mean > 1.0:
                 # geometric run length with the configured mean, from the decision's own draw
                 u = uniform_from(p.seed + 1, did)
-                left = int(np.log1p(-u) / np.log1p(-1.0 / p.explore_run_mean))
+                left = int(np.log1p(-u) / np.log1p(-1.0 / mean))
             state = evolve(state, {"explore_action": a, "explore_left": left})
         cost = self._costs[a]
         decision = Decision(

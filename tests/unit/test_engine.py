@@ -233,3 +233,70 @@ def test_an_external_policy_acts_and_the_state_remembers_its_coupons():
     with pytest.raises(ValueError, match="masked"):
         capped.step(raw("c2", "z", "session_start", T0 + 2 * DAY), b"z", st, b,
                     policy=lambda x, allowed: (1, 1.0))
+
+
+def _couponing_engine(**kw):
+    """An engine whose model prefers coupon 3 for everyone (Q 9 against 0)."""
+    eng = engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02, epsilon_end=0.02, **kw)
+    net = init_network(F.N_FEATURES, CAT.n_actions, (64, 64), 1)
+    with torch.no_grad():
+        net.net[-1].bias.copy_(torch.tensor([0, 0, 0, 9.0, 0, 0]))
+    eng.swap_model(Model(ModelSnapshot.from_network(net, 5, 0, CAT.actions, F.FEATURE_NAMES)))
+    return eng
+
+
+def test_rest_exploration_rests_couponed_users_for_a_while_with_exact_propensities():
+    rest_prob, n = 0.05, CAT.n_actions
+    plain = _daily_sessions(_couponing_engine(), days=120)
+    rests = _daily_sessions(_couponing_engine(explore_rest_prob=rest_prob,
+                                              explore_rest_mean=6.0), days=120)
+
+    def none_streaks(by_user):
+        out = []
+        for ds in by_user.values():
+            k = 0
+            for d in ds:
+                if d.action == "none":
+                    k += 1
+                elif k:
+                    out.append(k)
+                    k = 0
+        return out
+
+    assert max(none_streaks(plain), default=0) <= 2
+    streaks = none_streaks(rests)
+    assert len(streaks) >= 10 and np.mean(streaks) > 3
+    for ds in rests.values():
+        for prev, d in zip(ds, ds[1:]):
+            if d.action != "none":
+                continue
+            if d.propensity == 1.0:  # inside a rest: started by the decision before or earlier
+                assert prev.action == "none" and d.explored
+            else:  # a rest may start here: its share, plus epsilon's for "none"
+                assert d.propensity == pytest.approx(rest_prob + (1 - rest_prob) * 0.02 / n)
+    # a user the model would not coupon never rests (nothing to rest from) and is unchanged
+    quiet = _daily_sessions(engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02,
+                                   epsilon_end=0.02, explore_rest_prob=rest_prob), days=30)
+    same = _daily_sessions(engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02,
+                                  epsilon_end=0.02), days=30)
+    assert quiet == same
+
+
+def test_rest_exploration_fades_with_the_models_training_steps():
+    rest_prob, n = 0.05, CAT.n_actions
+
+    def at(steps: int, prob: float = rest_prob):
+        eng = _couponing_engine(explore_rest_prob=prob, explore_rest_mean=6.0,
+                                explore_rest_decay_steps=1000)
+        net = eng.model.snapshot.network()
+        eng.swap_model(Model(ModelSnapshot.from_network(net, 6, steps, CAT.actions,
+                                                        F.FEATURE_NAMES)))
+        return _daily_sessions(eng, days=60)
+
+    # half-way through the decay a rest starts with half the probability
+    starts = [d for ds in at(500).values() for d in ds
+              if d.action == "none" and d.propensity != 1.0]
+    assert starts and all(d.propensity == pytest.approx(rest_prob / 2 + (1 - rest_prob / 2)
+                                                         * 0.02 / n) for d in starts)
+    # past it the rests are over: the same decisions as without rest exploration
+    assert at(1000) == at(1000, prob=0.0)
