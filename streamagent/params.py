@@ -78,6 +78,11 @@ def join_params(s: Settings) -> JoinParams:
                       ttl_ms=int(s.user_state_ttl_days * DAY_MS))
 
 
+def join_group_id(app_id: str) -> str:
+    """The consumer group of the join workers (WORKER_ROLE=join) of app ``app_id``."""
+    return f"{app_id}-join"
+
+
 def learner_params(s: Settings) -> LearnerParams:
     return LearnerParams(gamma=s.gamma, gamma_unit_ms=int(s.gamma_unit_hours * HOUR_MS),
                          lr=s.learning_rate, batch_size=s.batch_size, buffer_size=s.replay_size,

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from streamagent.metrics import scrape
+from streamagent.params import join_group_id
 from streamagent.ops.local import free_port, free_port_pair, terminate
 
 if TYPE_CHECKING:
@@ -378,7 +379,7 @@ def run_system(system: str, kafka: KafkaClientConfig, backlog: list[dict], trigg
     rss = RssSampler([p.pid for p in started if getattr(p, "role", None) != "join"])
     split = any(getattr(p, "role", None) == "join" for p in started)
     # who must have read what before a paced phase: the join in its own group when split
-    reads = [(app_id, tin), (f"{app_id}-join" if split else app_id, tout)]
+    reads = [(app_id, tin), (join_group_id(app_id) if split else app_id, tout)]
     if system == "count":
         try:
             return _run_count(kafka, tout, len(backlog), proc, log)
@@ -535,7 +536,7 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
         points: list[tuple[float, int]] = []  # (time, records committed)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 600:
-            group = f"{app_id}-join"  # the join worker's consumer group (stream.app.group_id)
+            group = join_group_id(app_id)  # the join worker's consumer group
             done = n - _behind(kafka, group, tdec) - _behind(kafka, group, tconv)
             points.append((time.time(), done))
             if done >= n:

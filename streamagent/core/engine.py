@@ -89,8 +89,8 @@ class StepResult:
     replayed: bool = False  # the event had been applied before (crash replay, duplicate)
     expired: bool = False  # the user's stored state had expired (StateParams.ttl_ms): dropped
     # the decision's document, built once for the state and the decision-log (None: build it)
-    decision_doc: dict | None = None
-    decision_raw: bytes | None = None  # decision_doc encoded, as the decision-log gets it
+    # the decision's decision-log record, as sent (None for a replayed decision: re-encoded)
+    decision_raw: bytes | None = None
 
 
 class _Seen:
@@ -426,12 +426,11 @@ class DecisionEngine:
         )
         if a:
             budget = budget_spend(budget, period, cost)
-        doc = decision.to_doc()
-        raw = encode(doc)  # the decision-log record, and the state's copy of it
+        raw = encode(decision.to_doc())  # the decision-log record, and the state's copy
         # bytes only: a cached state holds no decoded copy (only a replay decodes one)
         state = record_decision(state, decision, a != 0, p.state, EncodedDoc(raw))
         return StepResult(state, budget, clock, ev, decision, self._action_for(decision),
-                          decision_doc=doc, decision_raw=raw)
+                          decision_raw=raw)
 
     def _action_for(self, decision: Decision | None) -> CouponAction | None:
         if decision is None or decision.action_index == 0:

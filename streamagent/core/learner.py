@@ -439,21 +439,21 @@ class QLearner:
             q = self.online(torch.as_tensor(np.asarray(features, np.float32))).numpy()
         return q + np.float32(self.offset)
 
-    def never_values(self, X) -> np.ndarray:
-        """V_never of each row of ``X`` (see never_value)."""
+    def _never_centered(self, X) -> np.ndarray:
+        """The never-value network's outputs for ``X`` (one row or many), flat, centered."""
         if self.never_online is None:
             raise ValueError("no never-value network: STREAMAGENT_NEVER_FLOOR is off")
         with torch.no_grad():
             v = self.never_online(torch.as_tensor(np.asarray(X, np.float32)))
-        return v.numpy().reshape(-1) + np.float32(self.offset)
+        return v.numpy().reshape(-1)
+
+    def never_values(self, X) -> np.ndarray:
+        """V_never of each row of ``X`` (see never_value)."""
+        return self._never_centered(X) + np.float32(self.offset)
 
     def never_value(self, features) -> float:
         """V_never(s): the learnt value of never sending a coupon again (NEVER_FLOOR)."""
-        if self.never_online is None:
-            raise ValueError("no never-value network: STREAMAGENT_NEVER_FLOOR is off")
-        with torch.no_grad():
-            v = self.never_online(torch.as_tensor(np.asarray(features, np.float32)))
-        return float(v.reshape(-1)[0]) + self.offset
+        return float(self._never_centered(features)[0]) + self.offset
 
     def initial_snapshot(self) -> ModelSnapshot:
         """Version 0: the network every decider starts from without a model (same seed)."""

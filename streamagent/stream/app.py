@@ -23,7 +23,7 @@ from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import KafkaClientConfig, kafka_client, make_producer
-from streamagent.params import engine_params, join_params
+from streamagent.params import engine_params, join_group_id, join_params
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.outputs import OutputProducer
@@ -108,7 +108,7 @@ def group_id(s: Settings) -> str:
     """The worker's Faust app id (its consumer group): a join-only worker has its own group, as
     it reads other topics than the deciders (Faust assigns every subscribed topic's partitions
     to every member of a group, so the roles cannot share one)."""
-    return f"{s.app_id}-join" if s.worker_role == "join" else s.app_id
+    return join_group_id(s.app_id) if s.worker_role == "join" else s.app_id
 
 
 def join_changelog_topic(s: Settings) -> str:

@@ -209,9 +209,7 @@ class DecideHandler:
                 if self.ps is not None:
                     doc["user_id"] = raw_key(msg).decode()
                 outputs.append((self.topics.coupon_actions, raw_key(msg), encode(doc)))
-            raw = r.decision_raw
-            if raw is None:
-                raw = encode(r.decision_doc if r.decision_doc is not None else d.to_doc())
+            raw = r.decision_raw if r.decision_raw is not None else encode(d.to_doc())
             outputs.append((self.topics.decision_log, msg.key, raw))
             if not r.replayed:
                 m.decisions.labels(d.action, "true" if d.explored else "false").inc()
