@@ -6,6 +6,8 @@ Tests start from ``Settings()`` (or ``shipped()``) and override only what they a
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from streamagent.config import Settings
 from streamagent.core.constraints import CapParams
 from streamagent.core.engine import EngineParams
@@ -16,6 +18,12 @@ from streamagent.core.learner import LearnerParams
 from streamagent.core.pacing import PacingParams, prior_profile
 from streamagent.core.state import StateParams
 from streamagent.units import DAY_MS, HOUR_MS, MINUTE_MS
+
+if TYPE_CHECKING:
+    from streamagent.core.catalog import Catalog
+    from streamagent.core.engine import Model
+    from streamagent.core.qnet import ModelSnapshot
+    from streamagent.metrics import Metrics
 
 
 def shipped(**overrides) -> Settings:
@@ -101,3 +109,25 @@ def learner_params(s: Settings) -> LearnerParams:
 def gate_params_from(s: Settings) -> GateParams:
     return GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples, rule=s.gate_rule,
                       greedy_margin=s.greedy_margin)
+
+
+def load_model(settings: Settings, catalog: "Catalog",
+               snapshot: "ModelSnapshot | None" = None) -> "Model":
+    """The model a decider starts with: a file if configured, else the newest published
+    snapshot (passed in by the worker), else a fresh network from the seed (version 0)."""
+    from streamagent.core.engine import Model, initial_model
+    from streamagent.core.qnet import ModelSnapshot
+
+    if settings.model_path:
+        return Model(ModelSnapshot.load(settings.model_path))
+    if snapshot is not None:
+        return Model(snapshot)
+    return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed, settings.q_heads)
+
+
+def worker_metrics(s: Settings, catalog: "Catalog") -> "Metrics":
+    """The worker's metrics, with the label values of its topics and actions pre-set."""
+    from streamagent.metrics import Metrics
+
+    return Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
+                   actions=catalog.actions)

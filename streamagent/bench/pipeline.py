@@ -50,11 +50,14 @@ def add_arguments(p) -> None:
     p.add_argument("--load", default="0.25,0.5,0.75",
                    help="comma list of fractions of the decide worker's measured peak: a paced "
                         "phase at each, in the same worker process after its backlog")
-    p.add_argument("--systems", default="plain,faust,count,decide",
+    p.add_argument("--systems", default="plain,faust,count,decide,decide_core",
                    help="comma list of plain, faust (forward), count (faust, batched), decide, "
                         "decide2 (two decide workers sharing the partitions), join (the join "
                         "agent alone on the decide run's decisions and generated orders), learner "
-                        "(ingest, then model freshness with a decide worker)")
+                        "(ingest, then model freshness with a decide worker), decide_core and "
+                        "join_core (the decide and join handlers alone on the same inputs, no "
+                        "Kafka, no Faust: the ceiling of the workers' own work; "
+                        "streamagent/bench/ceiling.py)")
     p.add_argument("--worker-role", choices=["all", "split"], default="all",
                    help="all (default, as the product ships): each decide worker runs both "
                         "agents in one process; split: the decide workers run the decide agent "
@@ -497,6 +500,32 @@ def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:
     return out
 
 
+def join_backlog(kafka: KafkaClientConfig, decisions_topic: str) -> tuple[list, list]:
+    """The join's inputs: every decision of the decide run, and an order for a quarter."""
+    decisions = [orjson.loads(v) for _, v in _read(kafka, decisions_topic) if v is not None]
+    return decisions, _conversions(decisions, every=4, seed=7)
+
+
+def run_ceiling(handler: str, inputs: list, partitions: int, tmp: Path, log=print) -> dict:
+    """The decide or join handler alone on ``inputs`` (bench/ceiling.py), in its own process."""
+    path = tmp / f"{handler}-core-inputs.json"
+    path.write_bytes(orjson.dumps(inputs))
+    done = subprocess.run([sys.executable, "-m", "streamagent.bench.ceiling", handler,
+                           "--inputs", str(path), "--partitions", str(partitions)],
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=900)
+    path.unlink()
+    if done.returncode:
+        raise RuntimeError(f"the {handler} ceiling failed: {done.stderr.decode()[-2000:]}")
+    r = orjson.loads(done.stdout.splitlines()[-1])
+    if handler == "decide":
+        log(f"  decide_core (handler alone, no Kafka): {r['events']} events -> "
+            f"{r['events_per_s']:,.0f} events/s ({r['us_per_event']:.0f} us an event)")
+    else:
+        log(f"  join_core (handler alone, no Kafka): {r['input_records']} records -> "
+            f"{r['records_per_s']:,.0f} input records/s ({r['us_per_record']:.0f} us a record)")
+    return r
+
+
 def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tmp: Path,
              log=print, profile: tuple[float, Path] | None = None) -> dict:
     """The join agent alone: a worker with no user events reads a backlog of decisions (the
@@ -508,8 +537,7 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
     outs = [f"bench-{rid}-rewards", f"bench-{rid}-transitions"]
     _create(kafka, [tdec, tconv, tev, tdec + ".dlq", tconv + ".dlq", tev + ".dlq",
                     f"bench-{rid}-coupons", *outs], partitions)
-    decisions = [orjson.loads(v) for _, v in _read(kafka, decisions_topic) if v is not None]
-    conversions = _conversions(decisions, every=4, seed=7)
+    decisions, conversions = join_backlog(kafka, decisions_topic)
     _produce(kafka, tdec, decisions)
     _produce(kafka, tconv, conversions)
     n = len(decisions) + len(conversions)
@@ -755,6 +783,9 @@ def figures(results: dict) -> dict:
         key = names.get(system, system)
         if system in ("join", "learner"):
             continue
+        if system == "join_core":
+            out["join_core.records_per_s"] = r["records_per_s"]
+            continue
         out[f"{key}.events_per_s"] = r.get("events_per_s")
         for label, lat in (r.get("latency_by_load") or {}).items():
             for q in ("p50", "p95", "p99"):
@@ -766,6 +797,8 @@ def figures(results: dict) -> dict:
     count = (results.get("count") or {}).get("events_per_s")
     if count and "decide" in results:
         out["decide.vs_faust_count"] = results["decide"]["events_per_s"] / count
+    if count and "decide_core" in results:  # the handler's own ceiling against the target's
+        out["decide_core.vs_faust_count"] = results["decide_core"]["events_per_s"] / count
     if "join" in results:
         out["join.records_per_s"] = results["join"]["records_per_s"]
         if results["join"].get("rss"):
@@ -815,13 +848,25 @@ def main(args) -> int:
         if args.profile:
             profile = (args.profile, Path(args.out).with_name("decide-flame.svg"))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        if "join" in systems and "decide" not in systems:
-            raise SystemExit("--systems join reads the decide run's decisions: add decide")
+        for needs in ("join", "join_core"):
+            if needs in systems and "decide" not in systems:
+                raise SystemExit(f"--systems {needs} reads the decide run's decisions: add decide")
         order = ["decide"] + [s for s in systems if s != "decide"] if "decide" in systems else systems
         loads = [float(x) for x in args.load.split(",") if x.strip()]
         # the baselines are paced once, at half of decide's peak (or the one --rate)
         fixed: list = [("rate", args.rate)] if args.rate else []
         for system in order:
+            if system == "decide_core":
+                results[system] = run_ceiling("decide", backlog, args.partitions, tmp,
+                                              log=con.print)
+                continue
+            if system == "join_core":
+                from streamagent.bench.ceiling import join_inputs
+
+                results[system] = run_ceiling(
+                    "join", join_inputs(*join_backlog(kafka, results["decide"]["output_topic"])),
+                    args.partitions, tmp, log=con.print)
+                continue
             if system == "join":
                 results["join"] = run_join(
                     kafka, results["decide"]["output_topic"], args.partitions, tmp,
@@ -863,7 +908,7 @@ def main(args) -> int:
     base = results.get("faust", {}).get("events_per_s")
     ceiling = results.get("count", {}).get("events_per_s")
     for name, r in results.items():
-        if name in ("join", "learner"):
+        if name in ("join", "learner", "join_core"):
             continue
         loads = list((r.get("latency_by_load") or {}).items()) or [("", None)]
         for i, (label, lat) in enumerate(loads):
@@ -884,6 +929,9 @@ def main(args) -> int:
         j = results["join"]
         con.print(f"join: {j['records_per_s']:,.0f} input records/s ({j['decisions']} decisions + "
                   f"{j['conversions']} conversions)")
+    if "join_core" in results:
+        con.print(f"join_core (the join handler alone, no Kafka): "
+                  f"{results['join_core']['records_per_s']:,.0f} input records/s")
     if "learner" in results:
         lr = results["learner"]
         f = lr.get("freshness_s")

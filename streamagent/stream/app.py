@@ -18,12 +18,13 @@ import faust
 
 from streamagent.config import Settings
 from streamagent.core.catalog import load_catalog
-from streamagent.core.engine import DecisionEngine, Model, initial_model
+from streamagent.core.engine import DecisionEngine
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.core.tables import BudgetShares, StreamClocks, UserCounts, UserStates
 from streamagent.metrics import Metrics
 from streamagent.ops.kafka import KafkaClientConfig, kafka_client, make_producer
-from streamagent.params import engine_params, join_group_id, join_params
+from streamagent.params import (engine_params, join_group_id, join_params, load_model,
+                                worker_metrics)
 from streamagent.stream.decide import DecideHandler, DecideTables, DecideTopics
 from streamagent.stream.join import JoinHandler, JoinTopics, key_partition
 from streamagent.stream.outputs import OutputProducer
@@ -92,16 +93,6 @@ class Wiring:
     engine: DecisionEngine
     metrics: Metrics
     settings: Settings
-
-
-def load_model(settings: Settings, catalog, snapshot: ModelSnapshot | None = None) -> Model:
-    """The model to start with: a file if configured, else the newest published snapshot
-    (passed in by the worker), else a fresh network from the seed (version 0)."""
-    if settings.model_path:
-        return Model(ModelSnapshot.load(settings.model_path))
-    if snapshot is not None:
-        return Model(snapshot)
-    return initial_model(catalog, tuple(settings.hidden_sizes), settings.seed, settings.q_heads)
 
 
 def group_id(s: Settings) -> str:
@@ -217,12 +208,6 @@ def _join_agent(w: _Wires, catalog, join_t):
         # 600 events/s with a 5 ms join wait, 153 ms with 50 ms)
         await w.feed(stream, handler, s.join_batch_max, s.join_batch_wait_ms / 1000.0)
     return join, handler
-
-
-def worker_metrics(s: Settings, catalog) -> Metrics:
-    """The worker's metrics, with the label values of its topics and actions pre-set."""
-    return Metrics(topics=(s.topic_user_events, s.topic_conversions, s.topic_decision_log),
-                   actions=catalog.actions)
 
 
 def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,

@@ -106,7 +106,8 @@ def run_worker(s: Settings) -> int:
     from streamagent.core.catalog import load_catalog
     from streamagent.ops.kafka import kafka_client
     from streamagent.ops.topics import create_topics, partition_count
-    from streamagent.stream.app import create_app, group_id, role_inputs, worker_metrics
+    from streamagent.params import worker_metrics
+    from streamagent.stream.app import create_app, group_id, role_inputs
     from streamagent.stream.faust_internals import make_worker
 
     logging.basicConfig(level=s.log_level.upper(),

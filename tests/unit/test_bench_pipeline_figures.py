@@ -26,6 +26,8 @@ def test_figures_keep_their_stable_keys():
         "count": {"events_per_s": 10000.0},
         "decide2": {"events_per_s": 6000.0},
         "join": {"records_per_s": 3000.0},
+        "decide_core": {"events_per_s": 12000.0},
+        "join_core": {"records_per_s": 7000.0},
         "learner": {"transitions_per_s": 250.0, "gradient_steps_per_s": 250.0,
                     "freshness_s": {"p50": 2.0, "p99": 4.0, "max": 5.0}},
     }
@@ -34,6 +36,8 @@ def test_figures_keep_their_stable_keys():
     assert f["decide.vs_faust_count"] == 0.4
     assert f["decide_2_workers.vs_decide"] == 1.5
     assert f["join.records_per_s"] == 3000.0
+    assert f["decide_core.events_per_s"] == 12000.0 and f["decide_core.vs_faust_count"] == 1.2
+    assert f["join_core.records_per_s"] == 7000.0
     assert f["model_freshness_s.max"] == 5.0 and f["decide.rss.growth"] == 1.05
 
 
