@@ -461,6 +461,11 @@ class QLearner:
                            self.p.heads)
         return ModelSnapshot.from_network(net, 0, 0, self.actions, self.feature_names)
 
+    def finite(self) -> bool:
+        """Whether every network's weights are finite (what a checkpoint must hold)."""
+        nets = [self.online, self.target, self.never_online, self.never_target]
+        return all(weights_finite(n.state_dict()) for n in nets if n is not None)
+
     def snapshot(self) -> ModelSnapshot:
         """A new model version from the current weights."""
         import time

@@ -129,6 +129,11 @@ class LearnerService:
         snap = self.learner.snapshot()
         try:
             self.check.validate(snap)
+            # the snapshot may be the slow average (PUBLISH_AVERAGE): the weights the
+            # checkpoint keeps must be finite too, or a restart would refuse it
+            if not self.learner.finite():
+                raise SnapshotRejected("non_finite", f"model v{snap.version}: the learner's "
+                                       f"online weights hold NaN or infinite values")
         except SnapshotRejected as exc:
             self._refuse(snap, exc)
             return

@@ -21,7 +21,7 @@ from streamagent.core.features import FEATURE_NAMES
 from streamagent.core.learner import QLearner
 from streamagent.core.modelcheck import (MAX_SAFE_INT, MAX_VERSION_JUMP, PRODUCER_KEY,
                                          SnapshotCheck, decode_snapshot, read_snapshot,
-                                         validate_snapshot)
+                                         validate_snapshot, weights_finite)
 from streamagent.core.qnet import ModelSnapshot, init_network
 from streamagent.errors import ConfigError, CorruptCheckpoint, SnapshotRejected
 from streamagent.metrics import Metrics
@@ -288,6 +288,24 @@ def test_the_learner_refuses_to_checkpoint_or_publish_non_finite_weights(tmp_pat
     assert L.version == 4  # the refused number stays free
     assert svc.steps_at_snapshot == 50  # retried at the next interval, not at every poll
     assert "not publishing model v5" in caplog.text
+
+
+def test_with_the_average_published_a_diverged_online_network_is_still_refused(tmp_path, caplog):
+    # PUBLISH_AVERAGE: the snapshot is the slow average, still finite for a while after the
+    # online weights went NaN; the checkpoint keeps the online weights, so nothing goes out
+    L = QLearner(CAT.actions, FEATURE_NAMES, tuple(S.hidden_sizes),
+                 dataclasses.replace(learner_params(S), publish_average=True))
+    L.version, L.train_steps = 4, 50
+    with torch.no_grad():
+        L.online.net[0].weight[0, 0] = float("nan")
+    assert weights_finite(L.snapshot().state_dict)  # what would be published looks fine
+    L.version = 4
+    svc = service(tmp_path, L)
+    svc.publish()
+    assert not (tmp_path / "ck.pt").exists()
+    assert svc.m.registry.get_sample_value("streamagent_learning_model_rejected_total",
+                                           {"reason": "non_finite"}) == 1
+    assert L.version == 4 and "online weights" in caplog.text
 
 
 def test_a_corrupt_checkpoint_is_refused_with_what_to_do(tmp_path):
