@@ -526,7 +526,7 @@ def run_ceiling(handler: str, inputs: list, partitions: int, tmp: Path, log=prin
     return r
 
 
-def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tmp: Path,
+def run_join(kafka: KafkaClientConfig, backlog: tuple[list, list], partitions: int, tmp: Path,
              log=print, profile: tuple[float, Path] | None = None) -> dict:
     """The join agent alone: a worker with no user events reads a backlog of decisions (the
     decide run's decision-log) and conversions; input records per second from the consumer
@@ -537,7 +537,7 @@ def run_join(kafka: KafkaClientConfig, decisions_topic: str, partitions: int, tm
     outs = [f"bench-{rid}-rewards", f"bench-{rid}-transitions"]
     _create(kafka, [tdec, tconv, tev, tdec + ".dlq", tconv + ".dlq", tev + ".dlq",
                     f"bench-{rid}-coupons", *outs], partitions)
-    decisions, conversions = join_backlog(kafka, decisions_topic)
+    decisions, conversions = backlog  # join_backlog
     _produce(kafka, tdec, decisions)
     _produce(kafka, tconv, conversions)
     n = len(decisions) + len(conversions)
@@ -855,21 +855,23 @@ def main(args) -> int:
         loads = [float(x) for x in args.load.split(",") if x.strip()]
         # the baselines are paced once, at half of decide's peak (or the one --rate)
         fixed: list = [("rate", args.rate)] if args.rate else []
+        join_in = None  # the join's inputs (join_backlog), for join and join_core
         for system in order:
             if system == "decide_core":
                 results[system] = run_ceiling("decide", backlog, args.partitions, tmp,
                                               log=con.print)
                 continue
+            if system in ("join", "join_core") and join_in is None:  # read once for both
+                join_in = join_backlog(kafka, results["decide"]["output_topic"])
             if system == "join_core":
                 from streamagent.bench.ceiling import join_inputs
 
-                results[system] = run_ceiling(
-                    "join", join_inputs(*join_backlog(kafka, results["decide"]["output_topic"])),
-                    args.partitions, tmp, log=con.print)
+                results[system] = run_ceiling("join", join_inputs(*join_in), args.partitions,
+                                              tmp, log=con.print)
                 continue
             if system == "join":
                 results["join"] = run_join(
-                    kafka, results["decide"]["output_topic"], args.partitions, tmp,
+                    kafka, join_in, args.partitions, tmp,
                     log=con.print, profile=(args.profile, Path(args.out).with_name(
                         "join-flame.svg")) if args.profile else None)
                 continue

@@ -88,7 +88,6 @@ class StepResult:
     coupon_action: CouponAction | None = None
     replayed: bool = False  # the event had been applied before (crash replay, duplicate)
     expired: bool = False  # the user's stored state had expired (StateParams.ttl_ms): dropped
-    # the decision's document, built once for the state and the decision-log (None: build it)
     # the decision's decision-log record, as sent (None for a replayed decision: re-encoded)
     decision_raw: bytes | None = None
 
