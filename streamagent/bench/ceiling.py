@@ -155,10 +155,10 @@ def join_ceiling(records: list[tuple[str, dict]], n_parts: int) -> dict:
     # the sweep scans the users' records ("u:<user>" keys), on their user's partition
     table = PartitionedTable(n_parts, lambda key: key_partition(key[2:].encode(), n_parts),
                              prefix="u:")
-    sent = [0]
+    sent = {s.topic_rewards: 0, s.topic_transitions: 0}
 
     async def send(topic, key, value) -> None:
-        sent[0] += 1
+        sent[topic] = sent.get(topic, 0) + 1
     handler = JoinHandler(catalog, join_params(s), table,
                           JoinTopics(s.topic_decision_log, s.topic_conversions, s.topic_rewards,
                                      s.topic_transitions, s.dlq),
@@ -167,7 +167,9 @@ def join_ceiling(records: list[tuple[str, dict]], n_parts: int) -> dict:
     topic = {"decisions": s.topic_decision_log, "conversions": s.topic_conversions}
     msgs = _messages([(topic[t], doc) for t, doc in records], n_parts)
     wall = _timed(handler, msgs, s.join_batch_max)
-    return {"input_records": len(msgs), "outputs": sent[0], "batch": s.join_batch_max,
+    return {"input_records": len(msgs), "outputs": sum(sent.values()),
+            "rewards": sent[s.topic_rewards], "transitions": sent[s.topic_transitions],
+            "batch": s.join_batch_max,
             "seconds": wall, "records_per_s": len(msgs) / wall,
             "us_per_record": wall / len(msgs) * 1e6}
 

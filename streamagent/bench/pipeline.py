@@ -500,10 +500,32 @@ def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:
     return out
 
 
+JOIN_SPAN_DAYS = 30.0
+
+
+def join_documents(decisions: list[dict], span_days: float = JOIN_SPAN_DAYS
+                   ) -> tuple[list, list]:
+    """The join's inputs from the decide run's decisions: the decisions spread over
+    ``span_days`` of event time (their order kept), and an order for a quarter of them.
+
+    The decide backlog covers a couple of days of event time, less than the attribution
+    window (72 h): a join fed with it would only take records in and never close a window, so
+    it would send no reward and no transition, and its records per second would leave out
+    half of its work. Over 30 days most decisions close inside the run (one reward each) and
+    most have their user's next decision (one transition each), as in a shop's steady state."""
+    if not decisions:
+        return [], []
+    ts = [int(d["ts"]) for d in decisions]  # read partition by partition: not in ts order
+    t0, t1 = min(ts), max(ts)
+    k = span_days * 86_400_000 / max(t1 - t0, 1)
+    spread = [{**d, "ts": t0 + int((int(d["ts"]) - t0) * k)} for d in decisions]
+    return spread, _conversions(spread, every=4, seed=7)
+
+
 def join_backlog(kafka: KafkaClientConfig, decisions_topic: str) -> tuple[list, list]:
-    """The join's inputs: every decision of the decide run, and an order for a quarter."""
-    decisions = [orjson.loads(v) for _, v in _read(kafka, decisions_topic) if v is not None]
-    return decisions, _conversions(decisions, every=4, seed=7)
+    """The join's inputs (join_documents) from every decision of the decide run."""
+    return join_documents([orjson.loads(v) for _, v in _read(kafka, decisions_topic)
+                           if v is not None])
 
 
 def run_ceiling(handler: str, inputs: list, partitions: int, tmp: Path, log=print) -> dict:
@@ -522,7 +544,8 @@ def run_ceiling(handler: str, inputs: list, partitions: int, tmp: Path, log=prin
             f"{r['events_per_s']:,.0f} events/s ({r['us_per_event']:.0f} us an event)")
     else:
         log(f"  join_core (handler alone, no Kafka): {r['input_records']} records -> "
-            f"{r['records_per_s']:,.0f} input records/s ({r['us_per_record']:.0f} us a record)")
+            f"{r['records_per_s']:,.0f} input records/s ({r['us_per_record']:.0f} us a record; "
+            f"{r['rewards']} rewards and {r['transitions']} transitions out)")
     return r
 
 
@@ -574,12 +597,18 @@ def run_join(kafka: KafkaClientConfig, backlog: tuple[list, list], partitions: i
             time.sleep(0.25)
         rate = _rate(points, n)
         lo, hi = _window(points, n)
+        from streamagent.ops.kafka import end_offsets
+
+        # offsets are committed only once the outputs before them are delivered
+        rewards, transitions = (end_offsets(kafka, t) for t in outs)
         result = {"input_records": n, "decisions": len(decisions), "conversions": len(conversions),
-                  "records_per_s": rate, "complete": bool(points and points[-1][1] >= n)}
+                  "records_per_s": rate, "complete": bool(points and points[-1][1] >= n),
+                  "rewards": rewards, "transitions": transitions}
         if lo and hi:
             result["rss"] = rss_figures(rss.samples, lo[0], hi[0])
         log(f"  join    backlog: {len(decisions)} decisions + {len(conversions)} conversions "
-            f"-> {rate:,.0f} input records/s")
+            f"-> {rate:,.0f} input records/s ({rewards} rewards and {transitions} transitions "
+            f"out)")
         return result
     finally:
         rss.stop()
@@ -930,7 +959,8 @@ def main(args) -> int:
     if "join" in results:
         j = results["join"]
         con.print(f"join: {j['records_per_s']:,.0f} input records/s ({j['decisions']} decisions + "
-                  f"{j['conversions']} conversions)")
+                  f"{j['conversions']} conversions in, {j['rewards']} rewards + "
+                  f"{j['transitions']} transitions out)")
     if "join_core" in results:
         con.print(f"join_core (the join handler alone, no Kafka): "
                   f"{results['join_core']['records_per_s']:,.0f} input records/s")

@@ -1,8 +1,10 @@
 """The handlers' ceiling (bench/ceiling.py): the worker's handlers on in-memory tables."""
 import random
 
+import pytest
+
 from streamagent.bench.ceiling import PartitionedTable, decide_ceiling, join_ceiling, join_inputs
-from streamagent.bench.pipeline import _conversions, _events
+from streamagent.bench.pipeline import JOIN_SPAN_DAYS, _events, join_documents
 from streamagent.core.tables import scan_mapping
 from streamagent.stream.join import key_partition
 
@@ -35,5 +37,32 @@ def test_the_ceilings_run_the_worker_s_handlers_on_the_benchmark_s_inputs():
     d = decide_ceiling(events, 4, sink=caught)
     assert d["events"] == 3000 and d["events_per_s"] > 0
     assert len(caught) == triggers  # one decision per trigger, as the worker sends them
-    j = join_ceiling(join_inputs(caught, _conversions(caught, every=4, seed=7)), 4)
+    decisions, orders = join_documents(caught)
+    assert [d["decision_id"] for d in decisions] == [d["decision_id"] for d in caught]
+    span = max(d["ts"] for d in decisions) - min(d["ts"] for d in decisions)
+    assert span == pytest.approx(JOIN_SPAN_DAYS * 86_400_000, rel=1e-6)
+    j = join_ceiling(join_inputs(decisions, orders), 4)
     assert j["input_records"] == len(caught) + len(caught[::4]) and j["records_per_s"] > 0
+    # the join does all its work: a decision whose window (72 h) ends before its partition's
+    # watermark (the earlier of the two inputs' newest times there, less the hour of
+    # lateness) gets its reward inside the run
+    part = lambda doc: key_partition(doc["user_id"].encode(), 4)  # noqa: E731
+    newest = {}
+    for name, docs in (("d", decisions), ("c", orders)):
+        for doc in docs:
+            newest[name, part(doc)] = max(newest.get((name, part(doc)), 0), doc["ts"])
+    wm = {p: min(newest["d", p], newest["c", p]) - 3_600_000 for p in range(4)}
+    closed = sum(d["ts"] + 72 * 3_600_000 < wm[part(d)] for d in decisions)
+    assert closed > len(decisions) // 2
+    assert j["rewards"] == closed
+    assert j["transitions"] > 0
+
+
+def test_the_join_s_inputs_cover_more_than_its_window_whatever_the_decide_run_spans():
+    caught = [{"decision_id": f"d{i}", "user_id": f"u{i % 7}", "ts": 1_000 + i * 10}
+              for i in range(50)][::-1]  # read from the topic out of time order
+    decisions, orders = join_documents(caught)
+    assert [d["ts"] for d in decisions][::-1] == sorted(d["ts"] for d in decisions)
+    assert min(d["ts"] for d in decisions) == 1_000
+    assert max(d["ts"] for d in decisions) == 1_000 + JOIN_SPAN_DAYS * 86_400_000
+    assert len(orders) == len(caught[::4]) and join_documents([]) == ([], [])
