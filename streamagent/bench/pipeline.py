@@ -16,6 +16,7 @@ the events per decision in the stream.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -501,31 +502,48 @@ def _conversions(decisions: list[dict], every: int, seed: int) -> list[dict]:
 
 
 JOIN_SPAN_DAYS = 30.0
+JOIN_DECISIONS = 150_000
 
 
-def join_documents(decisions: list[dict], span_days: float = JOIN_SPAN_DAYS
-                   ) -> tuple[list, list]:
+def join_documents(decisions: list[dict], span_days: float = JOIN_SPAN_DAYS,
+                   at_least: int = 0) -> tuple[list, list]:
     """The join's inputs from the decide run's decisions: the decisions spread over
-    ``span_days`` of event time (their order kept), and an order for a quarter of them.
+    ``span_days`` of event time, copied for more users until there are ``at_least`` (each
+    copy's users suffixed ``~k``, its decision ids hashed with k; copies of a decision follow each other, so
+    event-time order is kept), and an order for a quarter of them.
 
     The decide backlog covers a couple of days of event time, less than the attribution
     window (72 h): a join fed with it would only take records in and never close a window, so
     it would send no reward and no transition, and its records per second would leave out
     half of its work. Over 30 days most decisions close inside the run (one reward each) and
-    most have their user's next decision (one transition each), as in a shop's steady state."""
+    most have their user's next decision (one transition each), as in a shop's steady state.
+    The copies make the drain long enough (tens of seconds) for a rate read from the
+    consumer group's commits, a few seconds apart under load, to mean something."""
     if not decisions:
         return [], []
     ts = [int(d["ts"]) for d in decisions]  # read partition by partition: not in ts order
     t0, t1 = min(ts), max(ts)
     k = span_days * 86_400_000 / max(t1 - t0, 1)
-    spread = [{**d, "ts": t0 + int((int(d["ts"]) - t0) * k)} for d in decisions]
+    ordered = sorted(decisions, key=lambda d: int(d["ts"]))
+    copies = max(1, -(-at_least // len(decisions)))
+    spread = []
+    for d in ordered:
+        t = t0 + int((int(d["ts"]) - t0) * k)
+        for c in range(copies):
+            if copies == 1:
+                spread.append({**d, "ts": t})
+            else:
+                did = hashlib.blake2b(f"{d['decision_id']}~{c}".encode(),
+                                      digest_size=16).hexdigest()  # the schema's 32 hex
+                spread.append({**d, "ts": t, "user_id": f"{d['user_id']}~{c}",
+                               "decision_id": did})
     return spread, _conversions(spread, every=4, seed=7)
 
 
 def join_backlog(kafka: KafkaClientConfig, decisions_topic: str) -> tuple[list, list]:
     """The join's inputs (join_documents) from every decision of the decide run."""
     return join_documents([orjson.loads(v) for _, v in _read(kafka, decisions_topic)
-                           if v is not None])
+                           if v is not None], at_least=JOIN_DECISIONS)
 
 
 def run_ceiling(handler: str, inputs: list, partitions: int, tmp: Path, log=print) -> dict:

@@ -62,7 +62,13 @@ def test_the_join_s_inputs_cover_more_than_its_window_whatever_the_decide_run_sp
     caught = [{"decision_id": f"d{i}", "user_id": f"u{i % 7}", "ts": 1_000 + i * 10}
               for i in range(50)][::-1]  # read from the topic out of time order
     decisions, orders = join_documents(caught)
-    assert [d["ts"] for d in decisions][::-1] == sorted(d["ts"] for d in decisions)
+    assert [d["decision_id"] for d in decisions] == [d["decision_id"] for d in caught][::-1]
     assert min(d["ts"] for d in decisions) == 1_000
     assert max(d["ts"] for d in decisions) == 1_000 + JOIN_SPAN_DAYS * 86_400_000
     assert len(orders) == len(caught[::4]) and join_documents([]) == ([], [])
+    more, orders = join_documents(caught, at_least=120)  # three copies of each decision
+    assert len(more) == 150 and len(orders) == len(more[::4])
+    assert len({d["decision_id"] for d in more}) == 150
+    assert all(len(d["decision_id"]) == 32 for d in more)  # the schema's pattern
+    assert len({d["user_id"] for d in more}) == 3 * 7
+    assert [d["ts"] for d in more] == sorted(d["ts"] for d in more)
