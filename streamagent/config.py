@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     dueling: bool = Field(True, description="Dueling Q-heads (Wang et al. 2016): the learner trains a state value next to the actions' advantages, so the rarely chosen coupons' Q-values share what every transition teaches about the state and are less noisy. On by default since it narrowed the learning benchmark's spread over seeds under coupon fatigue (every one of ten seeds within a point of never sending a coupon, against three of ten more than a point below with plain heads), at about a point where coupons always pay (docs/BENCHMARKS.md). Published models are plain networks (the dueling form folds exactly): deciders are unaffected. Changing it converts the learner's checkpoint.")
     confidence_z: float = Field(1.0, ge=0, description="With Q_HEADS > 1, a coupon is the greedy action only if its advantage over 'no coupon', averaged over the heads, exceeds this many standard deviations of that advantage across the heads. 0 = the plain argmax of the mean.")
     greedy_margin: float = Field(0.02, ge=0, lt=1, description="A coupon is the greedy action only if its Q-value beats 'no coupon' by more than this fraction of |Q(no coupon)|. Action gaps that matter are a few percent of Q and the argmax over noisy estimates of several coupons favours a coupon; the margin bounds what being cautious can cost (at most this fraction per decision). 0.02 measured best over five seeds (docs/BENCHMARKS.md); 0 = the plain argmax. The gate judges candidates with the same rule.")
+    greedy_margin_max: float = Field(0.0, ge=0, description="A cap on GREEDY_MARGIN's hurdle, for shops where coupons pay without conditioning customers: a coupon is held back only while its advantage over 'no coupon' is below the smaller of GREEDY_MARGIN x |Q(no coupon)| and this many times the average reward per decision the model's learner saw (published with each model; a model without it, from older releases, gets no cap). The relative margin alone holds back most from the users worth most: where a big spender's Q is five times the average, its hurdle is more than a day's profit, and a coupon worth +1.2% of Q a day is never sent. Measured on ten seeds (docs/BENCHMARKS.md), 0.15 lifted the shop where coupons always pay from 96.7% to 97.9% of the optimum, but under coupon fatigue it left three seeds of ten 1.3-1.7 points below 'never' (none with the cap off) and lost 3 points where the optimum times its coupons: off by default. 0 = no cap.")
     explore_period_days: float = Field(7.0, gt=0, description="Thompson exploration: how long (event time) an exploring user follows the head drawn for them.")
     epsilon_start: float = Field(0.2, ge=0, le=1, description="Epsilon at model training step 0.")
     epsilon_end: float = Field(0.02, ge=0, le=1, description="Epsilon after `epsilon_decay_steps` training steps.")
@@ -274,5 +275,7 @@ def settings_markdown() -> str:
         default = field.default
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
-        rows.append(f"| `STREAMAGENT_{name.upper()}` | `{default}` | {field.description} |")
+        # a bare | (as in |Q(no coupon)|) would end the table's cell
+        text = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `STREAMAGENT_{name.upper()}` | `{default}` | {text} |")
     return "\n".join(rows) + "\n"

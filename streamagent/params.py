@@ -63,6 +63,7 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,
                         confidence_z=s.confidence_z, greedy_margin=s.greedy_margin,
+                        greedy_margin_max=s.greedy_margin_max,
                         explore_period_ms=int(s.explore_period_days * DAY_MS),
                         time_bounds=time_bounds(s, past=True), pacing=pacing_params(s))
 
@@ -108,7 +109,7 @@ def learner_params(s: Settings) -> LearnerParams:
 
 def gate_params_from(s: Settings) -> GateParams:
     return GateParams(margin=s.gate_margin, min_samples=s.gate_min_samples, rule=s.gate_rule,
-                      greedy_margin=s.greedy_margin)
+                      greedy_margin=s.greedy_margin, greedy_margin_max=s.greedy_margin_max)
 
 
 def load_model(settings: Settings, catalog: "Catalog",

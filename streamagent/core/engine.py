@@ -18,6 +18,7 @@ from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, 
 from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
 from streamagent.core.pacing import PacingParams, pace
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
+                                     margin_cap,
                                      head_choices, sample, thompson_pool, uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (EncodedDoc, StateParams, UserState, apply, evolve, expired,
@@ -56,6 +57,7 @@ class EngineParams:
     time_bounds: TimeBounds  # what a user event's ts may be, against its partition's clock
     # a coupon is greedy only if its Q beats "no coupon" by this fraction of |Q(none)|
     greedy_margin: float = 0.0
+    greedy_margin_max: float = 0.0  # the margin's cap, times the model's reward per decision
     # budget pacing (core/pacing.py): a shadow price on coupon cost; None = off
     pacing: PacingParams | None = None
     # Rest exploration: where the greedy action is a coupon, "no coupon" gets this much more
@@ -151,6 +153,7 @@ class DecisionEngine:
         self._check_heads(model.snapshot, params)
         check_compatible(model.snapshot, catalog)
         self.catalog, self.p, self.model = catalog, params, model
+        self._cap = margin_cap(model.snapshot.meta, params.greedy_margin_max)
         self._costs = catalog.costs()
         self._cost_arr = np.asarray(self._costs, dtype=float)
         self._triggers = frozenset(params.trigger_types)
@@ -173,6 +176,7 @@ class DecisionEngine:
         """Use new weights from the next decision on (one reference assignment: atomic)."""
         self._check_heads(model.snapshot, self.p)
         check_compatible(model.snapshot, self.catalog)
+        self._cap = margin_cap(model.snapshot.meta, self.p.greedy_margin_max)
         self.model = model
 
     def step(self, raw: bytes | None, key: bytes | None, state: UserState | None,
@@ -364,7 +368,8 @@ class DecisionEngine:
         allowed, blocked = action_mask(state, ts, self._costs, p.caps, remaining)
         eps = epsilon_at(model.snapshot.train_steps, p.epsilon_start, p.epsilon_end,
                          p.epsilon_decay_steps)
-        greedy = confident_greedy(q_heads, allowed, p.confidence_z, p.greedy_margin)
+        greedy = confident_greedy(q_heads, allowed, p.confidence_z, p.greedy_margin,
+                                  self._cap)
         head_greedy = head_choices(q_heads, allowed) if len(q_heads) > 1 else None
         probs, greedy = action_probs(q, allowed, p.exploration, eps, p.temperature, greedy,
                                      head_greedy)

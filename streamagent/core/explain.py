@@ -134,9 +134,11 @@ class Explanation:
 
 
 def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
-            cap_window_ms: int, greedy_margin: float = 0.0) -> Explanation:
+            cap_window_ms: int, greedy_margin: float = 0.0,
+            margin_cap: float = 0.0) -> Explanation:
     """Explain one decision-log document with the model that made it (and the deciders'
-    ``greedy_margin``, to say when it held a coupon back)."""
+    ``greedy_margin`` with its cap for this model, policy.margin_cap, to say when it held a
+    coupon back)."""
     x = np.asarray(doc["features"], np.float64)
     if len(x) != F.N_FEATURES:
         raise ValueError(f"the decision has {len(x)} features, this build {F.N_FEATURES}")
@@ -163,4 +165,5 @@ def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
         margin_over_none=float(gaps[0]), versus=actions[versus], blocked=blocked,
         attributions=[(F.FEATURE_NAMES[i], float(x[i]), float(attr[i])) for i in order],
         at_reference=float(gaps[1]), check=float(attr.sum() - (gaps[0] - gaps[1])),
-        hurdle=float(greedy_margin * abs(Q[0])))
+        hurdle=float(min(greedy_margin * abs(Q[0]), margin_cap) if margin_cap > 0
+                     else greedy_margin * abs(Q[0])))

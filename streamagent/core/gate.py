@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from streamagent.core.ope import LoggedData, cross_fit_rewards, ratio_estimate
-from streamagent.core.policy import greedy_actions
+from streamagent.core.policy import greedy_actions, margin_cap
 from streamagent.core.qnet import NumpyQ
 
 
@@ -36,6 +36,7 @@ class GateParams:
     n_bootstrap: int = 500
     folds: int = 3
     greedy_margin: float = 0.0  # the deciders' margin for coupons (EngineParams.greedy_margin)
+    greedy_margin_max: float = 0.0  # and its cap (EngineParams.greedy_margin_max)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,13 @@ class Verdict:
 
 
 def greedy_pi(q: NumpyQ, X: np.ndarray, allowed: np.ndarray | None,
-              greedy_margin: float = 0.0) -> np.ndarray:
+              greedy_margin: float = 0.0, cap: float = 0.0) -> np.ndarray:
     """The greedy policy of a model as action probabilities (n, actions), masked as the
-    deciders masked, with their margin for coupons (ties go to 'no coupon', as in the engine)."""
+    deciders masked, with their margin for coupons and its cap (the model's: margin_cap; ties
+    go to 'no coupon', as in the engine)."""
     Q = q.batch(X)
     pi = np.zeros(Q.shape, dtype=np.float64)
-    pi[np.arange(len(Q)), greedy_actions(Q, allowed, greedy_margin)] = 1.0
+    pi[np.arange(len(Q)), greedy_actions(Q, allowed, greedy_margin, cap)] = 1.0
     return pi
 
 
@@ -80,8 +82,10 @@ def judge(candidate: NumpyQ, live: NumpyQ, log: LoggedData, p: GateParams,
         return Verdict("unverified", log.n, reason=f"{log.n} held-out decisions, "
                                                    f"{p.min_samples} needed to judge")
     q_hat = cross_fit_rewards(log, folds=p.folds, seed=seed)
-    live_t = _dr_terms(log, greedy_pi(live, log.X, log.allowed, p.greedy_margin), q_hat)
-    cand_t = _dr_terms(log, greedy_pi(candidate, log.X, log.allowed, p.greedy_margin), q_hat)
+    live_t = _dr_terms(log, greedy_pi(live, log.X, log.allowed, p.greedy_margin,
+                                      margin_cap(live.meta, p.greedy_margin_max)), q_hat)
+    cand_t = _dr_terms(log, greedy_pi(candidate, log.X, log.allowed, p.greedy_margin,
+                                      margin_cap(candidate.meta, p.greedy_margin_max)), q_hat)
     est = ratio_estimate("dr-diff", cand_t - live_t, np.ones(log.n), p.n_bootstrap, seed)
     live_v = float(live_t.mean())
     floor = -p.margin * abs(live_v)

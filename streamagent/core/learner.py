@@ -17,6 +17,7 @@ from torch import nn
 
 from streamagent.core.contracts import Transition
 from streamagent.core.modelcheck import MAX_SAFE_INT, weights_finite
+from streamagent.core.policy import REWARD_SCALE_KEY
 from streamagent.core.qnet import (ModelSnapshot, QNetwork, as_network, init_network,
                                    published, shift_output)
 from streamagent.errors import InvalidMessage
@@ -476,6 +477,9 @@ class QLearner:
         snap = ModelSnapshot.from_network(published(net, self.offset), self.version,
                                           self.train_steps, self.actions, self.feature_names)
         snap.created_at = time.time()
+        n = len(self.replay)
+        if n:  # the scale of the deciders' cap on the greedy margin (policy.margin_cap)
+            snap.meta[REWARD_SCALE_KEY] = float(np.mean(self.replay.r[:n], dtype=np.float64))
         return snap
 
     # ------------------------------------------------------------------ checkpoints

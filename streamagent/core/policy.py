@@ -27,33 +27,57 @@ def epsilon_at(train_steps: int, start: float, end: float, decay_steps: int) -> 
     return start + (end - start) * train_steps / decay_steps
 
 
+def margin_cap(meta: dict, margin_max: float) -> float:
+    """The most the greedy margin may hold a coupon back by, in Q units, for a model with
+    ``meta`` (ModelSnapshot.meta): ``margin_max`` times the average reward per decision its
+    learner saw (``reward_per_decision``); 0 (no cap) without one, or with margin_max 0."""
+    scale = meta.get(REWARD_SCALE_KEY) if meta else None
+    if not margin_max or not scale or not np.isfinite(scale) or scale <= 0:
+        return 0.0
+    return float(margin_max * scale)
+
+
+# ModelSnapshot.meta: the learner's average reward per decision (replay), for margin_cap
+REWARD_SCALE_KEY = "reward_per_decision"
+
+
 def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float,
-                     margin: float = 0.0) -> int:
+                     margin: float = 0.0, cap: float = 0.0) -> int:
     """The greedy action of the ensemble's mean, except that a coupon must beat 'no coupon'
-    (action 0) clearly: its mean advantage must exceed ``margin x |Q(none)|``, and, with
-    several heads, the mean advantage minus ``z`` standard deviations over the heads must be
-    positive. With one head and margin 0 it is the plain masked argmax."""
+    (action 0) clearly: its mean advantage must exceed ``margin x |Q(none)|`` (or ``cap``,
+    if that is less and above 0: :func:`margin_cap`), and, with several heads, the mean
+    advantage minus ``z`` standard deviations over the heads must be positive. With one head
+    and margin 0 it is the plain masked argmax."""
     q = q_heads.mean(0)
     best = int(np.argmax(np.where(allowed, q, -np.inf)))  # ties go to the lowest: 'none'
     if best == 0 or not allowed[0]:
         return best
     adv = q_heads[:, best] - q_heads[:, 0]
-    if margin > 0 and adv.mean() <= margin * abs(q[0]):
-        return 0
+    if margin > 0:
+        hurdle = margin * abs(q[0])
+        if 0 < cap < hurdle:
+            hurdle = cap
+        if adv.mean() <= hurdle:
+            return 0
     if z <= 0 or q_heads.shape[0] < 2:
         return best
     return best if adv.mean() - z * adv.std(ddof=1) > 0 else 0
 
 
-def greedy_actions(Q: np.ndarray, allowed: np.ndarray | None, margin: float = 0.0) -> np.ndarray:
+def greedy_actions(Q: np.ndarray, allowed: np.ndarray | None, margin: float = 0.0,
+                   cap: float = 0.0) -> np.ndarray:
     """Row-wise :func:`confident_greedy` for one head: the masked argmax, except that a coupon
-    whose advantage over 'no coupon' is at most ``margin x |Q(none)|`` gives way to it."""
+    whose advantage over 'no coupon' is at most ``margin x |Q(none)|`` (at most ``cap``, if
+    above 0) gives way to it."""
     Qm = Q if allowed is None else np.where(allowed, Q, -np.inf)
     best = np.argmax(Qm, axis=1)
     if margin > 0:
         none_ok = np.ones(len(Q), bool) if allowed is None else allowed[:, 0]
         rows = np.arange(len(Q))
-        weak = (Q[rows, best] - Q[:, 0]) <= margin * np.abs(Q[:, 0])
+        hurdle = margin * np.abs(Q[:, 0])
+        if cap > 0:
+            hurdle = np.minimum(hurdle, cap)
+        weak = (Q[rows, best] - Q[:, 0]) <= hurdle
         best = np.where((best != 0) & none_ok & weak, 0, best)
     return best
 

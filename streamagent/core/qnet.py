@@ -239,6 +239,7 @@ class NumpyQ:
                         sd[f"net.{2 * i}.bias"].numpy().astype(np.float64).copy())
                        for i in range(n_layers)]
         self.n_heads, self.n_actions = snapshot.heads, len(snapshot.actions)
+        self.meta = snapshot.meta  # what the gate needs of the model besides its weights
 
     def heads(self, x: np.ndarray) -> np.ndarray:
         """Q values of every head, (heads, actions)."""

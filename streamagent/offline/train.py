@@ -42,6 +42,7 @@ from torch import nn
 from streamagent.core import ope
 from streamagent.core.learner import BOOTSTRAP_P
 from streamagent.core.ope import LoggedData
+from streamagent.core.policy import REWARD_SCALE_KEY
 from streamagent.core.qnet import ModelSnapshot, QNetwork, init_network
 from streamagent.errors import OfflineDataError
 from streamagent.offline import logs as logfiles
@@ -186,7 +187,8 @@ def fit(log: LoggedData, p: OfflineParams, rows: np.ndarray | None = None) -> Fi
     snap.created_at = time.time()
     snap.meta = {"outcome": "offline", "source": "train-offline", "gamma": float(p.gamma),
                  "alpha": float(p.alpha), "iterations": int(p.iterations if p.gamma > 0 else 1),
-                 "rows": int(len(rows)), "q_scale": q_scale}
+                 "rows": int(len(rows)), "q_scale": q_scale,
+                 REWARD_SCALE_KEY: float(np.mean(log.rewards[rows], dtype=np.float64))}
     return Fitted(snap, q_scale, losses, notes, float(1.0 - (nxt[rows] >= 0).mean()))
 
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from streamagent.config import Settings
 from streamagent.core.explain import Explanation, explain
+from streamagent.core.policy import margin_cap
 from streamagent.core.qnet import ModelSnapshot, NumpyQ
 from streamagent.errors import StreamagentError
 from streamagent.ops.kafka import kafka_client
@@ -113,7 +114,8 @@ def main(args) -> int:
     doc = find_decision(s, args.decision_id, args.timeout)
     snap = model_of(s, int(doc.get("policy_version", 0)), args.model)
     sp, cp = state_params(s), cap_params(s)
-    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms, s.greedy_margin)
+    e = explain(doc, NumpyQ(snap), snap.actions, sp.half_life_ms, cp.window_ms, s.greedy_margin,
+                margin_cap(snap.meta, s.greedy_margin_max))
     if args.json:
         json.dump({**e.to_doc(), "user_id": doc.get("user_id"), "ts": doc["ts"]}, sys.stdout,
                   indent=2)

@@ -148,7 +148,8 @@ class LearnerService:
             verdict = Verdict("promoted", 0, reason="gate off (STREAMAGENT_GATE=false)")
         # trained_through: the next input offset per transitions partition, i.e. what this
         # version has seen (audits; `bench pipeline` times model freshness from it)
-        snap.meta = {**verdict.to_doc(), "replaces": live.version, "promoted_by": "gate",
+        snap.meta = {**snap.meta, **verdict.to_doc(), "replaces": live.version,
+                     "promoted_by": "gate",
                      PRODUCER_KEY: self.s.app_id,
                      "trained_through": {str(k): int(v) for k, v in self.offsets.items()}}
         if verdict.promote:

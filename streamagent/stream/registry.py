@@ -10,6 +10,7 @@ import time
 
 from streamagent.config import Settings
 from streamagent.core.modelcheck import MAX_SAFE_INT, PRODUCER_KEY, decode_snapshot
+from streamagent.core.policy import REWARD_SCALE_KEY
 from streamagent.core.qnet import ModelSnapshot
 from streamagent.errors import ConfigError, SnapshotRejected, StreamagentError
 from streamagent.ops.kafka import kafka_client, make_producer
@@ -97,7 +98,8 @@ def import_model(s: Settings, path: str, promote_it: bool = False) -> ModelSnaps
     original = snap.version
     snap.version = max([0, *existing, current.version if current else 0]) + 1
     snap.promotion = 0
-    snap.meta = {"outcome": "imported", "imported_from": str(path),
+    kept = {k: snap.meta[k] for k in (REWARD_SCALE_KEY,) if k in snap.meta}
+    snap.meta = {**kept, "outcome": "imported", "imported_from": str(path),
                  "imported_version": original, "imported_at": time.time(),
                  PRODUCER_KEY: s.app_id}
     try:

@@ -29,6 +29,15 @@ def test_configuration_doc_is_current():
     assert doc == settings_markdown(), "run `make docs` to regenerate docs/CONFIGURATION.md"
 
 
+def test_every_setting_is_one_row_of_three_cells():
+    import re
+
+    rows = [r for r in settings_markdown().splitlines() if r.startswith("| `STREAMAGENT_")]
+    assert len(rows) == len(Settings.model_fields)
+    for row in rows:  # an unescaped | in a description would split its cell
+        assert len(re.findall(r"(?<!\\)\|", row)) == 4, row[:80]
+
+
 def test_default_catalog_loads():
     cat = load_catalog()
     assert cat.actions[0] == "none" and cat.n_actions == len(cat.coupons) + 1

@@ -101,6 +101,9 @@ def test_the_text_says_when_the_greedy_margin_held_a_coupon_back():
     doc = decision_doc(0)
     e = explain(doc, q, ACTIONS, 14 * DAY_MS, 7 * DAY_MS, greedy_margin=0.5)
     assert e.hurdle == pytest.approx(0.5 * abs(e.q_values["none"]))
+    capped = explain(doc, q, ACTIONS, 14 * DAY_MS, 7 * DAY_MS, greedy_margin=0.5,
+                     margin_cap=e.hurdle / 4)  # GREEDY_MARGIN_MAX with the model's scale
+    assert capped.hurdle == pytest.approx(e.hurdle / 4)
     text = render(e, doc, 5)
     assert f"rather than {e.versus}" in text and "Q per action" in text
     assert ("held back" in text) == (e.margin_over_none < 0)

@@ -10,6 +10,7 @@ import torch
 from streamagent.core.contracts import Transition
 from streamagent.core.gate import GateParams, Holdout, held_out, judge
 from streamagent.core.learner import QLearner
+from streamagent.core.policy import REWARD_SCALE_KEY
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.params import learner_params, shipped
 
@@ -70,6 +71,18 @@ def test_the_gate_judges_with_the_deciders_greedy_margin():
     assert plain.outcome == "rejected" and plain.diff == pytest.approx(-1.0, abs=0.15)
     cautious = judge(slight, always(0, 1), log, dataclasses.replace(P, greedy_margin=0.02))
     assert cautious.outcome == "promoted" and cautious.diff == 0.0  # the same policy as live
+
+
+def test_the_gate_caps_the_margin_with_each_model_s_own_reward_scale():
+    log = logged(3000).log()
+    slight = always(1, 2, bias=[10.0, 10.1, 9.0])  # 'a' 0.1 above 'none': under a 2% margin
+    capped = dataclasses.replace(P, greedy_margin=0.02, greedy_margin_max=0.15)
+    slight.meta = {REWARD_SCALE_KEY: 0.5}  # cap 0.075: 'a' clears it, as the deciders see it
+    v = judge(slight, always(0, 1), log, capped)
+    assert v.outcome == "rejected" and v.diff == pytest.approx(-1.0, abs=0.15)
+    slight.meta = {REWARD_SCALE_KEY: 2.0}  # cap 0.3: the 2% margin (0.2) holds 'a' back
+    v = judge(slight, always(0, 1), log, capped)
+    assert v.outcome == "promoted" and v.diff == 0.0
 
 
 def test_masks_are_respected_and_a_cold_start_is_unverified():

@@ -15,7 +15,8 @@ from streamagent.core.catalog import load_catalog
 from streamagent.core.contracts import BudgetShare, Transition
 from streamagent.core.engine import DecisionEngine, Model, initial_model
 from streamagent.core.learner import QLearner
-from streamagent.core.policy import (action_probs, confident_greedy, greedy_actions, head_choices,
+from streamagent.core.policy import (REWARD_SCALE_KEY, action_probs, confident_greedy,
+                                     greedy_actions, head_choices, margin_cap,
                                      thompson_pool)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.params import engine_params, learner_params, shipped
@@ -67,14 +68,34 @@ def test_a_coupon_must_clear_the_greedy_margin():
     assert confident_greedy(q, no_none, 0.0, 0.5) == 1
 
 
+def test_the_margin_holds_a_coupon_back_by_at_most_its_cap():
+    # a big spender: 'none' worth 100, the coupon 1.2% more, where a 2% margin wants 2.0
+    q = np.array([[100.0, 101.2, 99.0, 90.0]])
+    assert confident_greedy(q, ALL, 0.0, 0.02) == 0
+    assert confident_greedy(q, ALL, 0.0, 0.02, cap=1.0) == 1  # the hurdle is 1.0, not 2.0
+    assert confident_greedy(q, ALL, 0.0, 0.02, cap=1.5) == 0
+    small = np.array([[10.0, 10.1, 9.0, 9.0]])  # a cap above the relative hurdle changes nothing
+    assert confident_greedy(small, ALL, 0.0, 0.02, cap=1.0) == 0
+    assert confident_greedy(small, ALL, 0.0, 0.0, cap=0.05) == 1  # no margin, no hurdle
+    # the cap in Q units: GREEDY_MARGIN_MAX times the model's average reward per decision
+    assert margin_cap({REWARD_SCALE_KEY: 2.0}, 0.15) == pytest.approx(0.3)
+    for meta in ({}, None, {REWARD_SCALE_KEY: 0.0}, {REWARD_SCALE_KEY: -1.0},
+                 {REWARD_SCALE_KEY: float("nan")}):
+        assert margin_cap(meta, 0.15) == 0.0  # no figure (older models): the margin alone
+    assert margin_cap({REWARD_SCALE_KEY: 2.0}, 0.0) == 0.0
+    Q = np.concatenate([q, small])
+    assert list(greedy_actions(Q, None, 0.02, cap=1.0)) == [1, 0]
+    assert list(greedy_actions(Q, None, 0.02)) == [0, 0]
+
+
 def test_greedy_actions_is_the_row_wise_rule_of_the_engine():
     rng = np.random.default_rng(3)
     Q = 10 + rng.normal(0, 0.5, size=(400, 4))
     allowed = rng.random((400, 4)) < 0.8
     allowed[:, 0] = True
-    for margin in (0.0, 0.02, 0.05):
-        rows = greedy_actions(Q, allowed, margin)
-        assert list(rows) == [confident_greedy(Q[i:i + 1], allowed[i], 0.0, margin)
+    for margin, cap in ((0.0, 0.0), (0.02, 0.0), (0.05, 0.0), (0.05, 0.2)):
+        rows = greedy_actions(Q, allowed, margin, cap)
+        assert list(rows) == [confident_greedy(Q[i:i + 1], allowed[i], 0.0, margin, cap)
                               for i in range(len(Q))]
     assert (greedy_actions(Q, allowed, 0.05) == 0).sum() > (greedy_actions(Q, allowed, 0.0) == 0).sum()
 

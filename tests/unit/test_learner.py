@@ -6,7 +6,8 @@ import pytest
 
 from streamagent.core.contracts import Transition
 from streamagent.core.learner import QLearner
-from streamagent.core.qnet import NumpyQ
+from streamagent.core.policy import REWARD_SCALE_KEY
+from streamagent.core.qnet import ModelSnapshot, NumpyQ
 from streamagent.params import learner_params, shipped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
@@ -124,6 +125,16 @@ def test_snapshots_are_versioned_and_loadable():
 
     back = ModelSnapshot.from_bytes(s2.to_bytes())
     assert back.actions == ACTIONS and back.version == 2
+    assert REWARD_SCALE_KEY not in s1.meta  # nothing seen yet: no scale for the margin's cap
+
+
+def test_a_snapshot_carries_the_average_reward_per_decision_its_replay_holds():
+    L = learner(learning_starts=8, batch_size=8, train_every=1)
+    rewards = [0.0, 3.0, 0.0, 0.0, 9.0, 0.0] * 5
+    for i, r in enumerate(rewards):
+        L.learn_one(t(A, i % 3, r))
+    snap = ModelSnapshot.from_bytes(L.snapshot().to_bytes())
+    assert snap.meta[REWARD_SCALE_KEY] == pytest.approx(np.mean(rewards))
 
 
 def _chain(user, rewards, last_done=False):

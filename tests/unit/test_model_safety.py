@@ -423,3 +423,31 @@ def test_a_publish_that_fails_leaves_the_learner_learning(tmp_path, caplog, at):
     # never visible: the number is free unless the checkpoint already spent it
     assert L.version == (5 if at == "commit" else 4)
     assert (tmp_path / "ck.pt").exists() == (at == "commit")
+
+
+def test_the_published_model_keeps_its_reward_scale_beside_the_gate_s_verdict(tmp_path):
+    # the deciders cap the greedy margin with the model's reward per decision
+    # (GREEDY_MARGIN_MAX): the gate's metadata must not replace it
+    from streamagent.core.gate import Holdout
+    from streamagent.core.policy import REWARD_SCALE_KEY
+    from streamagent.core.qnet import ModelSnapshot
+
+    L = learner()
+    for i in range(40):
+        L.learn_one(_transition(i))  # reward 1.0 each
+    svc = service(tmp_path, L)
+    svc.s = shipped(learner_checkpoint=tmp_path / "ck.pt", gate=False)
+    svc.offsets, svc.holdout = {0: 40}, Holdout(10, len(FEATURE_NAMES), CAT.n_actions)
+    svc._live = lambda: L.initial_snapshot()
+    sent = []
+
+    class _Out:
+        @staticmethod
+        def publish(records, before_commit):
+            before_commit()
+            sent.extend(records)
+    svc.models_out = _Out()
+    svc.publish()
+    snap = ModelSnapshot.from_bytes(sent[-1][2])
+    assert snap.meta["promoted_by"] == "gate" and snap.meta["outcome"] == "promoted"
+    assert snap.meta[REWARD_SCALE_KEY] == pytest.approx(1.0)
