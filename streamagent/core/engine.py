@@ -18,8 +18,8 @@ from streamagent.core.contracts import (BudgetShare, CouponAction, CouponOffer, 
 from streamagent.core.eventtime import OutOfBounds, StreamClock, TimeBounds, admit
 from streamagent.core.pacing import PacingParams, pace
 from streamagent.core.policy import (action_probs, confident_greedy, decision_id, epsilon_at,
-                                     margin_cap,
-                                     head_choices, sample, thompson_pool, uniform_from)
+                                     head_choices, margin_cap, sample, thompson_pool,
+                                     uniform_from)
 from streamagent.core.qnet import ModelSnapshot, NumpyQ, init_network
 from streamagent.core.state import (EncodedDoc, StateParams, UserState, apply, evolve, expired,
                                     find_decision, is_replay, record_decision, remember)

@@ -27,18 +27,21 @@ def epsilon_at(train_steps: int, start: float, end: float, decay_steps: int) -> 
     return start + (end - start) * train_steps / decay_steps
 
 
-def margin_cap(meta: dict, margin_max: float) -> float:
-    """The most the greedy margin may hold a coupon back by, in Q units, for a model with
-    ``meta`` (ModelSnapshot.meta): ``margin_max`` times the average reward per decision its
-    learner saw (``reward_per_decision``); 0 (no cap) without one, or with margin_max 0."""
-    scale = meta.get(REWARD_SCALE_KEY) if meta else None
-    if not margin_max or not scale or not np.isfinite(scale) or scale <= 0:
-        return 0.0
-    return float(margin_max * scale)
-
-
 # ModelSnapshot.meta: the learner's average reward per decision (replay), for margin_cap
 REWARD_SCALE_KEY = "reward_per_decision"
+
+
+def margin_cap(meta: dict | None, margin_max: float) -> float:
+    """The most the greedy margin may hold a coupon back by, in Q units, for a model with
+    ``meta`` (ModelSnapshot.meta): ``margin_max`` times the average reward per decision its
+    learner saw (``reward_per_decision``); 0 (no cap) without a usable figure, or with
+    margin_max 0. Metadata is not checked like weights: anything but a positive finite number
+    counts as none, so a model with odd metadata is used with the margin alone."""
+    scale = meta.get(REWARD_SCALE_KEY) if isinstance(meta, dict) else None
+    if (not margin_max or isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not np.isfinite(scale) or scale <= 0):
+        return 0.0
+    return float(margin_max * scale)
 
 
 def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float,

@@ -80,7 +80,8 @@ def test_the_margin_holds_a_coupon_back_by_at_most_its_cap():
     # the cap in Q units: GREEDY_MARGIN_MAX times the model's average reward per decision
     assert margin_cap({REWARD_SCALE_KEY: 2.0}, 0.15) == pytest.approx(0.3)
     for meta in ({}, None, {REWARD_SCALE_KEY: 0.0}, {REWARD_SCALE_KEY: -1.0},
-                 {REWARD_SCALE_KEY: float("nan")}):
+                 {REWARD_SCALE_KEY: float("nan")}, {REWARD_SCALE_KEY: "2.0"},
+                 {REWARD_SCALE_KEY: True}, {REWARD_SCALE_KEY: [2.0]}):
         assert margin_cap(meta, 0.15) == 0.0  # no figure (older models): the margin alone
     assert margin_cap({REWARD_SCALE_KEY: 2.0}, 0.0) == 0.0
     Q = np.concatenate([q, small])
