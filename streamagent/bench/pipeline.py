@@ -521,10 +521,10 @@ def join_documents(decisions: list[dict], span_days: float = JOIN_SPAN_DAYS,
     consumer group's commits, a few seconds apart under load, to mean something."""
     if not decisions:
         return [], []
-    ts = [int(d["ts"]) for d in decisions]  # read partition by partition: not in ts order
-    t0, t1 = min(ts), max(ts)
-    k = span_days * 86_400_000 / max(t1 - t0, 1)
+    # read partition by partition: not in ts order
     ordered = sorted(decisions, key=lambda d: int(d["ts"]))
+    t0, t1 = int(ordered[0]["ts"]), int(ordered[-1]["ts"])
+    k = span_days * 86_400_000 / max(t1 - t0, 1)
     copies = max(1, -(-at_least // len(decisions)))
     spread = []
     for d in ordered:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamagent.core import features as F
+from streamagent.core.policy import margin_hurdle
 from streamagent.core.qnet import NumpyQ
 from streamagent.core.state import UserState
 
@@ -165,5 +166,4 @@ def explain(doc: dict, q: NumpyQ, actions: tuple[str, ...], half_life_ms: int,
         margin_over_none=float(gaps[0]), versus=actions[versus], blocked=blocked,
         attributions=[(F.FEATURE_NAMES[i], float(x[i]), float(attr[i])) for i in order],
         at_reference=float(gaps[1]), check=float(attr.sum() - (gaps[0] - gaps[1])),
-        hurdle=float(min(greedy_margin * abs(Q[0]), margin_cap) if margin_cap > 0
-                     else greedy_margin * abs(Q[0])))
+        hurdle=float(margin_hurdle(Q[0], greedy_margin, margin_cap)))

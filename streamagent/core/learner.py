@@ -464,8 +464,7 @@ class QLearner:
 
     def finite(self) -> bool:
         """Whether every network's weights are finite (what a checkpoint must hold)."""
-        nets = [self.online, self.target, self.never_online, self.never_target]
-        return all(weights_finite(n.state_dict()) for n in nets if n is not None)
+        return all(weights_finite(n.state_dict()) for n in self._nets())
 
     def snapshot(self) -> ModelSnapshot:
         """A new model version from the current weights."""

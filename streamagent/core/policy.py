@@ -44,6 +44,14 @@ def margin_cap(meta: dict | None, margin_max: float) -> float:
     return float(margin_max * scale)
 
 
+def margin_hurdle(q_none, margin: float, cap: float = 0.0):
+    """How much a coupon's advantage over 'no coupon' must exceed to be greedy: ``margin x
+    |Q(none)|``, at most ``cap`` if that is above 0 (:func:`margin_cap`). A number or, for
+    rows, an array."""
+    hurdle = margin * np.abs(q_none)
+    return np.minimum(hurdle, cap) if cap > 0 else hurdle
+
+
 def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float,
                      margin: float = 0.0, cap: float = 0.0) -> int:
     """The greedy action of the ensemble's mean, except that a coupon must beat 'no coupon'
@@ -56,12 +64,8 @@ def confident_greedy(q_heads: np.ndarray, allowed: np.ndarray, z: float,
     if best == 0 or not allowed[0]:
         return best
     adv = q_heads[:, best] - q_heads[:, 0]
-    if margin > 0:
-        hurdle = margin * abs(q[0])
-        if 0 < cap < hurdle:
-            hurdle = cap
-        if adv.mean() <= hurdle:
-            return 0
+    if margin > 0 and adv.mean() <= margin_hurdle(q[0], margin, cap):
+        return 0
     if z <= 0 or q_heads.shape[0] < 2:
         return best
     return best if adv.mean() - z * adv.std(ddof=1) > 0 else 0
@@ -77,10 +81,7 @@ def greedy_actions(Q: np.ndarray, allowed: np.ndarray | None, margin: float = 0.
     if margin > 0:
         none_ok = np.ones(len(Q), bool) if allowed is None else allowed[:, 0]
         rows = np.arange(len(Q))
-        hurdle = margin * np.abs(Q[:, 0])
-        if cap > 0:
-            hurdle = np.minimum(hurdle, cap)
-        weak = (Q[rows, best] - Q[:, 0]) <= hurdle
+        weak = (Q[rows, best] - Q[:, 0]) <= margin_hurdle(Q[:, 0], margin, cap)
         best = np.where((best != 0) & none_ok & weak, 0, best)
     return best
 
