@@ -33,7 +33,8 @@ from streamagent.params import (engine_params, gate_params_from, join_params, le
                                 shipped)
 from streamagent.sim.mdp import average_reward, policy_evaluation, value_iteration
 from streamagent.sim.report import moving_mean
-from streamagent.sim.shop import Shop, expected_profit, mdp, optimum, purchase_event, scenario
+from streamagent.sim.shop import (Shop, expected_profit, margin_reference, mdp, optimum,
+                                  purchase_event, scenario)
 from streamagent.units import DAY_MS
 
 
@@ -425,10 +426,12 @@ def main(args) -> int:
                     "joiner_feed": args.joiner_feed,
                     "settings_overrides": overrides, "scenarios": {}}
     per_seed: dict = {sn: [] for sn in snames}
+    margin = bench_settings(**overrides).greedy_margin
     for sn in snames:
         for seed in seeds:
             shop = Shop(scenario(sn), catalog, args.users, seed=seed)
             opt = optimum(shop)
+            opt["margin_reference"] = margin_reference(shop, args.gamma, margin)
             per_seed[sn].append({"seed": seed, "optimum": opt,
                                  "static_coupon": catalog.actions[static_best(shop.scenario,
                                                                               catalog, shop)]})
@@ -436,6 +439,9 @@ def main(args) -> int:
                 con.print(f"[bold]{sn}[/]: optimum {opt['optimal']:.3f} profit/user/day (myopic "
                           f"optimum {opt['myopic_optimal']:.3f}, never {opt['never']:.3f}); "
                           f"optimal policy by hidden level: {opt['policies']}")
+                con.print(f"  the deciders' rule on the exact Q (gamma {args.gamma}, greedy "
+                          f"margin {margin:g}, hidden level seen): "
+                          f"{opt['margin_reference'] / opt['optimal']:.1%} of the optimum")
     tasks = [(sn, seed, pn, args.users, args.days, args.gamma, overrides, args.joiner_feed)
              for sn in snames for seed in seeds for pn in pnames]
     con.print(f"{len(tasks)} runs ({len(snames)} scenarios x {len(seeds)} seeds x "

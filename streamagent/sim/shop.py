@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamagent.core.catalog import Catalog
+from streamagent.core.policy import greedy_actions
 from streamagent.sim.mdp import average_reward, history_optimum, value_iteration
 from streamagent.units import DAY_MS, HOUR_MS
 
@@ -288,6 +289,26 @@ def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
         out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
         out["policies"][seg.name] = [catalog.actions[a] for a in pi]
     return out
+
+
+def margin_reference(shop: "Shop", gamma: float, margin: float) -> float:
+    """Long-run profit per user per day of the deciders' greedy rule applied to the exact Q
+    of the simulator's MDP at the learner's ``gamma`` (each user's segment and hidden level
+    seen): the best action, except that a coupon gives way to "no coupon" unless it beats it
+    by more than ``margin`` x |Q(no coupon)| (core/policy.py, GREEDY_MARGIN; the cap of
+    GREEDY_MARGIN_MAX left out). What the rule itself costs where Q is exact: a learner can
+    end above it only where its errors let a coupon through that the margin holds back."""
+    sc, catalog = shop.scenario, shop.catalog
+    total = 0.0
+    for seg in sc.segments:
+        w = sum(u.segment.name == seg.name for u in shop.users) / len(shop.users)
+        if w:
+            m = mdp(sc, seg, catalog)
+            V, _ = value_iteration(m.P, m.R, gamma)
+            Q = m.R + gamma * m.P @ V  # (actions, levels)
+            pi = greedy_actions(Q.T, None, margin)
+            total += w * average_reward(m.P, m.R, pi)
+    return total
 
 
 def history_reference(shop: "Shop", gamma: float = 0.995) -> float:

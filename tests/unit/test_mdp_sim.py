@@ -126,3 +126,19 @@ def test_the_history_optimum_is_the_full_optimum_when_nothing_is_hidden_and_belo
     full, never = average_reward(P, R, pi), average_reward(P, R, np.zeros(2, int))
     h = history_optimum(P, R, 0.99)
     assert never < h < full
+
+
+def test_the_margin_reference_is_the_optimum_without_a_margin_and_loses_what_it_holds_back():
+    from streamagent.sim.shop import margin_reference
+
+    catalog = load_catalog()
+    shop = Shop(scenario("no-fatigue"), catalog, 200, seed=3)
+    opt = optimum(shop)["optimal"]
+    # no margin: the greedy rule on exact Q at gamma 0.95 is the optimum here (the best
+    # coupon of each segment does not depend on the horizon when nothing conditions)
+    assert margin_reference(shop, 0.95, 0.0) == pytest.approx(opt, rel=1e-6)
+    # 2% of Q: big-basket and casual users' coupons (+1.2, +1.3% of Q) are held back
+    held = margin_reference(shop, 0.95, 0.02)
+    assert held < 0.95 * opt
+    # a shorter horizon shrinks Q, and the same margin holds nothing back
+    assert margin_reference(shop, 0.85, 0.02) == pytest.approx(opt, rel=1e-6)
