@@ -54,6 +54,8 @@ class Result:
     # a learner's own values at the end, over the last quarter's decisions by true type and
     # hidden level: segment -> level -> n, q_none, q_coupon (the best coupon's), v_never
     values: dict = field(default_factory=dict)
+    # the last quarter's expected profit per decision (a user's day) by true type
+    by_type: dict = field(default_factory=dict)
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -72,6 +74,7 @@ class Result:
                 "gate_verdicts": dict(self.gate),
                 "realised_profit_per_user_day": self.realised / n_users / len(d),
                 "actions_last_quarter": self.actions, "values_last_quarter": self.values,
+                "profit_by_type_last_quarter": self.by_type,
                 "seconds": self.seconds}
 
 
@@ -130,6 +133,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     clock = StreamClock()  # the one partition's event-time clock
     actions: dict = {}
     tail_features: dict = {}  # (segment, level) -> the last quarter's decision features
+    tail_profit: dict = {}  # segment -> [expected profit, decisions] over the last quarter
     tail_from = days - max(1, days // 4)
     for day in range(days):
         profit_today = 0.0
@@ -163,8 +167,12 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
                 _consume(joiner.on_decision(0, decision), learner, bandit, contexts, *held)
             # Report the expected profit of (true state, action), not the sampled one: the
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
-            profit_today += expected_profit(sc, u.segment, catalog, u.fatigue, a)
+            expected = expected_profit(sc, u.segment, catalog, u.fatigue, a)
+            profit_today += expected
             if day >= tail_from:
+                tp = tail_profit.setdefault(u.segment.name, [0.0, 0])
+                tp[0] += expected
+                tp[1] += 1
                 by = actions.setdefault(u.segment.name, {}).setdefault(str(u.fatigue), {})
                 by[catalog.actions[a]] = by.get(catalog.actions[a], 0) + 1
                 if learning:
@@ -215,8 +223,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
         if log and (day + 1) % 10 == 0:
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
     values = learned_values(learner, tail_features) if learning else {}
+    by_type = {seg: total / n for seg, (total, n) in tail_profit.items()}
     return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised,
-                  gate_counts, actions, values)
+                  gate_counts, actions, values, by_type)
 
 
 def learned_values(learner: QLearner, features: dict) -> dict:
@@ -468,6 +477,8 @@ def main(args) -> int:
                                    "fixed_policy_check": check}
         _print_table(con, sn, args, seeds, agg, check)
         _print_actions(con, sn, rows, per_seed[sn][0]["optimum"]["policies"])
+        report["scenarios"][sn]["gap_by_type"] = gaps = gap_by_type(rows, per_seed[sn])
+        _print_gaps(con, sn, gaps)
         mdp_v = mdp_values(scenario(sn), catalog, args.gamma)
         report["scenarios"][sn]["mdp_values"] = mdp_v
         _print_values(con, sn, rows, mdp_v)
@@ -530,6 +541,45 @@ def coupon_shares(rows: list[dict], policy: str) -> dict:
             out.setdefault(seg, {})[lv] = ((n - c.get("none", 0)) / n,
                                            max(sent, key=sent.get) if sent else "-", n)
     return out
+
+
+def gap_by_type(rows: list[dict], per_seed: list[dict]) -> dict:
+    """Where each policy's gap to the optimum goes: policy -> type -> its last-quarter profit
+    per user and day, the optimum's and never's there, and the points of the optimum the
+    policy loses on that type (share x shortfall / optimum), each a mean over the seeds."""
+    opt_of = {p["seed"]: p["optimum"] for p in per_seed}
+    acc: dict = {}
+    for r in rows:
+        opt = opt_of.get(r["seed"])
+        if not opt or not opt.get("segments") or not r.get("profit_by_type_last_quarter"):
+            continue
+        for seg, got in r["profit_by_type_last_quarter"].items():
+            ref = opt["segments"].get(seg)
+            if not ref:
+                continue
+            lost = ref["share"] * (ref["optimal"] - got) / opt["optimal"]
+            acc.setdefault(r["policy"], {}).setdefault(seg, []).append(
+                (got, ref["optimal"], ref["never"], lost))
+    return {pol: {seg: dict(zip(("profit", "optimal", "never", "points_lost"),
+                                (float(np.mean(col)) for col in zip(*vals))))
+                  for seg, vals in by.items()}
+            for pol, by in acc.items()}
+
+
+def _print_gaps(con, sname: str, gaps: dict) -> None:
+    from rich.table import Table
+
+    for pol, by in gaps.items():
+        if not (pol.startswith("q_") or pol in BANDITS):
+            continue
+        table = Table(title=f"{sname}: where {pol}'s gap to the optimum goes (last quarter, "
+                            f"mean over seeds; profit per user and day)")
+        for col in ("type", "profit", "optimum", "never", "points of the optimum lost"):
+            table.add_column(col, justify="left" if col == "type" else "right")
+        for seg, g in sorted(by.items(), key=lambda kv: -kv[1]["points_lost"]):
+            table.add_row(seg, f"{g['profit']:.3f}", f"{g['optimal']:.3f}", f"{g['never']:.3f}",
+                          f"{100 * g['points_lost']:+.1f}")
+        con.print(table)
 
 
 def _print_actions(con, sname: str, rows: list[dict], optimal: dict) -> None:

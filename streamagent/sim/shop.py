@@ -278,16 +278,19 @@ def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
     counts: dict[str, int] = {}
     for u in shop.users:
         counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
-    out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0, "policies": {}}
+    out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0, "policies": {}, "segments": {}}
     for seg in sc.segments:
         m = mdp(sc, seg, catalog)
         w = counts.get(seg.name, 0) / len(shop.users)
         _, pi = value_iteration(m.P, m.R, gamma)
         _, pi0 = value_iteration(m.P, m.R, 0.0)
-        out["optimal"] += w * average_reward(m.P, m.R, pi)
+        best, never = average_reward(m.P, m.R, pi), average_reward(m.P, m.R, np.zeros(len(pi), int))
+        out["optimal"] += w * best
         out["myopic_optimal"] += w * average_reward(m.P, m.R, pi0)
-        out["never"] += w * average_reward(m.P, m.R, np.zeros(len(pi), int))
+        out["never"] += w * never
         out["policies"][seg.name] = [catalog.actions[a] for a in pi]
+        # per user of the segment: where a policy's gap to the optimum comes from
+        out["segments"][seg.name] = {"share": w, "optimal": best, "never": never}
     return out
 
 

@@ -55,6 +55,13 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
                     for acts in by.values() for k in acts.values()) == 120
     assert all({"q_none", "q_coupon", "v_never"} <= set(v) for by in values.values()
                for v in by.values())
+    # where the gap goes: the oracle loses nothing on any type, never loses on the bargain
+    # hunters (whom the optimum coupons) and nothing on loyal customers (whom it does not)
+    gaps = doc["scenarios"]["fatigue"]["gap_by_type"]
+    assert all(abs(g["points_lost"]) < 0.02 for g in gaps["oracle"].values())
+    assert gaps["never"]["bargain"]["points_lost"] > 0.02
+    assert gaps["never"]["loyal"]["points_lost"] == pytest.approx(0.0, abs=1e-9)
+    assert gaps["never"]["bargain"]["profit"] == pytest.approx(gaps["never"]["bargain"]["never"])
     mdp_v = doc["scenarios"]["fatigue"]["mdp_values"]
     # the MDP's values (gamma 0.95): casual users are best never couponed, bargain hunters
     # always; the value of never couponing is at most the optimum's
