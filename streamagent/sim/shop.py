@@ -270,21 +270,28 @@ def purchase_event(order: dict) -> dict:
     return ev
 
 
+def segment_shares(shop: "Shop") -> dict[str, float]:
+    """Each segment's share of this population (segments with no user left out)."""
+    counts: dict[str, int] = {}
+    for u in shop.users:
+        counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
+    return {name: n / len(shop.users) for name, n in counts.items()}
+
+
 def optimum(shop: "Shop", gamma: float = 0.995) -> dict:
     """Long-run profit per user per day of this population under the optimal policy (value
     iteration per segment, gamma near 1 for the average-reward optimum), the myopic optimum
     (gamma 0) and "never send"; and the optimal action per segment and fatigue level."""
     sc, catalog = shop.scenario, shop.catalog
-    counts: dict[str, int] = {}
-    for u in shop.users:
-        counts[u.segment.name] = counts.get(u.segment.name, 0) + 1
+    shares = segment_shares(shop)
     out = {"optimal": 0.0, "myopic_optimal": 0.0, "never": 0.0, "policies": {}, "segments": {}}
     for seg in sc.segments:
         m = mdp(sc, seg, catalog)
-        w = counts.get(seg.name, 0) / len(shop.users)
+        w = shares.get(seg.name, 0.0)
         _, pi = value_iteration(m.P, m.R, gamma)
         _, pi0 = value_iteration(m.P, m.R, 0.0)
-        best, never = average_reward(m.P, m.R, pi), average_reward(m.P, m.R, np.zeros(len(pi), int))
+        best = average_reward(m.P, m.R, pi)
+        never = average_reward(m.P, m.R, np.zeros(len(pi), int))
         out["optimal"] += w * best
         out["myopic_optimal"] += w * average_reward(m.P, m.R, pi0)
         out["never"] += w * never
@@ -302,9 +309,10 @@ def margin_reference(shop: "Shop", gamma: float, margin: float) -> float:
     GREEDY_MARGIN_MAX left out). What the rule itself costs where Q is exact: a learner can
     end above it only where its errors let a coupon through that the margin holds back."""
     sc, catalog = shop.scenario, shop.catalog
+    shares = segment_shares(shop)
     total = 0.0
     for seg in sc.segments:
-        w = sum(u.segment.name == seg.name for u in shop.users) / len(shop.users)
+        w = shares.get(seg.name, 0.0)
         if w:
             m = mdp(sc, seg, catalog)
             V, _ = value_iteration(m.P, m.R, gamma)
@@ -320,9 +328,10 @@ def history_reference(shop: "Shop", gamma: float = 0.995) -> float:
     what timing coupons is worth without reading the user's behaviour. About a minute per
     segment; a reference for the learning benchmark's pulse scenario, not part of its run."""
     sc, catalog = shop.scenario, shop.catalog
+    shares = segment_shares(shop)
     total = 0.0
     for seg in sc.segments:
-        w = sum(u.segment.name == seg.name for u in shop.users) / len(shop.users)
+        w = shares.get(seg.name, 0.0)
         if w:
             m = mdp(sc, seg, catalog)
             total += w * history_optimum(m.P, m.R, gamma)
