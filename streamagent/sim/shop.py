@@ -17,6 +17,7 @@ it so value iteration gives the optimal long-run profit to compare learners agai
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -308,18 +309,18 @@ def margin_reference(shop: "Shop", gamma: float, margin: float) -> float:
     by more than ``margin`` x |Q(no coupon)| (core/policy.py, GREEDY_MARGIN; the cap of
     GREEDY_MARGIN_MAX left out). What the rule itself costs where Q is exact: a learner can
     end above it only where its errors let a coupon through that the margin holds back."""
-    sc, catalog = shop.scenario, shop.catalog
+    def rule(m: MDP) -> float:
+        V, _ = value_iteration(m.P, m.R, gamma)
+        Q = m.R + gamma * m.P @ V  # (actions, levels)
+        return average_reward(m.P, m.R, greedy_actions(Q.T, None, margin))
+    return _population_mean(shop, rule)
+
+
+def _population_mean(shop: "Shop", per_user: Callable[[MDP], float]) -> float:
+    """The population's mean of a per-user figure of each segment's MDP."""
     shares = segment_shares(shop)
-    total = 0.0
-    for seg in sc.segments:
-        w = shares.get(seg.name, 0.0)
-        if w:
-            m = mdp(sc, seg, catalog)
-            V, _ = value_iteration(m.P, m.R, gamma)
-            Q = m.R + gamma * m.P @ V  # (actions, levels)
-            pi = greedy_actions(Q.T, None, margin)
-            total += w * average_reward(m.P, m.R, pi)
-    return total
+    return sum(w * per_user(mdp(shop.scenario, seg, shop.catalog))
+               for seg in shop.scenario.segments if (w := shares.get(seg.name, 0.0)))
 
 
 def history_reference(shop: "Shop", gamma: float = 0.995) -> float:
@@ -327,12 +328,4 @@ def history_reference(shop: "Shop", gamma: float = 0.995) -> float:
     infers the hidden level only from the coupons it sent (sim/mdp.py ``history_optimum``):
     what timing coupons is worth without reading the user's behaviour. About a minute per
     segment; a reference for the learning benchmark's pulse scenario, not part of its run."""
-    sc, catalog = shop.scenario, shop.catalog
-    shares = segment_shares(shop)
-    total = 0.0
-    for seg in sc.segments:
-        w = shares.get(seg.name, 0.0)
-        if w:
-            m = mdp(sc, seg, catalog)
-            total += w * history_optimum(m.P, m.R, gamma)
-    return total
+    return _population_mean(shop, lambda m: history_optimum(m.P, m.R, gamma))
