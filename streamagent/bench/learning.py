@@ -56,6 +56,9 @@ class Result:
     values: dict = field(default_factory=dict)
     # the last quarter's expected profit per decision (a user's day) by true type
     by_type: dict = field(default_factory=dict)
+    # share of each true type's decisions with a coupon, per BLOCK_DAYS of the run: when a
+    # trap forms (a type couponed every day from some block on), and whether it lasts
+    coupon_blocks: dict = field(default_factory=dict)
 
     def summary(self, opt: float, n_users: int, tail: float = 0.25) -> dict:
         d = np.array(self.daily_profit)
@@ -75,6 +78,7 @@ class Result:
                 "realised_profit_per_user_day": self.realised / n_users / len(d),
                 "actions_last_quarter": self.actions, "values_last_quarter": self.values,
                 "profit_by_type_last_quarter": self.by_type,
+                "coupon_share_by_block": self.coupon_blocks, "block_days": BLOCK_DAYS,
                 "seconds": self.seconds}
 
 
@@ -85,6 +89,9 @@ def bench_settings(**overrides):
                 attribution_window_hours=24, allowed_lateness_minutes=1,
                 transition_horizon_days=3)
     return shipped(**{**base, **overrides})
+
+
+BLOCK_DAYS = 10  # the coupon shares over time: one figure per type and this many days
 
 
 def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
@@ -134,6 +141,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     actions: dict = {}
     tail_features: dict = {}  # (segment, level) -> the last quarter's decision features
     tail_profit: dict = {}  # segment -> [expected profit, decisions] over the last quarter
+    blocks: dict = {}  # segment -> [[coupons, decisions] per BLOCK_DAYS]
     tail_from = days - max(1, days // 4)
     for day in range(days):
         profit_today = 0.0
@@ -169,6 +177,11 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
             expected = expected_profit(sc, u.segment, catalog, u.fatigue, a)
             profit_today += expected
+            per = blocks.setdefault(u.segment.name, [])
+            while len(per) <= day // BLOCK_DAYS:
+                per.append([0, 0])
+            per[day // BLOCK_DAYS][0] += a != 0
+            per[day // BLOCK_DAYS][1] += 1
             if day >= tail_from:
                 tp = tail_profit.setdefault(u.segment.name, [0.0, 0])
                 tp[0] += expected
@@ -224,8 +237,9 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             log(f"    {name:14} day {day + 1:4}/{days}: {profit_today / n_users:6.3f} per user")
     values = learned_values(learner, tail_features) if learning else {}
     by_type = {seg: total / n for seg, (total, n) in tail_profit.items()}
+    coupon_blocks = {seg: [c / n if n else 0.0 for c, n in per] for seg, per in blocks.items()}
     return Result(name, daily, spend, orders, decisions, time.perf_counter() - t0, realised,
-                  gate_counts, actions, values, by_type)
+                  gate_counts, actions, values, by_type, coupon_blocks)
 
 
 def learned_values(learner: QLearner, features: dict) -> dict:
@@ -479,6 +493,7 @@ def main(args) -> int:
         _print_actions(con, sn, rows, per_seed[sn][0]["optimum"]["policies"])
         report["scenarios"][sn]["gap_by_type"] = gaps = gap_by_type(rows, per_seed[sn])
         _print_gaps(con, sn, gaps)
+        _print_blocks(con, sn, rows)
         mdp_v = mdp_values(scenario(sn), catalog, args.gamma)
         report["scenarios"][sn]["mdp_values"] = mdp_v
         _print_values(con, sn, rows, mdp_v)
@@ -580,6 +595,23 @@ def _print_gaps(con, sname: str, gaps: dict) -> None:
             table.add_row(seg, f"{g['profit']:.3f}", f"{g['optimal']:.3f}", f"{g['never']:.3f}",
                           f"{100 * g['points_lost']:+.1f}")
         con.print(table)
+
+
+def _print_blocks(con, sname: str, rows: list[dict]) -> None:
+    """Each learner's coupon share by type over the run, on its worst seed: when a type
+    came to be couponed (or left alone), which the last quarter's figures do not show."""
+    for pol in dict.fromkeys(r["policy"] for r in rows if r.get("coupon_share_by_block")):
+        if not (pol.startswith("q_") or pol in BANDITS):
+            continue
+        worst = min((r for r in rows if r["policy"] == pol),
+                    key=lambda r: r["fraction_of_optimum"] or 0.0)
+        con.print(f"{sname}: {pol}'s share of decisions with a coupon, by type, per "
+                  f"{worst['block_days']} days, on its worst seed ({worst['seed']}, "
+                  f"{worst['fraction_of_optimum']:.1%}):")
+        width = max(len(seg) for seg in worst["coupon_share_by_block"])
+        for seg, shares in worst["coupon_share_by_block"].items():
+            con.print(f"  {seg:{width}}  " + " ".join(f"{x:.2f}".lstrip("0") or "0"
+                                                       for x in shares))
 
 
 def _print_actions(con, sname: str, rows: list[dict], optimal: dict) -> None:

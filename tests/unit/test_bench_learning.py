@@ -62,6 +62,11 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert gaps["never"]["bargain"]["points_lost"] > 0.02
     assert gaps["never"]["loyal"]["points_lost"] == pytest.approx(0.0, abs=1e-9)
     assert gaps["never"]["bargain"]["profit"] == pytest.approx(gaps["never"]["bargain"]["never"])
+    # the coupon shares over the run, per 10 days (12 days: two blocks): none for never, every
+    # bargain hunter's decision for the oracle
+    assert all(shares == [0.0, 0.0] for shares in runs["never"]["coupon_share_by_block"].values())
+    assert runs["oracle"]["coupon_share_by_block"]["bargain"] == [1.0, 1.0]
+    assert len(runs["q_gamma"]["coupon_share_by_block"]["casual"]) == 2
     mdp_v = doc["scenarios"]["fatigue"]["mdp_values"]
     # the MDP's values (gamma 0.95): casual users are best never couponed, bargain hunters
     # always; the value of never couponing is at most the optimum's
