@@ -142,6 +142,7 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
     tail_features: dict = {}  # (segment, level) -> the last quarter's decision features
     tail_profit: dict = {}  # segment -> [expected profit, decisions] over the last quarter
     blocks: dict = {}  # segment -> [[coupons, decisions] per BLOCK_DAYS]
+    n_blocks = -(-days // BLOCK_DAYS)
     tail_from = days - max(1, days // 4)
     for day in range(days):
         profit_today = 0.0
@@ -177,11 +178,10 @@ def run(name: str, sc, catalog: Catalog, n_users: int, days: int, seed: int,
             # same ranking, far less noise (realised order profit is 0 or a whole basket).
             expected = expected_profit(sc, u.segment, catalog, u.fatigue, a)
             profit_today += expected
-            per = blocks.setdefault(u.segment.name, [])
-            while len(per) <= day // BLOCK_DAYS:
-                per.append([0, 0])
-            per[day // BLOCK_DAYS][0] += a != 0
-            per[day // BLOCK_DAYS][1] += 1
+            block = blocks.setdefault(u.segment.name, [[0, 0] for _ in range(n_blocks)])[
+                day // BLOCK_DAYS]
+            block[0] += a != 0
+            block[1] += 1
             if day >= tail_from:
                 tp = tail_profit.setdefault(u.segment.name, [0.0, 0])
                 tp[0] += expected
@@ -558,6 +558,17 @@ def coupon_shares(rows: list[dict], policy: str) -> dict:
     return out
 
 
+def _learns(policy: str) -> bool:
+    """Whether a policy learns (our Q-learners and the bandits), not a fixed rule."""
+    return policy.startswith("q_") or policy in BANDITS
+
+
+def _worst_run(rows: list[dict], policy: str) -> dict:
+    """The policy's run on its worst seed."""
+    return min((r for r in rows if r["policy"] == policy),
+               key=lambda r: r["fraction_of_optimum"] or 0.0)
+
+
 def gap_by_type(rows: list[dict], per_seed: list[dict]) -> dict:
     """Where each policy's gap to the optimum goes: policy -> type -> its last-quarter profit
     per user and day, the optimum's and never's there, and the points of the optimum the
@@ -585,7 +596,7 @@ def _print_gaps(con, sname: str, gaps: dict) -> None:
     from rich.table import Table
 
     for pol, by in gaps.items():
-        if not (pol.startswith("q_") or pol in BANDITS):
+        if not _learns(pol):
             continue
         table = Table(title=f"{sname}: where {pol}'s gap to the optimum goes (last quarter, "
                             f"mean over seeds; profit per user and day)")
@@ -601,10 +612,9 @@ def _print_blocks(con, sname: str, rows: list[dict]) -> None:
     """Each learner's coupon share by type over the run, on its worst seed: when a type
     came to be couponed (or left alone), which the last quarter's figures do not show."""
     for pol in dict.fromkeys(r["policy"] for r in rows if r.get("coupon_share_by_block")):
-        if not (pol.startswith("q_") or pol in BANDITS):
+        if not _learns(pol):
             continue
-        worst = min((r for r in rows if r["policy"] == pol),
-                    key=lambda r: r["fraction_of_optimum"] or 0.0)
+        worst = _worst_run(rows, pol)
         con.print(f"{sname}: {pol}'s share of decisions with a coupon, by type, per "
                   f"{worst['block_days']} days, on its worst seed ({worst['seed']}, "
                   f"{worst['fraction_of_optimum']:.1%}):")
@@ -619,8 +629,7 @@ def _print_actions(con, sname: str, rows: list[dict], optimal: dict) -> None:
     the optimum's action there: the diagnosis a figure of merit alone does not give."""
     from rich.table import Table
 
-    learners = [p for p in dict.fromkeys(r["policy"] for r in rows)
-                if p.startswith("q_") or p in BANDITS]
+    learners = [p for p in dict.fromkeys(r["policy"] for r in rows) if _learns(p)]
     for pol in learners:
         shares = coupon_shares(rows, pol)
         levels = sorted({lv for by in shares.values() for lv in by})
@@ -649,8 +658,7 @@ def _print_values(con, sname: str, rows: list[dict], mdp_v: dict) -> None:
     from rich.table import Table
 
     for pol in dict.fromkeys(r["policy"] for r in rows if r.get("values_last_quarter")):
-        worst = min((r for r in rows if r["policy"] == pol),
-                    key=lambda r: r["fraction_of_optimum"] or 0.0)
+        worst = _worst_run(rows, pol)
         values = worst["values_last_quarter"]
         levels = sorted({int(lv) for by in values.values() for lv in by})
         table = Table(title=f"{sname}: {pol}'s values on its worst seed ({worst['seed']}, "
