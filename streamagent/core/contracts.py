@@ -128,6 +128,38 @@ def _codec(cls):
     return got
 
 
+_EVOLVERS: dict = {}
+
+
+def _evolver(cls):
+    """``evolve(record, changes)`` of a record class, written out once per class: a new record
+    with ``changes`` (a dict of field values) and every other field as it was, what
+    ``dataclasses.replace`` does at a third of its cost. The reward join replaces pending
+    decisions and records several times per input, and a frozen dataclass's __init__ sets
+    each field through ``object.__setattr__``: this sets the slots directly (no record class
+    has a __post_init__ to skip, and every one has slots)."""
+    got = _EVOLVERS.get(cls)
+    if got is not None:
+        return got
+    names = _field_names(cls)
+    slots = [cls.__dict__.get(n) for n in names]
+    if not all(type(d).__name__ == "member_descriptor" for d in slots):
+        raise TypeError(f"{cls.__name__} is not a dataclass with slots")
+    env = {"cls": cls, "_new": object.__new__, "_names": frozenset(names),
+           **{f"_s{i}": d.__set__ for i, d in enumerate(slots)}}
+    src = ["def evolve(self, changes):",
+           "    if not changes.keys() <= _names:",
+           "        raise TypeError(f'{cls.__name__} has no field(s) '"
+           "f'{sorted(changes.keys() - _names)}')",
+           "    g = changes.get",
+           "    new = _new(cls)"]
+    src += [f"    _s{i}(new, g({n!r}, self.{n}))" for i, n in enumerate(names)]
+    src.append("    return new")
+    exec("\n".join(src), env)  # noqa: S102
+    _EVOLVERS[cls] = got = env["evolve"]
+    return got
+
+
 class _Record:
     """to_doc(): every field, in field order; from_doc(doc): the record, lists as tuples.
 
@@ -144,6 +176,10 @@ class _Record:
     @classmethod
     def from_doc(cls, doc: dict):
         return _codec(cls)[1](doc)
+
+    def evolve(self, **changes):
+        """A copy with ``changes``: ``dataclasses.replace(self, **changes)``, faster."""
+        return _evolver(type(self))(self, changes)
 
     @classmethod
     def _from_doc_generic(cls, doc: dict):

@@ -29,7 +29,7 @@ erasure request, a null value on decision-log).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from streamagent.core.catalog import Catalog
 from streamagent.core.contracts import (Conversion, Decision, JoinRecord, PendingConversion,
@@ -242,10 +242,10 @@ class Joiner:
             decision_id=d.decision_id, ts=d.ts, deadline=d.ts + self.p.window_ms,
             action_index=d.action_index, propensity=d.propensity,
             policy_version=d.policy_version, vectors=PendingDecision.pack(d.features, d.allowed))
-        rec = replace(rec, ids=(rec.ids + (d.decision_id,))[-ORDER_MEMORY:],
-                      last_ts=max(rec.last_ts, d.ts),
-                      decisions=tuple(sorted(rec.decisions + (pending,),
-                                             key=lambda x: (x.ts, x.decision_id))))
+        rec = rec.evolve(ids=(rec.ids + (d.decision_id,))[-ORDER_MEMORY:],
+                         last_ts=max(rec.last_ts, d.ts),
+                         decisions=tuple(sorted(rec.decisions + (pending,),
+                                                key=lambda x: (x.ts, x.decision_id))))
         out.count("decisions")
         if d.ts + self.p.window_ms < self.watermark(partition):
             out.count("late_decision")  # closes at once; conversions may have gone elsewhere
@@ -264,15 +264,15 @@ class Joiner:
         if c.order_id in rec.orders:
             out.count("duplicate_conversion")
             return out
-        rec = replace(rec, orders=(rec.orders + (c.order_id,))[-ORDER_MEMORY:],
-                      last_ts=max(rec.last_ts, c.ts))
+        rec = rec.evolve(orders=(rec.orders + (c.order_id,))[-ORDER_MEMORY:],
+                         last_ts=max(rec.last_ts, c.ts))
         if c.ts < self.watermark(partition):
             out.count("late_conversion")  # its attribution point has passed: never re-open
             self.store.put_record(rec)
             return out
         pending = PendingConversion(order_id=c.order_id, ts=c.ts, amount=float(c.amount),
                                     discount=c.discount, decision_id=_decision_id_of(c))
-        rec = replace(rec, conversions=rec.conversions + (pending,))
+        rec = rec.evolve(conversions=rec.conversions + (pending,))
         out.count("conversions")
         self._settle(partition, rec, out)
         out.extend(self._observe(partition, "conversions", c.ts))
@@ -345,19 +345,19 @@ class Joiner:
                 continue
             d = decisions[i]
             discount = self._discount(d, c)
-            decisions[i] = d = replace(d, orders=d.orders + 1, amount=d.amount + c.amount,
-                                       discount=d.discount + discount,
-                                       reward=d.reward + self._reward(c.amount, discount))
+            decisions[i] = d = d.evolve(orders=d.orders + 1, amount=d.amount + c.amount,
+                                        discount=d.discount + discount,
+                                        reward=d.reward + self._reward(c.amount, discount))
             out.count("attributed_conversion")
             out.delays_ms.append(c.ts - d.ts)
         # 2. close decisions whose window the watermark has passed
         for i, d in enumerate(decisions):
             if not d.closed and d.deadline < wm:
                 if d.orders == 0:
-                    d = replace(d, closed=True, reward=self.p.default_reward)
+                    d = d.evolve(closed=True, reward=self.p.default_reward)
                     out.count("defaulted")
                 else:
-                    d = replace(d, closed=True)
+                    d = d.evolve(closed=True)
                     out.count("rewarded")
                 decisions[i] = d
                 out.rewards.append(Reward(
@@ -381,8 +381,8 @@ class Joiner:
                 out.transitions.append(self._transition(rec.user_id, d, None))
             else:
                 keep.append(d)
-        return replace(rec, decisions=tuple(keep),
-                       conversions=tuple(c for c in rec.conversions if c.ts > wm))
+        return rec.evolve(decisions=tuple(keep),
+                          conversions=tuple(c for c in rec.conversions if c.ts > wm))
 
     def _attribute(self, decisions: list[PendingDecision], c: PendingConversion) -> int | None:
         """The index of the decision the conversion goes to, if any."""

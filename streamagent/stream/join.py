@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, ContextManager, MutableMapping, Sequence
 
 from aiokafka.partitioner import murmur2
+from orjson import Fragment
 
 from streamagent.core.catalog import Catalog
 from streamagent.core.contracts import decode_conversion, decode_decision, dlq_key, encode
@@ -93,6 +94,9 @@ class JoinHandler:
         self.sweep_keys = sweep_keys
         self.sweep_from: dict[int, str | None] = {}  # partition -> the sweep's cursor
         self.due_cache = DueCache()
+        # the batch's outcomes and transitions (done or not), counted once at its end
+        self._outcomes: Counter = Counter()
+        self._transitions: Counter = Counter()
 
     def joiner(self, store: MutableMapping[str, bytes] | None = None) -> Joiner:
         return Joiner(self.catalog, self.p, JoinStore(self.table if store is None else store,
@@ -121,6 +125,7 @@ class JoinHandler:
         if self.flush_tables is not None:
             await self.flush_tables()
         m.pending.set(sum(self.pending_by_part.values()))
+        self._count_batch()
         for topic, key, value in outputs:
             try:
                 await self.send(topic, key, value)
@@ -172,23 +177,35 @@ class JoinHandler:
             outputs.append(self._dead_letter(msg, "processing_error",
                                              f"{type(exc).__name__}: {exc}"))
             return
+        # each output encoded once: the outbox keeps the same bytes (as a fragment of its
+        # JSON) that go to the topic
+        rewards = [(r, encode(r.to_doc())) for r in out.rewards]
+        transitions = [(t, encode(t.to_doc())) for t in out.transitions]
         outbox.record(msg.topic, msg.partition, msg.offset,
-                      [("rewards", r.user_id, r.to_doc()) for r in out.rewards]
-                      + [("transitions", t.user_id, t.to_doc()) for t in out.transitions])
+                      [("rewards", r.user_id, Fragment(raw)) for r, raw in rewards]
+                      + [("transitions", t.user_id, Fragment(raw)) for t, raw in transitions])
         self._keep(stage, msg.partition, owner)
         if erasure:
             m.erasures.labels("join-state").inc()
-        for r in out.rewards:
-            outputs.append((tp.rewards, r.user_id.encode(), encode(r.to_doc())))
+        for r, raw in rewards:
+            outputs.append((tp.rewards, r.user_id.encode(), raw))
             m.rewards.observe(r.reward)
             m.reward_sum.inc(r.reward)
-        for t in out.transitions:
-            outputs.append((tp.transitions, t.user_id.encode(), encode(t.to_doc())))
-            m.transitions.labels("true" if t.done else "false").inc()
-        for outcome, n in out.counts.items():
-            m.join_events.labels(outcome).inc(n)
+        for t, raw in transitions:
+            outputs.append((tp.transitions, t.user_id.encode(), raw))
+            self._transitions["true" if t.done else "false"] += 1
+        self._outcomes.update(out.counts)
         for delay in out.delays_ms:
             m.attribution_delay.observe(delay / 1000.0)
+
+    def _count_batch(self) -> None:
+        """The batch's outcomes and transitions into their counters, once per label (a
+        labelled child's lookup per input and outcome cost more than the count)."""
+        for counts, metric in ((self._outcomes, self.m.join_events),
+                               (self._transitions, self.m.transitions)):
+            for label, n in counts.items():
+                metric.labels(label).inc(n)
+            counts.clear()
 
     def _sweep(self, p: int, records: int) -> int:
         """Delete expired records among the partition's next few users (core/tables.py

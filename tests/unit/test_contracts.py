@@ -188,3 +188,26 @@ def test_written_out_codecs_equal_the_generic_ones(rec):
     if optional:
         short = {k: v for k, v in doc.items() if k != optional[-1]}
         assert type(rec).from_doc(short) == type(rec)._from_doc_generic(short)
+
+
+@pytest.mark.parametrize("rec", list(_records()), ids=lambda r: type(r).__name__)
+def test_evolve_is_dataclasses_replace(rec):
+    fields = [f.name for f in dataclasses.fields(rec)]
+    assert rec.evolve() == rec and rec.evolve() is not rec
+    changes = {fields[0]: getattr(rec, fields[-1]), fields[-1]: getattr(rec, fields[0])}
+    new = rec.evolve(**changes)
+    assert new == dataclasses.replace(rec, **changes)
+    assert type(new) is type(rec)
+    assert rec == type(rec).from_doc(rec.to_doc())  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        rec.evolve(no_such_field=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.__setattr__(fields[0], None)  # still frozen
+
+
+@pytest.mark.parametrize("rec", [r for r in _records() if isinstance(r, C.JoinRecord)],
+                         ids=lambda r: r.user_id)
+def test_a_join_record_encodes_natively_as_its_document(rec):
+    """JoinStore.put_record writes orjson.dumps(record), read back through to_doc's layout."""
+    assert orjson.dumps(rec) == orjson.dumps(rec.to_doc())
+    assert C.JoinRecord.from_doc(orjson.loads(orjson.dumps(rec))) == rec

@@ -117,6 +117,41 @@ def test_a_replayed_batch_re_sends_exactly_its_outputs():
     assert again == first and dict(table) == before
 
 
+def test_a_replayed_input_re_sends_the_very_bytes_it_sent():
+    """The outbox keeps each output as the bytes sent (a fragment of its JSON)."""
+    raw = []
+    h, table, _ = make()
+
+    async def send(topic, key, value):
+        raw.append((topic, key, value))
+    h.send = send
+    items = stream()
+    asyncio.run(h.handle(items))
+    first = sorted(r for r in raw if r[0] in ("rewards", "transitions"))
+    assert len(first) >= 3  # the rewards of d1, d2 and d3
+    raw.clear()
+    asyncio.run(h.handle(items))
+    assert sorted(r for r in raw if r[0] in ("rewards", "transitions")) == first
+
+
+def test_outcomes_are_counted_once_per_batch_whatever_its_size():
+    def counts(size):
+        h, _, _ = make()
+        items = stream()
+        for k in range(0, len(items), size):
+            asyncio.run(h.handle(items[k:k + size]))
+        r = h.m.registry
+        return ({o: r.get_sample_value("streamagent_reward_join_events_total", {"outcome": o})
+                 for o in ("decisions", "conversions", "rewarded", "defaulted",
+                           "attributed_conversion", "heartbeat")},
+                {d: r.get_sample_value("streamagent_reward_transitions_total", {"done": d})
+                 for d in ("true", "false")})
+    one = counts(1)
+    assert one == counts(3) == counts(100)
+    assert one[0]["decisions"] == 4 and one[0]["heartbeat"] == 1
+    assert one[0]["rewarded"] + one[0]["defaulted"] == 3
+
+
 def test_a_conversion_on_the_wrong_partition_is_dead_lettered():
     h, table, sent = make()
     h.n_parts = 4
