@@ -95,12 +95,18 @@ def test_a_poison_record_changes_nothing_and_the_others_still_get_their_rewards(
                                          {"stage": "join"}) == 1
 
 
+def run_in_batches(size):
+    """stream() through a new handler in batches of ``size``: (handler, table, sent)."""
+    h, table, sent = make()
+    items = stream()
+    for k in range(0, len(items), size):
+        asyncio.run(h.handle(items[k:k + size]))
+    return h, table, sent
+
+
 def test_batches_of_any_size_give_the_same_outputs_and_table():
     def run(size):
-        h, table, sent = make()
-        items = stream()
-        for k in range(0, len(items), size):
-            asyncio.run(h.handle(items[k:k + size]))
+        _, table, sent = run_in_batches(size)
         return table, sorted((t, orjson.dumps(d, option=orjson.OPT_SORT_KEYS)) for t, _, d in sent)
     assert run(1) == run(4) == run(100)
 
@@ -136,11 +142,7 @@ def test_a_replayed_input_re_sends_the_very_bytes_it_sent():
 
 def test_outcomes_are_counted_once_per_batch_whatever_its_size():
     def counts(size):
-        h, _, _ = make()
-        items = stream()
-        for k in range(0, len(items), size):
-            asyncio.run(h.handle(items[k:k + size]))
-        r = h.m.registry
+        r = run_in_batches(size)[0].m.registry
         return ({o: r.get_sample_value("streamagent_reward_join_events_total", {"outcome": o})
                  for o in ("decisions", "conversions", "rewarded", "defaulted",
                            "attributed_conversion", "heartbeat")},
