@@ -128,9 +128,7 @@ def _codec(cls):
     return got
 
 
-_EVOLVERS: dict = {}
-
-
+@lru_cache(maxsize=None)
 def _evolver(cls):
     """``evolve(record, changes)`` of a record class, written out once per class: a new record
     with ``changes`` (a dict of field values) and every other field as it was, what
@@ -138,9 +136,6 @@ def _evolver(cls):
     decisions and records several times per input, and a frozen dataclass's __init__ sets
     each field through ``object.__setattr__``: this sets the slots directly (no record class
     has a __post_init__ to skip, and every one has slots)."""
-    got = _EVOLVERS.get(cls)
-    if got is not None:
-        return got
     names = _field_names(cls)
     slots = [cls.__dict__.get(n) for n in names]
     if not all(type(d).__name__ == "member_descriptor" for d in slots):
@@ -156,8 +151,7 @@ def _evolver(cls):
     src += [f"    _s{i}(new, g({n!r}, self.{n}))" for i, n in enumerate(names)]
     src.append("    return new")
     exec("\n".join(src), env)  # noqa: S102
-    _EVOLVERS[cls] = got = env["evolve"]
-    return got
+    return env["evolve"]
 
 
 class _Record:
