@@ -8,6 +8,12 @@ from pathlib import Path
 
 from streamagent.errors import StreamagentError
 
+# PyPI's torch wheel brings triton (GPU kernels), and torch imports it with its optimisers;
+# at exit triton's bindings print hundreds of lines of "nanobind: leaked ..." into every
+# learner's log. streamagent runs torch on the CPU and compiles nothing: its processes do
+# without triton (torch checks for it and carries on without).
+sys.modules.setdefault("triton", None)
+
 
 def version() -> str:
     """The installed distribution's version (what pip and bug reports see), else the

@@ -48,6 +48,7 @@ def topic_env(prefix: str, bootstrap: str, data_dir: Path, **extra) -> dict:
         "STREAMAGENT_TOPIC_REWARDS": f"{prefix}-rewards",
         "STREAMAGENT_TOPIC_TRANSITIONS": f"{prefix}-transitions",
         "STREAMAGENT_TOPIC_MODEL_UPDATES": f"{prefix}-model-updates",
+        "STREAMAGENT_TOPIC_MODEL_CANDIDATES": f"{prefix}-model-candidates",
         "STREAMAGENT_LEARNER_METRICS_PORT": "0",
         "STREAMAGENT_PARTITIONS": "2",
         "STREAMAGENT_METRICS_PORT": "0",

@@ -59,6 +59,7 @@ class LearnerLock:
         self.topic = topic
         self.held = False
         self.lost = False  # held once, then taken away
+        self._closing = False  # close() gives the lock up: that revocation is no loss
         self.c = make_consumer(kafka, lock_group(app_id), **{
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": int(timeout_s * 1000),
@@ -75,6 +76,10 @@ class LearnerLock:
 
     def _revoked(self, consumer, parts) -> None:
         if any(p.partition == 0 for p in parts) and self.held:
+            if self._closing:
+                self.held = False
+                log.info("released the learner lock (%s partition 0)", self.topic)
+                return
             self.held, self.lost = False, True
             log.error("lost the learner lock (%s partition 0): another learner is active",
                       self.topic)
@@ -98,6 +103,7 @@ class LearnerLock:
         return False
 
     def close(self) -> None:
+        self._closing = True
         self.c.close()  # leaves the group: a standby takes over at once
 
 

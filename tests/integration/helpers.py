@@ -35,17 +35,25 @@ class WorkerProcess:
     def start(self, ready_timeout: float = 90.0) -> "WorkerProcess":
         start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.launch()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
+        if self.wait_for(self.ready_marker, ready_timeout, start_at):
+            return self
+        self.kill()
+        raise RuntimeError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
+
+    def wait_for(self, marker: bytes, timeout: float, start_at: int = 0) -> bool:
+        """Whether ``marker`` appears in the log (from byte ``start_at``) within ``timeout``
+        seconds; a process that exits meanwhile raises."""
+        deadline = time.monotonic() + timeout
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
             with open(self.log_path, "rb") as f:
                 f.seek(start_at)
-                if self.ready_marker in f.read():
-                    return self
+                if marker in f.read():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.25)
-        self.kill()
-        raise RuntimeError(f"worker not ready in {ready_timeout}s:\n{self.tail()}")
 
     def stop(self, timeout: float = 60.0) -> int:
         assert self.proc is not None

@@ -209,7 +209,6 @@ def test_worker_and_learner_carry_on_through_a_broker_restart(own_broker, tmp_pa
     cfg = own_broker
     ports = {"worker": free_port(), "learner": free_port()}
     env = topic_env("br" + run_id, cfg.bootstrap, tmp_path / "data", **LOOP,
-                    STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"br{run_id}-model-candidates",
                     STREAMAGENT_METRICS_PORT=ports["worker"],
                     STREAMAGENT_LEARNER_METRICS_PORT=ports["learner"])
     users = [f"br-{i}" for i in range(30)]

@@ -76,7 +76,6 @@ def test_a_newer_learner_fences_the_older_ones_publishing(kafka, run_id):
 def test_frozen_learner_comes_back_fenced_after_the_standby_took_over(kafka, tmp_path, run_id):
     # one data dir for both: the shared volume in which a zombie could overwrite a checkpoint
     env = topic_env("lf" + run_id, kafka, tmp_path, STREAMAGENT_PARTITIONS="2",
-                    STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"lf{run_id}-model-candidates",
                     STREAMAGENT_LEARNER_LOCK_TIMEOUT_S="6",
                     **{**QUICK_LEARNER, "STREAMAGENT_SNAPSHOT_INTERVAL_S": "1"})
     n_actions = load_catalog(Settings().catalog_path).n_actions

@@ -53,8 +53,7 @@ def test_bad_snapshots_are_refused_and_the_worker_keeps_deciding(kafka, tmp_path
                                                                  monkeypatch):
     port = free_port()
     prefix = "ms" + run_id
-    env = topic_env(prefix, kafka, tmp_path, STREAMAGENT_METRICS_PORT=str(port),
-                    STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"{prefix}-model-candidates")
+    env = topic_env(prefix, kafka, tmp_path, STREAMAGENT_METRICS_PORT=str(port))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     create_topics(Settings(_env_file=None), log=lambda *_: None)  # model-updates: 1 partition

@@ -294,7 +294,6 @@ def test_learner_sigkill_and_restart_learns_each_transition_once(kafka, tmp_path
     started = time.monotonic()
     port = free_port()
     env = topic_env("sl" + run_id, kafka, tmp_path, STREAMAGENT_PARTITIONS=str(PARTITIONS),
-                    STREAMAGENT_TOPIC_MODEL_CANDIDATES=f"sl{run_id}-model-candidates",
                     STREAMAGENT_LEARNER_METRICS_PORT=str(port),
                     **QUICK_LEARNER)
     n_actions = load_catalog(Settings().catalog_path).n_actions
