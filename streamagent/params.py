@@ -59,6 +59,7 @@ def engine_params(s: Settings, n_partitions: int) -> EngineParams:
                         explore_rest_prob=s.explore_rest_prob,
                         explore_rest_mean=s.explore_rest_decisions,
                         explore_rest_decay_steps=s.explore_rest_decay_steps,
+                        explore_rest_min_pressure=s.explore_rest_min_pressure,
                         seed=s.seed, caps=cap_params(s), state=state_params(s),
                         budget_per_period=s.budget_per_period,
                         budget_period_ms=s.budget_period_ms, n_partitions=n_partitions,

@@ -71,6 +71,10 @@ class EngineParams:
     # the rest probability falls linearly to 0 over this many training steps of the model
     # (as epsilon does): rests while the model is young, none once it knows; 0 = it stays
     explore_rest_decay_steps: int = 0
+    # a rest may start only for a user whose recent coupon pressure (features.coupon_pressure)
+    # is at least this: rests spent where a coupon habit can form, not on users a coupon
+    # reaches now and then; 0 = anywhere
+    explore_rest_min_pressure: float = 0.0
 
     @property
     def budget_share(self) -> float:
@@ -380,6 +384,8 @@ class DecisionEngine:
             rest_p *= max(0.0, 1.0 - model.snapshot.train_steps / p.explore_rest_decay_steps)
         resting = p.exploration == "epsilon" and rest_p > 0.0
         rest = resting and greedy != 0 and bool(allowed[0])  # a rest may start here
+        if rest and p.explore_rest_min_pressure > 0:
+            rest = F.coupon_pressure(x) >= p.explore_rest_min_pressure
         if policy is not None:
             a, prop = policy(x, allowed)
             if not allowed[a]:

@@ -21,6 +21,7 @@ TENURE_CAP_DAYS = 90.0
 # Recent coupon pressure: coupons within the cap window, each decayed with this half-life.
 # Fatigue builds with every coupon and fades over days without one; this tracks it.
 COUPON_PRESSURE_HALF_LIFE_MS = 2 * DAY_MS
+PRESSURE_SCALE = 3.0  # the coupon_pressure feature is the pressure divided by this
 LOG_SCALE = 6.0  # log1p(365) = 5.9: a year of days, or hundreds of decayed events, maps to ~1
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -35,6 +36,13 @@ FEATURE_NAMES: tuple[str, ...] = (
     "device_mobile", "device_desktop", "device_other",
 )
 N_FEATURES = len(FEATURE_NAMES)
+PRESSURE_INDEX = FEATURE_NAMES.index("coupon_pressure")
+
+
+def coupon_pressure(x: np.ndarray) -> float:
+    """The user's recent coupon pressure (coupons decayed with a 2-day half-life), read back
+    from an encoded feature vector."""
+    return float(x[PRESSURE_INDEX]) * PRESSURE_SCALE
 
 
 def _days(ts: int, then: int) -> float:
@@ -64,7 +72,7 @@ def encode(state: UserState, ts: int, trigger_type: str, half_life_ms: int,
         lg(_days(ts, state.last_purchase_ts)), float(state.n_purchases > 0),
         min(_days(ts, state.first_ts) if state.first_ts else 0.0, TENURE_CAP_DAYS) / TENURE_CAP_DAYS,
         lg(state.cart_value), lg(state.cart_items),
-        min(in_window, 7) / 7.0, pressure / 3.0,
+        min(in_window, 7) / 7.0, pressure / PRESSURE_SCALE,
         lg(_days(ts, state.last_coupon_ts)), float(state.n_coupons > 0),
         (state.n_redeemed + 1) / (state.n_coupons + 2),
         *shares,

@@ -282,6 +282,30 @@ def test_rest_exploration_rests_couponed_users_for_a_while_with_exact_propensiti
     assert quiet == same
 
 
+def test_rests_start_only_where_the_coupon_pressure_is_high_enough():
+    rest_prob, n, floor = 0.05, CAT.n_actions, 2.0
+    by_user = _daily_sessions(_couponing_engine(explore_rest_prob=rest_prob,
+                                                explore_rest_mean=6.0,
+                                                explore_rest_min_pressure=floor), days=120)
+    starts = {True: 0, False: 0}  # decisions where a rest could start, by pressure >= floor
+    for ds in by_user.values():
+        for d in ds:
+            if d.propensity == 1.0:  # inside a rest
+                continue
+            high = F.coupon_pressure(np.array(d.features)) >= floor
+            share = rest_prob if high else 0.0  # the rest's share of "no coupon"
+            if d.action == "none":
+                assert d.propensity == pytest.approx(share + (1 - share) * 0.02 / n)
+            elif d.action_index == 3:  # the greedy coupon
+                assert d.propensity == pytest.approx((1 - share) * (1 - 0.02 + 0.02 / n))
+            starts[high] += 1
+    assert starts[True] >= 100 and starts[False] >= 10  # both kinds were seen
+    # a floor no user reaches: the same decisions as without rest exploration
+    never = _daily_sessions(_couponing_engine(explore_rest_prob=rest_prob, explore_rest_mean=6.0,
+                                              explore_rest_min_pressure=99.0), days=60)
+    assert never == _daily_sessions(_couponing_engine(), days=60)
+
+
 def test_rest_exploration_fades_with_the_models_training_steps():
     rest_prob, n = 0.05, CAT.n_actions
 
