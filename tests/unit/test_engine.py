@@ -236,7 +236,10 @@ def test_an_external_policy_acts_and_the_state_remembers_its_coupons():
 
 
 def _couponing_engine(**kw):
-    """An engine whose model prefers coupon 3 for everyone (Q 9 against 0)."""
+    """An engine whose model prefers coupon 3 for everyone (Q 9 against 0); rest exploration
+    as ``kw`` sets it, off otherwise (whatever the shipped defaults)."""
+    kw = {"explore_rest_prob": 0.0, "explore_rest_decay_steps": 0,
+          "explore_rest_min_pressure": 0.0, **kw}
     eng = engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02, epsilon_end=0.02, **kw)
     net = init_network(F.N_FEATURES, CAT.n_actions, (64, 64), 1)
     with torch.no_grad():
@@ -276,9 +279,11 @@ def test_rest_exploration_rests_couponed_users_for_a_while_with_exact_propensiti
                 assert d.propensity == pytest.approx(rest_prob + (1 - rest_prob) * 0.02 / n)
     # a user the model would not coupon never rests (nothing to rest from) and is unchanged
     quiet = _daily_sessions(engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02,
-                                   epsilon_end=0.02, explore_rest_prob=rest_prob), days=30)
+                                   epsilon_end=0.02, explore_rest_prob=rest_prob,
+                                   explore_rest_decay_steps=0, explore_rest_min_pressure=0.0),
+                            days=30)
     same = _daily_sessions(engine(caps=CapParams(1000, 7 * DAY, 0), epsilon_start=0.02,
-                                  epsilon_end=0.02), days=30)
+                                  epsilon_end=0.02, explore_rest_prob=0.0), days=30)
     assert quiet == same
 
 
