@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -41,3 +42,21 @@ def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def interrupt_on_termination():
+    """Inside: SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so that a command
+    which started child processes (a broker, workers) stops them on its way out (a plain
+    SIGTERM ends Python without running ``finally`` blocks, and leaves the children running).
+    The previous handlers come back on exit."""
+    old = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

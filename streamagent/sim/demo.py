@@ -124,7 +124,6 @@ def start_stack(log) -> Stack:
     from streamagent.config import Settings
     from streamagent.ops.broker import BrokerConfig, start
     from streamagent.ops.local import free_port, free_port_pair
-    from streamagent.ops.topics import create_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="streamagent-demo-"))
     cfg = BrokerConfig(data_dir=tmp / "kafka", port=free_port_pair(), heap="768m")
@@ -132,6 +131,18 @@ def start_stack(log) -> Stack:
     # the demo's own broker: its clients ignore any STREAMAGENT_KAFKA_* security in the shell
     st = Stack(tmp, cfg, Settings(**cfg.client().settings()),
                ports={"worker": free_port(), "learner": free_port()})
+    try:
+        _start_processes(st)
+    except BaseException:  # interrupted or failed half-way: nothing started is left running
+        st.stop(False, log)
+        raise
+    return st
+
+
+def _start_processes(st: Stack) -> None:
+    from streamagent.ops.topics import create_topics
+
+    tmp, cfg = st.tmp, st.broker
     env = {**os.environ, **DEMO_ENV, **cfg.client().env(),
            "STREAMAGENT_DATA_DIR": str(tmp), "STREAMAGENT_METRICS_PORT": str(st.ports["worker"]),
            "STREAMAGENT_LEARNER_METRICS_PORT": str(st.ports["learner"])}
@@ -141,7 +152,6 @@ def start_stack(log) -> Stack:
         st.procs[name] = subprocess.Popen([sys.executable, "-m", "streamagent.cli", name],
                                           env=env, stdout=logf, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)
-    return st
 
 
 class DlqCounter:
@@ -182,6 +192,14 @@ def send_bad_messages(kshop, s) -> int:
 
 
 def run_demo(args) -> int:
+    from streamagent.ops.local import interrupt_on_termination
+
+    # a SIGTERM (a `kill`, a CI job cancelled) stops the broker and processes as Ctrl-C does
+    with interrupt_on_termination():
+        return _run_demo(args)
+
+
+def _run_demo(args) -> int:
     from streamagent.extras import require
 
     # before a broker and two processes are started, not at the report that ends the run
@@ -200,26 +218,27 @@ def run_demo(args) -> int:
     con.rule("[bold]streamagent demo")
     st = start_stack(dim)
     s = st.settings
-    con.print(f"working dir {st.tmp}; {args.users} simulated users, {args.days} days, "
-              f"scenario {args.scenario!r}")
-    con.print(f"worker pid {st.procs['worker'].pid} (metrics http://127.0.0.1:"
-              f"{st.ports['worker']}/metrics), learner pid {st.procs['learner'].pid} (metrics "
-              f"http://127.0.0.1:{st.ports['learner']}/metrics)")
-    shop = Shop(scenario(args.scenario), load_catalog(), args.users, seed=args.seed)
-    ref = optimum(shop)
-    kshop = KafkaShop(shop, kafka_client(s), shop_topics(s), s.partitions,
-                      decision_timeout_s=120)
-    dlq = DlqCounter(s)
-    # about a day's decisions may wait for the learner (the held-out share never counts)
-    pace = LearnerPace(kafka_client(s), s.topic_transitions, st.ports["learner"],
-                       slack=args.users)
-    bad_sent = 0
     days: list = []
-    t_start = time.monotonic()
-    view = LiveView(args, ref, kshop, days, dlq)
-    interactive = con.is_terminal
+    dlq = kshop = None
     ok = True
     try:
+        con.print(f"working dir {st.tmp}; {args.users} simulated users, {args.days} days, "
+                  f"scenario {args.scenario!r}")
+        con.print(f"worker pid {st.procs['worker'].pid} (metrics http://127.0.0.1:"
+                  f"{st.ports['worker']}/metrics), learner pid {st.procs['learner'].pid} "
+                  f"(metrics http://127.0.0.1:{st.ports['learner']}/metrics)")
+        shop = Shop(scenario(args.scenario), load_catalog(), args.users, seed=args.seed)
+        ref = optimum(shop)
+        kshop = KafkaShop(shop, kafka_client(s), shop_topics(s), s.partitions,
+                          decision_timeout_s=120)
+        dlq = DlqCounter(s)
+        # about a day's decisions may wait for the learner (the held-out share never counts)
+        pace = LearnerPace(kafka_client(s), s.topic_transitions, st.ports["learner"],
+                           slack=args.users)
+        bad_sent = 0
+        t_start = time.monotonic()
+        view = LiveView(args, ref, kshop, days, dlq)
+        interactive = con.is_terminal
         with Live(view.render(bad_sent), console=con, refresh_per_second=2, transient=False,
                   auto_refresh=interactive) as live:
             for day in range(args.days):
@@ -242,8 +261,9 @@ def run_demo(args) -> int:
         con.print(f"[red]demo stopped: {exc}")
         ok = False
     finally:
-        dlq.close()
-        kshop.close()
+        for client in (dlq, kshop):
+            if client is not None:
+                client.close()
         st.stop(args.keep_running, dim)
     out_dir = Path(args.out)
     if days:
@@ -260,5 +280,5 @@ def run_demo(args) -> int:
         shutil.rmtree(st.tmp, ignore_errors=True)
     else:
         con.print(f"logs kept in {st.tmp}")
-    ok = ok and len(days) == args.days and dlq.total == bad_sent
+    ok = ok and len(days) == args.days and dlq is not None and dlq.total == bad_sent
     return 0 if ok else 1
