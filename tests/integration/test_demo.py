@@ -53,9 +53,10 @@ def test_a_terminated_demo_stops_its_broker_worker_and_learner(tmp_path):
         for line in demo.stdout:  # the broker's pid, then the worker's and the learner's
             seen.append(line)
             text = "".join(seen).replace("\n", " ")
-            for name, pattern in (("broker", r"ready on \S+ \(pid (\d+)\)"),
-                                  ("worker", r"worker pid (\d+)"),
-                                  ("learner", r"learner pid (\d+)")):
+            # (the console wraps long lines anywhere between words)
+            for name, pattern in (("broker", r"ready\s+on\s+\S+\s+\(pid\s+(\d+)\)"),
+                                  ("worker", r"worker\s+pid\s+(\d+)"),
+                                  ("learner", r"learner\s+pid\s+(\d+)")):
                 found = re.search(pattern, text)
                 if found:
                     pids[name] = int(found.group(1))
