@@ -307,17 +307,18 @@ def produce(run: Run, kafka, shop: ChurningShop, rate: float, max_lag: int,
 
 
 def main(args) -> int:
+    from streamagent.ops.local import interrupt_on_termination
+
+    # a SIGTERM or SIGHUP too: stop, clean up, write what was sampled
+    with interrupt_on_termination():
+        return _main(args)
+
+
+def _main(args) -> int:
     from streamagent.ops.broker import BrokerConfig, start, stop
     from streamagent.ops.kafka import kafka_client
     from streamagent.ops.local import free_port, free_port_pair, terminate
 
-    import signal
-
-    def interrupted(signum, frame):  # a SIGTERM too: stop, clean up, write what was sampled
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
     if Path(args.out).is_dir():  # a directory: the usual file names in it (checked up front,
         args.out = str(Path(args.out) / "soak.json")  # not after an hour of soak)
     tmp = Path(tempfile.mkdtemp(prefix="sa-soak-"))
