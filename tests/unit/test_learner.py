@@ -71,6 +71,29 @@ def test_bootstraps_through_time_with_gamma_per_day():
             assert q[1] == pytest.approx(9.0, abs=1.0)
 
 
+def _rare_big_order_against_frequent_small_ones(**kw):
+    """"No coupon": one decision in ten ends in an order worth 50 (mean 5.0). The coupon: three
+    in ten end in an order worth 12 (mean 3.6). Rewards cycle exactly, so the replay's means
+    are the true ones and only the loss decides what Q converges to."""
+    L = learner(gamma=0.0, lr=1e-3, **kw)
+    for i in range(2000):
+        a, k = i % 2, (i // 2) % 10
+        L.learn_one(t(A, a, (50.0 if k == 0 else 0.0) if a == 0 else (12.0 if k < 3 else 0.0)))
+    return L.q_values(A)[:2]
+
+
+def test_a_huber_threshold_above_the_order_size_values_a_rare_large_order_at_its_mean():
+    """Q is the mean reward only where the Huber threshold is above the orders' size. Below it
+    every order's gradient is clipped and Q is pulled toward the median (0 for sparse orders):
+    the rare big order then looks worse than a coupon that makes small orders likelier
+    (docs/BENCHMARKS.md, "The loss undervalued big orders")."""
+    q_none, q_coupon = _rare_big_order_against_frequent_small_ones(huber_delta=1000.0)
+    assert q_none == pytest.approx(5.0, abs=0.8) and q_coupon == pytest.approx(3.6, abs=0.5)
+    assert q_none > q_coupon
+    q_none, q_coupon = _rare_big_order_against_frequent_small_ones(huber_delta=20.0)
+    assert q_none < 3.0 < q_coupon
+
+
 def test_discount_follows_event_time_gaps():
     L = learner(gamma=0.9)
     assert L.discount(DAY, False) == pytest.approx(0.9)
