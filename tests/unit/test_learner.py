@@ -73,8 +73,9 @@ def test_bootstraps_through_time_with_gamma_per_day():
 
 def _rare_big_order_against_frequent_small_ones(**kw):
     """Action 0 ("no coupon"): one decision in ten ends in an order worth 50 (mean 5.0).
-    Action 1 (a coupon): three in ten end in an order worth 12 (mean 3.6). Rewards cycle exactly, so the replay's means
-    are the true ones and only the loss decides what Q converges to."""
+    Action 1 (a coupon): three in ten end in an order worth 12 (mean 3.6). Rewards cycle
+    exactly, so the replay's means are the true ones and only the loss decides what Q
+    converges to."""
     L = learner(gamma=0.0, lr=1e-3, **kw)
     for i in range(2000):
         a, k = i % 2, (i // 2) % 10
